@@ -1,0 +1,49 @@
+// Package testutil holds what the project's tests share: the root gate and
+// network namespaces that tests create for themselves.
+package testutil
+
+import (
+	"os"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netns"
+)
+
+// RequireRoot skips tests that need to load BPF programs or create devices.
+func RequireRoot(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		tb.Skip("needs root: loads BPF programs and creates network devices")
+	}
+}
+
+// InNewNetns moves the calling goroutine, locked to its OS thread, into a
+// fresh network namespace for the rest of the test, and returns it. The
+// namespace goes away when the test ends and its last user is gone.
+func InNewNetns(tb testing.TB) netns.NsHandle {
+	tb.Helper()
+	RequireRoot(tb)
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		tb.Fatalf("get current netns: %v", err)
+	}
+	ns, err := netns.New()
+	if err != nil {
+		orig.Close()
+		runtime.UnlockOSThread()
+		tb.Fatalf("create netns: %v", err)
+	}
+	tb.Cleanup(func() {
+		if err := netns.Set(orig); err != nil {
+			// The thread is in the wrong namespace: do not let Go reuse it.
+			return
+		}
+		orig.Close()
+		ns.Close()
+		runtime.UnlockOSThread()
+	})
+	return ns
+}

@@ -1,0 +1,273 @@
+// Package datapath loads the gateway's BPF programs (bpf/gateway.c) for one
+// protected VM, attaches them to the host's uplink and the VM's tap, and
+// exposes the state they share with the daemon: the log positions, the log
+// ring, the hold queue's socket map, the owner map and the counters.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Types shared with the BPF programs.
+type (
+	OwnerRecord = gatewayOwnerRecord
+	Role        = gatewayRole
+	Counter     = gatewayCounter
+	LogRecord   = gatewayLogRecord
+	HoldMeta    = gatewayHoldMeta
+)
+
+const (
+	RoleNone    = gatewayRoleROLE_NONE
+	RoleStandby = gatewayRoleROLE_STANDBY
+	RoleActive  = gatewayRoleROLE_ACTIVE
+
+	// OwnerPassthrough in OwnerRecord.Flags turns output commit off: the
+	// guest's outputs leave at once (input is still logged).
+	OwnerPassthrough = 1
+
+	// MaxFrame is the largest frame the log carries (MAX_FRAME in gateway.h).
+	MaxFrame = 9216
+
+	// LatencyBuckets is the number of buckets of the fast-path latency
+	// histogram: bucket i counts latencies below 2^i ns.
+	LatencyBuckets = len(gatewayLatencyHist{}.Buckets)
+)
+
+// Config says how to load the programs.
+type Config struct {
+	// SerializerCPU is the CPU that gives every input frame its log position
+	// and delivers it to the guest.
+	SerializerCPU int
+	// HoldCapacity bounds the frames held at once; more are dropped.
+	HoldCapacity int
+	// LogRingBytes sizes the ring that carries the log to the daemon: a
+	// power of two, at least a page.
+	LogRingBytes int
+	// SerializerQueue is the CPUMAP queue size in frames.
+	SerializerQueue int
+}
+
+// DefaultConfig is what the daemon uses unless told otherwise.
+var DefaultConfig = Config{
+	SerializerCPU:   0,
+	HoldCapacity:    4096,
+	LogRingBytes:    8 << 20,
+	SerializerQueue: 2048,
+}
+
+func (c Config) validate() error {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	switch {
+	case c.SerializerCPU < 0 || c.SerializerCPU >= cpus:
+		return fmt.Errorf("serializer cpu %d: this host has CPUs 0-%d", c.SerializerCPU, cpus-1)
+	case c.HoldCapacity < 1:
+		return fmt.Errorf("hold capacity %d: must be at least 1", c.HoldCapacity)
+	case c.LogRingBytes < unix.Getpagesize() || c.LogRingBytes&(c.LogRingBytes-1) != 0:
+		return fmt.Errorf("log ring size %d: must be a power of two of at least a page", c.LogRingBytes)
+	case c.SerializerQueue < 1:
+		return fmt.Errorf("serializer queue %d: must be at least 1", c.SerializerQueue)
+	}
+	return nil
+}
+
+// Datapath is the loaded programs and maps of one VM.
+type Datapath struct {
+	objs  gatewayObjects
+	state *gatewayLogState // memory-mapped: no syscalls on the ack path
+	mem   []byte
+	links []link.Link
+	cfg   Config
+}
+
+// Spec returns the collection spec with the load-time constants of cfg set.
+func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
+	spec, err := loadGateway()
+	if err != nil {
+		return nil, fmt.Errorf("load gateway spec: %w", err)
+	}
+	if err := spec.Variables["serializer_cpu"].Set(uint32(cfg.SerializerCPU)); err != nil {
+		return nil, fmt.Errorf("set serializer_cpu: %w", err)
+	}
+	if err := spec.Variables["hold_capacity"].Set(uint64(cfg.HoldCapacity)); err != nil {
+		return nil, fmt.Errorf("set hold_capacity: %w", err)
+	}
+	spec.Maps[gatewayMapLogRing].MaxEntries = uint32(cfg.LogRingBytes)
+	return spec, nil
+}
+
+// Load loads the programs and maps into the kernel without attaching them.
+func Load(cfg Config, opts *ebpf.CollectionOptions) (_ *Datapath, err error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("datapath config: %w", err)
+	}
+	spec, err := Spec(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d := &Datapath{cfg: cfg}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load gateway: %w (verifier log: %+v)", err, ve)
+		}
+		return nil, fmt.Errorf("load gateway: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+
+	d.mem, err = unix.Mmap(d.objs.State.FD(), 0, unix.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap log state: %w", err)
+	}
+	d.state = (*gatewayLogState)(unsafe.Pointer(&d.mem[0]))
+
+	serializer := gatewayBpfCpumapVal{Qsize: uint32(cfg.SerializerQueue)}
+	serializer.BpfProg.Fd = int32(d.objs.SerializeInput.FD())
+	if err := d.objs.Serializer.Put(uint32(cfg.SerializerCPU), serializer); err != nil {
+		return nil, fmt.Errorf("start serializer on cpu %d: %w", cfg.SerializerCPU, err)
+	}
+	return d, nil
+}
+
+// Attach connects the VM's tap and the host's uplink and attaches the
+// programs to both. Frames for the VM pass untouched until an owner record
+// is published.
+func (d *Datapath) Attach(uplink, tap *net.Interface) error {
+	if err := d.SetDevices(uplink, tap); err != nil {
+		return err
+	}
+	for _, a := range []struct {
+		prog  *ebpf.Program
+		iface *net.Interface
+	}{
+		{d.objs.GuestEgress, tap},
+		{d.objs.UplinkIngress, uplink},
+	} {
+		l, err := link.AttachXDP(link.XDPOptions{Program: a.prog, Interface: a.iface.Index})
+		if err != nil {
+			return fmt.Errorf("attach xdp to %s: %w", a.iface.Name, err)
+		}
+		d.links = append(d.links, l)
+	}
+	return nil
+}
+
+// SetDevices points the redirects at the uplink and the tap.
+func (d *Datapath) SetDevices(uplink, tap *net.Interface) error {
+	if err := d.objs.ToGuest.Put(uint32(0), uint32(tap.Index)); err != nil {
+		return fmt.Errorf("set guest device %s: %w", tap.Name, err)
+	}
+	if err := d.objs.ToUplink.Put(uint32(0), uint32(uplink.Index)); err != nil {
+		return fmt.Errorf("set uplink device %s: %w", uplink.Name, err)
+	}
+	return nil
+}
+
+// AttachPass attaches a program that passes everything to iface. A veth
+// drops frames redirected into it unless its peer has an XDP program; the
+// lab puts this one on the bridge side of each uplink.
+func AttachPass(iface *net.Interface) (link.Link, error) {
+	spec, err := loadGateway()
+	if err != nil {
+		return nil, fmt.Errorf("load gateway spec: %w", err)
+	}
+	prog, err := ebpf.NewProgram(spec.Programs[gatewayProgXdpPass])
+	if err != nil {
+		return nil, fmt.Errorf("load xdp_pass: %w", err)
+	}
+	defer prog.Close()
+	l, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: iface.Index})
+	if err != nil {
+		return nil, fmt.Errorf("attach xdp_pass to %s: %w", iface.Name, err)
+	}
+	return l, nil
+}
+
+// Close detaches and unloads everything.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	if d.mem != nil {
+		errs = append(errs, unix.Munmap(d.mem))
+		d.mem, d.state = nil, nil
+	}
+	errs = append(errs, d.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Head is the last log position the serializer assigned.
+func (d *Datapath) Head() uint64 { return atomic.LoadUint64(&d.state.Head) }
+
+// Acked is the position up to which the secondary has the log.
+func (d *Datapath) Acked() uint64 { return atomic.LoadUint64(&d.state.Acked) }
+
+// SetAcked publishes the secondary's acknowledged position to the fast path.
+// Only the daemon's ack handler calls it, in increasing order.
+func (d *Datapath) SetAcked(pos uint64) { atomic.StoreUint64(&d.state.Acked, pos) }
+
+// Pending is the number of frames in the hold queue as the programs see it.
+func (d *Datapath) Pending() uint64 {
+	released := atomic.LoadUint64(&d.state.Released)
+	return atomic.LoadUint64(&d.state.HeldIn) - released
+}
+
+// HeldIn is the number of frames ever sent to the hold queue.
+func (d *Datapath) HeldIn() uint64 { return atomic.LoadUint64(&d.state.HeldIn) }
+
+// AddReleased records n held frames as gone (sent, or lost on the way into
+// the hold socket). Call it only after released frames are on the wire:
+// once Pending reaches zero the fast path may send the next frame at once.
+func (d *Datapath) AddReleased(n uint64) { atomic.AddUint64(&d.state.Released, n) }
+
+// OwnerMap is the outer map whose one slot holds the current owner record.
+func (d *Datapath) OwnerMap() *ebpf.Map { return d.objs.Owner }
+
+// LogRing is the ring the serializer writes log records to.
+func (d *Datapath) LogRing() *ebpf.Map { return d.objs.LogRing }
+
+// HoldSockets is the XSKMAP whose entry 0 is the hold queue's socket.
+func (d *Datapath) HoldSockets() *ebpf.Map { return d.objs.HoldXsks }
+
+// Maps returns the maps by name, for tests and tools.
+func (d *Datapath) Maps() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		gatewayMapOwner:         d.objs.Owner,
+		gatewayMapOwnerTemplate: d.objs.OwnerTemplate,
+		gatewayMapState:         d.objs.State,
+		gatewayMapLogRing:       d.objs.LogRing,
+		gatewayMapSerializer:    d.objs.Serializer,
+		gatewayMapToGuest:       d.objs.ToGuest,
+		gatewayMapToUplink:      d.objs.ToUplink,
+		gatewayMapHoldXsks:      d.objs.HoldXsks,
+		gatewayMapCounters:      d.objs.Counters,
+		gatewayMapFastLatency:   d.objs.FastLatency,
+		gatewayMapDaemonTypes:   d.objs.DaemonTypes,
+	}
+}
+
+// Programs returns the programs by name, for tests and tools.
+func (d *Datapath) Programs() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{
+		gatewayProgUplinkIngress:  d.objs.UplinkIngress,
+		gatewayProgSerializeInput: d.objs.SerializeInput,
+		gatewayProgGuestEgress:    d.objs.GuestEgress,
+		gatewayProgXdpPass:        d.objs.XdpPass,
+	}
+}

@@ -1,0 +1,432 @@
+package datapath_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/ftgw/ftgw/internal/testutil"
+	"github.com/ftgw/ftgw/pkg/datapath"
+	"github.com/ftgw/ftgw/pkg/vip"
+)
+
+// XDP actions as the kernel numbers them.
+const (
+	xdpAborted  = 0
+	xdpDrop     = 1
+	xdpPass     = 2
+	xdpRedirect = 4
+)
+
+var (
+	vmIP      = netip.MustParseAddr("192.0.2.10")
+	vmMAC     = net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x0a}
+	otherMAC  = net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x0b}
+	clientMAC = net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x64}
+	broadcast = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+)
+
+func TestCounterNames(t *testing.T) {
+	seen := map[string]bool{}
+	for c := range datapath.Counter(datapath.NumCounters) {
+		name := c.String()
+		if strings.HasPrefix(name, "counter(") || seen[name] {
+			t.Errorf("counter %d has no unique name: %q", c, name)
+		}
+		seen[name] = true
+	}
+}
+
+func ether(dst, src net.HardwareAddr, etherType uint16, payload []byte) []byte {
+	f := append(append(append([]byte{}, dst...), src...), byte(etherType>>8), byte(etherType))
+	return append(f, payload...)
+}
+
+func arpRequest(target netip.Addr) []byte {
+	p := []byte{0, 1, 8, 0, 6, 4, 0, 1}
+	p = append(p, clientMAC...)
+	p = append(p, 192, 0, 2, 100)
+	p = append(p, 0, 0, 0, 0, 0, 0)
+	t := target.As4()
+	p = append(p, t[:]...)
+	return ether(broadcast, clientMAC, 0x0806, p)
+}
+
+func udpTo(dst net.HardwareAddr, size int) []byte {
+	payload := make([]byte, size-14)
+	for i := range payload {
+		payload[i] = byte(i)
+	}
+	if len(payload) > 0 {
+		payload[0] = 0x45
+	}
+	return ether(dst, clientMAC, 0x0800, payload)
+}
+
+func vlanTagged(dst net.HardwareAddr) []byte {
+	inner := udpTo(dst, 64)[12:]
+	return ether(dst, clientMAC, 0x8100, append([]byte{0, 10}, inner...))
+}
+
+type lab struct {
+	d          *datapath.Datapath
+	owner      *vip.Owner
+	serializer *ebpf.Program // serialize_input as a plain XDP program
+}
+
+func load(t *testing.T, cfg datapath.Config) *lab {
+	t.Helper()
+	testutil.RequireRoot(t)
+	d, err := datapath.Load(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	owner, err := vip.NewOwner(d.OwnerMap())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &lab{d: d, owner: owner}
+}
+
+func (l *lab) publish(t *testing.T, role vip.Role, passthrough bool) {
+	t.Helper()
+	if err := l.owner.Publish(vip.Record{Epoch: 1, Role: role, IP: vmIP, MAC: vmMAC, Passthrough: passthrough}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (l *lab) counters(t *testing.T) [datapath.NumCounters]datapath.Count {
+	t.Helper()
+	c, err := l.d.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// run runs prog once on frame and checks the action and that exactly the
+// counters in want moved, each by one frame of the input's size.
+func (l *lab) run(t *testing.T, prog *ebpf.Program, frame []byte, action uint32, want ...datapath.Counter) {
+	t.Helper()
+	before := l.counters(t)
+	ret, err := prog.Run(&ebpf.RunOptions{Data: frame})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if ret != action {
+		t.Errorf("action %d, want %d", ret, action)
+	}
+	after := l.counters(t)
+	for c := range datapath.Counter(datapath.NumCounters) {
+		var wantDelta datapath.Count
+		for _, w := range want {
+			if w == c {
+				wantDelta = datapath.Count{Packets: 1, Bytes: uint64(len(frame))}
+			}
+		}
+		got := datapath.Count{Packets: after[c].Packets - before[c].Packets, Bytes: after[c].Bytes - before[c].Bytes}
+		if got != wantDelta {
+			t.Errorf("counter %s moved by %+v, want %+v", c, got, wantDelta)
+		}
+	}
+}
+
+func TestUplinkIngress(t *testing.T) {
+	l := load(t, datapath.DefaultConfig)
+	prog := l.d.Programs()["uplink_ingress"]
+
+	truncatedARP := arpRequest(vmIP)[:14+20]
+	arpNotEthernet := arpRequest(vmIP)
+	arpNotEthernet[15] = 6 // hardware type IEEE 802
+
+	for _, tc := range []struct {
+		name   string
+		role   vip.Role
+		frame  []byte
+		action uint32
+		count  []datapath.Counter
+	}{
+		{"unicast to the vm", vip.RoleActive, udpTo(vmMAC, 100), xdpRedirect, nil},
+		{"arp request for the vm ip", vip.RoleActive, arpRequest(vmIP), xdpRedirect, nil},
+		{"vlan-tagged frame to the vm mac", vip.RoleActive, vlanTagged(vmMAC), xdpRedirect, nil},
+		{"unicast to another host", vip.RoleActive, udpTo(otherMAC, 100), xdpPass, nil},
+		{"arp request for another ip", vip.RoleActive, arpRequest(netip.MustParseAddr("192.0.2.1")), xdpPass, nil},
+		{"truncated arp request", vip.RoleActive, truncatedARP, xdpPass, nil},
+		{"arp of another hardware type", vip.RoleActive, arpNotEthernet, xdpPass, nil},
+		{"vlan-tagged broadcast", vip.RoleActive, vlanTagged(broadcast), xdpPass, nil},
+		{"bare ethernet header to the vm", vip.RoleActive, udpTo(vmMAC, 14), xdpRedirect, nil},
+		{"standby: frame to the vm", vip.RoleStandby, udpTo(vmMAC, 100), xdpDrop, []datapath.Counter{datapath.CounterRxStandby}},
+		{"standby: arp for the vm", vip.RoleStandby, arpRequest(vmIP), xdpDrop, []datapath.Counter{datapath.CounterRxStandby}},
+		{"standby: other traffic", vip.RoleStandby, udpTo(otherMAC, 100), xdpPass, nil},
+		{"no role: frame to the vm", vip.RoleNone, udpTo(vmMAC, 100), xdpPass, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l.publish(t, tc.role, false)
+			l.run(t, prog, tc.frame, tc.action, tc.count...)
+		})
+	}
+	// Frames shorter than an Ethernet header cannot be fed through
+	// BPF_PROG_TEST_RUN (it refuses them); the program counts them as
+	// rx_malformed and passes them to the host stack.
+}
+
+func TestUplinkIngressWithoutOwnerPassesEverything(t *testing.T) {
+	l := load(t, datapath.DefaultConfig)
+	l.run(t, l.d.Programs()["uplink_ingress"], udpTo(vmMAC, 100), xdpPass)
+}
+
+// serializer loads the data path a second time with serialize_input as a
+// plain XDP program: BPF_PROG_TEST_RUN refuses CPUMAP programs.
+func serializer(t *testing.T, cfg datapath.Config) (*lab, *ebpf.Program) {
+	l := load(t, cfg)
+	spec, err := datapath.Spec(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := spec.Programs["serialize_input"].Copy()
+	ps.AttachType = ebpf.AttachNone
+	// Share the loaded maps so the test sees what the program writes.
+	var objs struct {
+		Prog *ebpf.Program `ebpf:"serialize_input"`
+	}
+	spec.Programs = map[string]*ebpf.ProgramSpec{"serialize_input": ps}
+	replacements := map[string]*ebpf.Map{}
+	for name, m := range l.d.Maps() {
+		replacements[name] = m
+	}
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replacements}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { objs.Prog.Close() })
+	l.serializer = objs.Prog
+
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Redirects need a target device; lo stands in for the tap and uplink.
+	if err := l.d.SetDevices(lo, lo); err != nil {
+		t.Fatal(err)
+	}
+	return l, objs.Prog
+}
+
+func readLog(t *testing.T, r *ringbuf.Reader) (datapath.LogRecord, []byte) {
+	t.Helper()
+	r.SetDeadline(time.Now().Add(time.Second))
+	rec, err := r.Read()
+	if err != nil {
+		t.Fatalf("read log ring: %v", err)
+	}
+	var hdr datapath.LogRecord
+	if _, err := binary.Decode(rec.RawSample, binary.NativeEndian, &hdr); err != nil {
+		t.Fatal(err)
+	}
+	return hdr, rec.RawSample[16 : 16+hdr.Len]
+}
+
+func TestSerializeInputLogsEveryFrameInOrder(t *testing.T) {
+	l, prog := serializer(t, datapath.DefaultConfig)
+	l.publish(t, vip.RoleActive, false)
+	r, err := ringbuf.NewReader(l.d.LogRing())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+
+	// One size in each log slot class, and at the slot edges.
+	sizes := []int{14, 60, 128, 129, 256, 600, 1024, 1500, 1536, 1537, 2048, 3000}
+	for i, size := range sizes {
+		frame := udpTo(vmMAC, size)
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+		hdr, logged := readLog(t, r)
+		if hdr.Position != uint64(i+1) || l.d.Head() != uint64(i+1) {
+			t.Errorf("size %d: position %d, head %d, want %d", size, hdr.Position, l.d.Head(), i+1)
+		}
+		if !bytes.Equal(logged, frame) {
+			t.Errorf("size %d: logged frame differs from the input", size)
+		}
+	}
+}
+
+func TestSerializeInputStandbyDropsWithoutLogging(t *testing.T) {
+	l, prog := serializer(t, datapath.DefaultConfig)
+	l.publish(t, vip.RoleStandby, false)
+	l.run(t, prog, udpTo(vmMAC, 100), xdpDrop, datapath.CounterRxStandby)
+	if l.d.Head() != 0 {
+		t.Errorf("head %d after a standby frame, want 0", l.d.Head())
+	}
+}
+
+func TestSerializeInputDropsWhenLogIsFull(t *testing.T) {
+	cfg := datapath.DefaultConfig
+	cfg.LogRingBytes = os.Getpagesize()
+	l, prog := serializer(t, cfg)
+	l.publish(t, vip.RoleActive, false)
+
+	// A 1500-byte frame takes a 1536-byte slot plus headers: two fit in a
+	// page, the third does not, and must not reach the guest.
+	frame := udpTo(vmMAC, 1500)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpDrop, datapath.CounterRxLogFull)
+	if l.d.Head() != 2 {
+		t.Errorf("head %d, want 2: a dropped frame must not take a position", l.d.Head())
+	}
+}
+
+func TestGuestEgress(t *testing.T) {
+	l, _ := serializer(t, datapath.DefaultConfig)
+	prog := l.d.Programs()["guest_egress"]
+	frame := udpTo(clientMAC, 100)
+
+	t.Run("standby suppresses output", func(t *testing.T) {
+		l.publish(t, vip.RoleStandby, false)
+		l.run(t, prog, frame, xdpDrop, datapath.CounterTxSuppressed)
+	})
+	t.Run("no role suppresses output", func(t *testing.T) {
+		l.publish(t, vip.RoleNone, false)
+		l.run(t, prog, frame, xdpDrop, datapath.CounterTxSuppressed)
+	})
+	t.Run("nothing pending goes straight out", func(t *testing.T) {
+		l.publish(t, vip.RoleActive, false)
+		before, err := l.d.FastLatency()
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
+		after, err := l.d.FastLatency()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var observed uint64
+		for i := range after.Buckets {
+			observed += after.Buckets[i] - before.Buckets[i]
+		}
+		if observed != 1 {
+			t.Errorf("fast latency histogram took %d observations, want 1", observed)
+		}
+	})
+	t.Run("unacknowledged stamp without a hold socket is dropped", func(t *testing.T) {
+		l.publish(t, vip.RoleActive, false)
+		// Advance the head past the ack: the secondary has not acked it.
+		if head := l.serializeOne(t); head <= l.d.Acked() {
+			t.Fatalf("head %d not past acked %d", head, l.d.Acked())
+		}
+		l.run(t, prog, frame, xdpDrop, datapath.CounterTxNoHoldSocket)
+	})
+	t.Run("passthrough ignores the ack", func(t *testing.T) {
+		l.publish(t, vip.RoleActive, true)
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
+	})
+	t.Run("acked stamp goes straight out", func(t *testing.T) {
+		l.publish(t, vip.RoleActive, false)
+		l.d.SetAcked(l.d.Head())
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
+	})
+	t.Run("runt frame", func(t *testing.T) {
+		// BPF_PROG_TEST_RUN refuses frames under 14 bytes; the shortest
+		// it takes is a bare header, which is a frame to hold or send.
+		l.publish(t, vip.RoleActive, false)
+		l.run(t, prog, frame[:14], xdpRedirect, datapath.CounterTxFast)
+	})
+}
+
+// serializeOne logs one input frame so that the head moves past the ack.
+func (l *lab) serializeOne(t *testing.T) uint64 {
+	t.Helper()
+	if _, err := l.serializer.Run(&ebpf.RunOptions{Data: udpTo(vmMAC, 60)}); err != nil {
+		t.Fatal(err)
+	}
+	return l.d.Head()
+}
+
+// The owner record must never be seen torn. Two records that differ in every
+// field are published in turn while other goroutines run uplink_ingress on
+// frames to each record's MAC. Under record A (active, MAC A) a frame to MAC B
+// passes and one to MAC A is redirected; under B (standby, MAC B) a frame to
+// MAC B is dropped and one to MAC A passes. A torn mix shows up as an action
+// neither record can produce: a redirected frame to MAC B (A's role, B's MAC)
+// or a dropped frame to MAC A (B's role, A's MAC).
+func TestOwnerRecordNeverTears(t *testing.T) {
+	l := load(t, datapath.DefaultConfig)
+	prog := l.d.Programs()["uplink_ingress"]
+	macA, macB := vmMAC, otherMAC
+	recA := vip.Record{Epoch: 1, Role: vip.RoleActive, IP: netip.MustParseAddr("192.0.2.10"), MAC: macA}
+	recB := vip.Record{Epoch: 2, Role: vip.RoleStandby, IP: netip.MustParseAddr("192.0.2.11"), MAC: macB}
+	frameA, frameB := udpTo(macA, 64), udpTo(macB, 64)
+
+	const (
+		maxPublishes = 20000
+		maxDuration  = 3 * time.Second
+	)
+	var (
+		stop           atomic.Bool
+		torn, ofA, ofB atomic.Uint64
+		wg             sync.WaitGroup
+		firstErr       error
+		errOnce        sync.Once
+		deadline       = time.Now().Add(maxDuration)
+	)
+	fail := func(err error) { errOnce.Do(func() { firstErr = err }); stop.Store(true) }
+
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; !stop.Load() && i < 10*maxPublishes; i++ {
+				retA, err := prog.Run(&ebpf.RunOptions{Data: frameA})
+				if err != nil {
+					fail(err)
+					return
+				}
+				retB, err := prog.Run(&ebpf.RunOptions{Data: frameB})
+				if err != nil {
+					fail(err)
+					return
+				}
+				switch {
+				case retB == xdpRedirect || retA == xdpDrop:
+					torn.Add(1)
+				case retA == xdpRedirect:
+					ofA.Add(1)
+				case retB == xdpDrop:
+					ofB.Add(1)
+				}
+			}
+		}()
+	}
+	publishes := 0
+	for ; publishes < maxPublishes && time.Now().Before(deadline) && !stop.Load(); publishes++ {
+		rec := recA
+		if publishes%2 == 1 {
+			rec = recB
+		}
+		if err := l.owner.Publish(rec); err != nil {
+			fail(err)
+		}
+	}
+	stop.Store(true)
+	wg.Wait()
+	if firstErr != nil {
+		t.Fatal(firstErr)
+	}
+	t.Logf("%d publishes; readers saw A %d times, B %d times, torn %d times", publishes, ofA.Load(), ofB.Load(), torn.Load())
+	if torn.Load() != 0 {
+		t.Errorf("readers saw a torn owner record %d times", torn.Load())
+	}
+	if ofA.Load() == 0 || ofB.Load() == 0 {
+		t.Errorf("readers did not see both records (A %d, B %d): the race did not happen", ofA.Load(), ofB.Load())
+	}
+}
