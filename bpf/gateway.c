@@ -367,7 +367,7 @@ int guest_egress(struct xdp_md *ctx)
 	__u64 pending = READ_ONCE(st->held_in) - READ_ONCE(st->released);
 
 	/* While anything is held, later frames queue behind it: order per VM. */
-	if (pending == 0 &&
+	if (pending == 0 && !(own->flags & OWNER_F_HOLD_ALL) &&
 	    ((own->flags & OWNER_F_PASSTHROUGH) || stamp <= READ_ONCE(st->acked))) {
 		count(COUNTER_TX_FAST, len);
 		observe_fast_latency(bpf_ktime_get_ns() - arrival);

@@ -19,6 +19,7 @@ enum role {
 
 /* Owner flags. */
 #define OWNER_F_PASSTHROUGH 1 /* output commit off: outputs leave at once (benchmarks) */
+#define OWNER_F_HOLD_ALL 2    /* every output goes through the hold queue (benchmarks) */
 
 /* The one record every program reads to decide what a frame is and where it
  * goes. It is never modified in place: the daemon publishes a new inner map

@@ -33,6 +33,9 @@ const (
 	// OwnerPassthrough in OwnerRecord.Flags turns output commit off: the
 	// guest's outputs leave at once (input is still logged).
 	OwnerPassthrough = 1
+	// OwnerHoldAll sends every output through the hold queue, acked or
+	// not, to measure the hold-and-release path.
+	OwnerHoldAll = 2
 
 	// MaxFrame is the largest frame the log carries (MAX_FRAME in gateway.h).
 	MaxFrame = 9216
@@ -178,10 +181,10 @@ func (d *Datapath) SetDevices(uplink, tap *net.Interface) error {
 	return nil
 }
 
-// AttachPass attaches a program that passes everything to iface. A veth
-// drops frames redirected into it unless its peer has an XDP program; the
-// lab puts this one on the bridge side of each uplink.
-func AttachPass(iface *net.Interface) (link.Link, error) {
+// PassProgram loads a program that passes everything. A veth drops frames
+// redirected into it unless its peer runs an XDP program; the lab puts this
+// one on the bridge side of each host's uplink.
+func PassProgram() (*ebpf.Program, error) {
 	spec, err := loadGateway()
 	if err != nil {
 		return nil, fmt.Errorf("load gateway spec: %w", err)
@@ -190,12 +193,7 @@ func AttachPass(iface *net.Interface) (link.Link, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load xdp_pass: %w", err)
 	}
-	defer prog.Close()
-	l, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: iface.Index})
-	if err != nil {
-		return nil, fmt.Errorf("attach xdp_pass to %s: %w", iface.Name, err)
-	}
-	return l, nil
+	return prog, nil
 }
 
 // Close detaches and unloads everything.

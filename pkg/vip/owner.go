@@ -45,6 +45,8 @@ type Record struct {
 	MAC   net.HardwareAddr
 	// Passthrough turns output commit off: outputs leave at once.
 	Passthrough bool
+	// HoldAll sends every output through the hold queue (benchmarks).
+	HoldAll bool
 }
 
 func (r Record) encode() (datapath.OwnerRecord, error) {
@@ -63,6 +65,9 @@ func (r Record) encode() (datapath.OwnerRecord, error) {
 	copy(out.VmMac[:], r.MAC)
 	if r.Passthrough {
 		out.Flags |= datapath.OwnerPassthrough
+	}
+	if r.HoldAll {
+		out.Flags |= datapath.OwnerHoldAll
 	}
 	return out, nil
 }

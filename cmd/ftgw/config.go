@@ -1,0 +1,166 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is one host's side of a protected VM pair, read from YAML.
+type Config struct {
+	// Role of this host at start: primary (active) or secondary (standby).
+	Role string `yaml:"role"`
+	// Uplink is the host's interface towards the VM's clients.
+	Uplink string `yaml:"uplink"`
+	// VMs this host protects. One per host in this version.
+	VMs []VMConfig `yaml:"vms"`
+	// Peer is the other host's log channel.
+	Peer PeerConfig `yaml:"peer"`
+	// Metrics is the address of the Prometheus and status endpoint.
+	Metrics string `yaml:"metrics"`
+	// Heartbeat is the interval of log-channel heartbeats.
+	Heartbeat time.Duration `yaml:"heartbeat"`
+	// HoldCapacity bounds the frames held at once; more are dropped.
+	HoldCapacity int `yaml:"hold_capacity"`
+	// SerializerCPU is the CPU that orders every input frame.
+	SerializerCPU int `yaml:"serializer_cpu"`
+	// LogRingBytes sizes the kernel ring that carries the log to the daemon.
+	LogRingBytes int `yaml:"log_ring_bytes"`
+	// StateDir holds the guest's control socket.
+	StateDir string `yaml:"state_dir"`
+}
+
+// VMConfig is one protected VM.
+type VMConfig struct {
+	Name string `yaml:"name"`
+	IP   string `yaml:"ip"`
+	MAC  string `yaml:"mac"`
+	Tap  string `yaml:"tap"`
+	// Engine runs the VM: "synthetic" (ftgw guest).
+	Engine string `yaml:"engine"`
+}
+
+// PeerConfig is the log channel between the hosts.
+type PeerConfig struct {
+	// Address the primary dials.
+	Address string `yaml:"address"`
+	// Listen is where the secondary accepts the primary.
+	Listen string `yaml:"listen"`
+	CA     string `yaml:"ca"`
+	Cert   string `yaml:"cert"`
+	Key    string `yaml:"key"`
+}
+
+const (
+	rolePrimary   = "primary"
+	roleSecondary = "secondary"
+)
+
+func defaultConfig() Config {
+	return Config{
+		Metrics:       ":9477",
+		Heartbeat:     10 * time.Millisecond,
+		HoldCapacity:  4096,
+		SerializerCPU: 0,
+		LogRingBytes:  8 << 20,
+		StateDir:      "/run/ftgw",
+	}
+}
+
+// loadConfig reads path over the defaults and validates the result.
+func loadConfig(path string) (Config, error) {
+	cfg := defaultConfig()
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("read config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		return cfg, fmt.Errorf("parse config %s: %w", path, err)
+	}
+	if err := cfg.validate(); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// validate names the field at fault in every error.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	switch c.Role {
+	case rolePrimary:
+		if _, _, err := net.SplitHostPort(c.Peer.Address); err != nil {
+			bad("peer.address", "a primary needs host:port of its secondary (%v)", err)
+		}
+	case roleSecondary:
+		if _, _, err := net.SplitHostPort(c.Peer.Listen); err != nil {
+			bad("peer.listen", "a secondary needs host:port to accept its primary on (%v)", err)
+		}
+	default:
+		bad("role", "%q: want %q or %q", c.Role, rolePrimary, roleSecondary)
+	}
+	if c.Uplink == "" {
+		bad("uplink", "missing")
+	}
+	for field, path := range map[string]string{"peer.ca": c.Peer.CA, "peer.cert": c.Peer.Cert, "peer.key": c.Peer.Key} {
+		if path == "" {
+			bad(field, "missing: the log channel is mutual TLS")
+		} else if _, err := os.Stat(path); err != nil {
+			bad(field, "%v", err)
+		}
+	}
+	if _, _, err := net.SplitHostPort(c.Metrics); err != nil {
+		bad("metrics", "%q: want host:port (%v)", c.Metrics, err)
+	}
+	if c.Heartbeat <= 0 {
+		bad("heartbeat", "%s: must be positive", c.Heartbeat)
+	}
+	if c.HoldCapacity < 1 || c.HoldCapacity > 1<<16 {
+		bad("hold_capacity", "%d: want 1 to 65536", c.HoldCapacity)
+	}
+	if c.LogRingBytes < os.Getpagesize() || c.LogRingBytes&(c.LogRingBytes-1) != 0 {
+		bad("log_ring_bytes", "%d: want a power of two of at least %d", c.LogRingBytes, os.Getpagesize())
+	}
+	if c.SerializerCPU < 0 {
+		bad("serializer_cpu", "%d: must not be negative", c.SerializerCPU)
+	}
+	if len(c.VMs) != 1 {
+		bad("vms", "%d VMs: this version protects exactly one VM per host", len(c.VMs))
+	}
+	for i := range c.VMs {
+		vm := &c.VMs[i]
+		field := fmt.Sprintf("vms[%d]", i)
+		if vm.Name == "" {
+			bad(field+".name", "missing")
+		}
+		if ip, err := netip.ParseAddr(vm.IP); err != nil || !ip.Is4() {
+			bad(field+".ip", "%q: want an IPv4 address", vm.IP)
+		}
+		if mac, err := net.ParseMAC(vm.MAC); err != nil || len(mac) != 6 {
+			bad(field+".mac", "%q: want a 6-byte MAC address", vm.MAC)
+		}
+		if vm.Tap == "" {
+			bad(field+".tap", "missing")
+		}
+		if vm.Engine == "" {
+			vm.Engine = "synthetic"
+		}
+		if vm.Engine != "synthetic" {
+			bad(field+".engine", "%q: want \"synthetic\"", vm.Engine)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (vm VMConfig) addr() netip.Addr          { return netip.MustParseAddr(vm.IP) }
+func (vm VMConfig) hwAddr() net.HardwareAddr { mac, _ := net.ParseMAC(vm.MAC); return mac }

@@ -1,0 +1,352 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/ftgw/ftgw/pkg/datapath"
+	"github.com/ftgw/ftgw/pkg/lockstep"
+	"github.com/ftgw/ftgw/pkg/outputcommit"
+	"github.com/ftgw/ftgw/pkg/vip"
+)
+
+// daemon is one host's side of one protected VM.
+type daemon struct {
+	cfg    Config
+	vm     VMConfig
+	log    *slog.Logger
+	uplink *net.Interface
+	tap    *net.Interface
+
+	dp     *datapath.Datapath
+	owner  *vip.Owner
+	engine Engine
+
+	// Primary side.
+	hold    *outputcommit.HoldQueue
+	primary *lockstep.Primary
+	// Secondary side.
+	secondary *lockstep.Secondary
+	feeder    *guestFeeder
+}
+
+// run serves cfg until ctx is done.
+func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err error) {
+	d := &daemon{cfg: cfg, vm: cfg.VMs[0], log: log.With("vm", cfg.VMs[0].Name)}
+	defer func() { err = errors.Join(err, d.close()) }()
+
+	if err := d.setUp(verbose); err != nil {
+		return err
+	}
+	g, ctx := errgroup.WithContext(ctx)
+	switch cfg.Role {
+	case rolePrimary:
+		d.startPrimary(ctx, g)
+	case roleSecondary:
+		d.startSecondary(ctx, g)
+	}
+	g.Go(func() error { return d.serveMetrics(ctx) })
+	g.Go(func() error { return d.serveControl(ctx) })
+	g.Go(func() error {
+		// The VM's engine ending is the end of this daemon's job.
+		if err := d.engine.Wait(); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("vm engine: %w", err)
+		}
+		return nil
+	})
+	d.log.Info("serving", "role", cfg.Role, "uplink", cfg.Uplink, "tap", d.vm.Tap, "metrics", cfg.Metrics)
+	<-ctx.Done()
+	d.engine.Stop()
+	return ignoreCanceled(g.Wait())
+}
+
+func ignoreCanceled(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func (d *daemon) setUp(verbose bool) error {
+	var err error
+	if d.uplink, err = net.InterfaceByName(d.cfg.Uplink); err != nil {
+		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
+	}
+	if d.tap, err = ensureTap(d.vm.Tap); err != nil {
+		return err
+	}
+
+	dpCfg := datapath.DefaultConfig
+	dpCfg.HoldCapacity = d.cfg.HoldCapacity
+	dpCfg.SerializerCPU = d.cfg.SerializerCPU
+	dpCfg.LogRingBytes = d.cfg.LogRingBytes
+	if d.dp, err = datapath.Load(dpCfg, nil); err != nil {
+		if verbose {
+			return err
+		}
+		return errors.New(firstLine(err.Error()) + " (run with --verbose for the verifier log)")
+	}
+	if d.owner, err = vip.NewOwner(d.dp.OwnerMap()); err != nil {
+		return err
+	}
+	// Standby until this host knows it may serve: the VM's frames are
+	// neither delivered nor let out while the programs attach.
+	if err := d.publish(vip.RoleStandby, 0); err != nil {
+		return err
+	}
+	if err := d.dp.Attach(d.uplink, d.tap); err != nil {
+		return err
+	}
+
+	if d.cfg.Role == rolePrimary {
+		d.hold, err = outputcommit.Open(d.dp, outputcommit.Config{
+			Tap: d.tap, Uplink: d.uplink, Capacity: d.cfg.HoldCapacity, Logger: d.log,
+		})
+		if err != nil {
+			return err
+		}
+	} else {
+		if d.feeder, err = newGuestFeeder(d.tap); err != nil {
+			return err
+		}
+	}
+
+	d.engine = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.log)
+	if err := d.engine.Start(); err != nil {
+		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+	}
+	if d.cfg.Role == rolePrimary {
+		if err := d.publish(vip.RoleActive, 1); err != nil {
+			return err
+		}
+		return d.newPrimary()
+	}
+	return d.newSecondary()
+}
+
+func (d *daemon) publish(role vip.Role, epoch uint64) error {
+	return d.owner.Publish(vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr()})
+}
+
+// setOutputMode switches output commit for benchmarks: "commit" (the
+// Output Rule), "passthrough" (off: outputs leave at once) or "hold-all"
+// (every output through the hold queue, released as soon as its stamp is
+// acknowledged).
+func (d *daemon) setOutputMode(mode string) error {
+	rec := d.owner.Current()
+	rec.Passthrough, rec.HoldAll = false, false
+	switch mode {
+	case "commit":
+	case "passthrough":
+		rec.Passthrough = true
+	case "hold-all":
+		rec.HoldAll = true
+	default:
+		return fmt.Errorf("output mode %q: want commit, passthrough or hold-all", mode)
+	}
+	if d.hold == nil {
+		return errors.New("output mode: this host does not hold output")
+	}
+	// Passthrough lets held frames go first, so nothing overtakes them.
+	d.hold.SetPassthrough(rec.Passthrough)
+	return d.owner.Publish(rec)
+}
+
+func (d *daemon) newPrimary() error {
+	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
+	if err != nil {
+		return err
+	}
+	d.primary, err = lockstep.NewPrimary(lockstep.PrimaryConfig{
+		Addr: d.cfg.Peer.Address, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch,
+		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
+		OnAck: func(pos uint64) {
+			// The fast path first, so frames stamped <= pos that arrive
+			// after the queue drains go straight out.
+			d.dp.SetAcked(pos)
+			d.hold.ReleaseUpTo(pos)
+		},
+	})
+	return err
+}
+
+func (d *daemon) startPrimary(ctx context.Context, g *errgroup.Group) {
+	g.Go(func() error { return d.hold.Run(ctx) })
+	g.Go(func() error {
+		return d.dp.ReadLog(ctx, func(pos uint64, frame []byte) error {
+			if err := d.primary.AppendFrame(pos, frame); err != nil {
+				// The frame has reached the guest already; a log that
+				// cannot carry it would let the secondary diverge
+				// silently, so stop instead.
+				return fmt.Errorf("append log position %d: %w", pos, err)
+			}
+			return nil
+		})
+	})
+	g.Go(func() error { return d.primary.Run(ctx) })
+}
+
+func (d *daemon) newSecondary() error {
+	tlsCfg, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA)
+	if err != nil {
+		return err
+	}
+	d.secondary, err = lockstep.NewSecondary(lockstep.SecondaryConfig{
+		Listen: d.cfg.Peer.Listen, TLS: tlsCfg, VM: d.vm.Name,
+		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
+		OnFrame: func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) },
+	})
+	return err
+}
+
+func (d *daemon) startSecondary(ctx context.Context, g *errgroup.Group) {
+	g.Go(func() error { return d.secondary.Run(ctx) })
+}
+
+func (d *daemon) close() error {
+	var errs []error
+	if d.engine != nil {
+		errs = append(errs, d.engine.Stop())
+	}
+	if d.hold != nil {
+		errs = append(errs, d.hold.Close())
+	}
+	if d.feeder != nil {
+		errs = append(errs, d.feeder.Close())
+	}
+	if d.dp != nil {
+		errs = append(errs, d.dp.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Status is what /status serves and `ftgw lab status` shows.
+type Status struct {
+	VM        string  `json:"vm"`
+	Role      string  `json:"role"`
+	Epoch     uint64  `json:"epoch"`
+	Head      uint64  `json:"head"`
+	Acked     uint64  `json:"acked"`
+	Received  uint64  `json:"received,omitempty"`
+	Held      int     `json:"held"`
+	Connected bool    `json:"connected"`
+	RTTMicros float64 `json:"log_rtt_us"`
+}
+
+func (d *daemon) status() Status {
+	rec := d.owner.Current()
+	s := Status{VM: d.vm.Name, Role: vip.RoleName(rec.Role), Epoch: rec.Epoch, Head: d.dp.Head(), Acked: d.dp.Acked()}
+	if d.hold != nil {
+		s.Held = d.hold.Stats().Held
+	}
+	if d.primary != nil {
+		s.Connected = d.primary.Connected()
+		s.RTTMicros = float64(d.primary.RTT()) / float64(time.Microsecond)
+	}
+	if d.secondary != nil {
+		s.Received = d.secondary.Received()
+	}
+	return s
+}
+
+func (d *daemon) serveMetrics(ctx context.Context) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(d))
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	ln, err := net.Listen("tcp", d.cfg.Metrics)
+	if err != nil {
+		return fmt.Errorf("serve metrics: %w", err)
+	}
+	return serveHTTP(ctx, ln, mux)
+}
+
+// controlPath is the daemon's control socket: status for `ftgw lab status`
+// and output modes for `ftgw bench`. A unix socket, so only local root can
+// switch the Output Rule off.
+func controlPath(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
+
+func (d *daemon) serveControl(ctx context.Context) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(d.status())
+	})
+	mux.HandleFunc("POST /output-mode", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.setOutputMode(r.FormValue("mode")); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		d.log.Info("output mode", "mode", r.FormValue("mode"))
+	})
+	path := controlPath(d.cfg.StateDir)
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("serve control: %w", err)
+	}
+	return serveHTTP(ctx, ln, mux)
+}
+
+func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+	}
+	return nil
+}
+
+// ensureTap creates the VM's tap if it is missing, as a persistent device so
+// the data path can attach before the VM engine opens it. Its queue is long
+// because a frame the tap drops after it was logged is one the secondary's
+// copy gets and the primary's does not.
+func ensureTap(name string) (*net.Interface, error) {
+	if _, err := netlink.LinkByName(name); err != nil {
+		tap := &netlink.Tuntap{
+			LinkAttrs: netlink.LinkAttrs{Name: name, TxQLen: 4096},
+			Mode:      netlink.TUNTAP_MODE_TAP,
+			Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_ONE_QUEUE,
+		}
+		if err := netlink.LinkAdd(tap); err != nil {
+			return nil, fmt.Errorf("create tap %s: %w", name, err)
+		}
+		// netlink keeps the creating fds open; the device is persistent.
+		for _, f := range tap.Fds {
+			f.Close()
+		}
+	}
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("tap %s: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("bring up tap %s: %w", name, err)
+	}
+	return net.InterfaceByName(name)
+}
+
+func firstLine(s string) string {
+	for i, c := range s {
+		if c == '\n' {
+			return s[:i]
+		}
+	}
+	return s
+}

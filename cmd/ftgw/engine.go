@@ -1,0 +1,96 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Engine runs the protected VM on its tap: the synthetic guest here, QEMU
+// record/replay later. The data path is attached before Start, so none of the
+// VM's frames escape the Output Rule.
+type Engine interface {
+	Start() error
+	// Wait returns when the VM has stopped.
+	Wait() error
+	Stop() error
+}
+
+// syntheticEngine runs `ftgw guest` as a child process that owns the tap the
+// way QEMU would.
+type syntheticEngine struct {
+	vm      VMConfig
+	control string
+	log     *slog.Logger
+
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+	stop sync.Once
+}
+
+func newSyntheticEngine(vm VMConfig, control string, log *slog.Logger) *syntheticEngine {
+	return &syntheticEngine{vm: vm, control: control, log: log, done: make(chan struct{})}
+}
+
+func (e *syntheticEngine) Start() error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	e.cmd = exec.Command(self, "guest", "--tap", e.vm.Tap, "--ip", e.vm.IP, "--mac", e.vm.MAC, "--control", e.control)
+	e.cmd.Stdout, e.cmd.Stderr = os.Stderr, os.Stderr
+	// If the daemon dies, so does its VM, as a QEMU child would.
+	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := e.cmd.Start(); err != nil {
+		return fmt.Errorf("start guest: %w", err)
+	}
+	go func() {
+		e.err = e.cmd.Wait()
+		close(e.done)
+	}()
+	return e.waitReady()
+}
+
+// waitReady waits for the guest's control socket: from then on it reads its tap.
+func (e *syntheticEngine) waitReady() error {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-e.done:
+			return fmt.Errorf("guest exited at start: %w", e.err)
+		default:
+		}
+		if _, err := os.Stat(e.control); err == nil {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return errors.New("guest not ready after 10s")
+}
+
+func (e *syntheticEngine) Wait() error {
+	<-e.done
+	return e.err
+}
+
+func (e *syntheticEngine) Stop() error {
+	if e.cmd == nil || e.cmd.Process == nil {
+		return nil
+	}
+	e.stop.Do(func() {
+		e.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-e.done:
+		case <-time.After(2 * time.Second):
+			e.cmd.Process.Kill()
+			<-e.done
+		}
+	})
+	return nil
+}

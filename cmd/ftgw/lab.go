@@ -1,0 +1,230 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/pkg/guest"
+	"github.com/ftgw/ftgw/pkg/lockstep"
+)
+
+const labUsage = `Usage:
+  ftgw lab up [--dir DIR] [--heartbeat D] [--hold-capacity N]
+      build the lab (namespaces ftgw-a, ftgw-b, ftgw-c, ftgw-lan) and start
+      a primary daemon in ftgw-a and a secondary in ftgw-b
+  ftgw lab down [--dir DIR]      stop the daemons and remove the lab
+  ftgw lab status [--dir DIR]    roles, log positions and guest states
+  ftgw lab traffic [--requests N]
+      key-value writes from ftgw-c to the VM, then the commit latency
+`
+
+const defaultLabDir = "/run/ftgw/lab"
+
+func labCommand(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, labUsage)
+		return flag.ErrHelp
+	}
+	fs := flag.NewFlagSet("lab "+args[0], flag.ContinueOnError)
+	dir := fs.String("dir", defaultLabDir, "where the lab keeps configs, keys, logs and pids")
+	heartbeat := fs.Duration("heartbeat", 10*time.Millisecond, "log channel heartbeat interval")
+	holdCapacity := fs.Int("hold-capacity", 4096, "frames the primary may hold at once")
+	requests := fs.Int("requests", 1000, "requests `ftgw lab traffic` sends")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	switch args[0] {
+	case "up":
+		return labUp(ctx, *dir, *heartbeat, *holdCapacity)
+	case "down":
+		return labDown(*dir)
+	case "status":
+		return labStatus(os.Stdout, *dir)
+	case "traffic":
+		return labTraffic(ctx, os.Stdout, *requests)
+	}
+	fmt.Fprint(os.Stderr, labUsage)
+	return flag.ErrHelp
+}
+
+func hostDir(dir, ns string) string { return filepath.Join(dir, ns) }
+
+func labUp(ctx context.Context, dir string, heartbeat time.Duration, holdCapacity int) (err error) {
+	if err := lab.Build(); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, labDown(dir))
+		}
+	}()
+	pki := filepath.Join(dir, "pki")
+	if err := os.MkdirAll(pki, 0o700); err != nil {
+		return err
+	}
+	if err := lockstep.GenerateLabPKI(pki,
+		[]net.IP{lab.ReplPrimary.Addr().AsSlice()}, []net.IP{lab.ReplSecond.Addr().AsSlice()}); err != nil {
+		return fmt.Errorf("generate lab keys: %w", err)
+	}
+
+	// The secondary first: the primary dials it.
+	for _, host := range []lab.Host{lab.Hosts[1], lab.Hosts[0]} {
+		role, name := roleSecondary, "secondary"
+		if host.NS == lab.NSPrimary {
+			role, name = rolePrimary, "primary"
+		}
+		cfg := defaultConfig()
+		cfg.Role = role
+		cfg.Uplink = lab.Uplink
+		cfg.Heartbeat = heartbeat
+		cfg.HoldCapacity = holdCapacity
+		cfg.Metrics = fmt.Sprintf(":%d", lab.MetricsPort)
+		cfg.StateDir = hostDir(dir, host.NS)
+		cfg.VMs = []VMConfig{{Name: lab.VMName, IP: lab.VMIP.String(), MAC: lab.VMMAC.String(), Tap: lab.Tap, Engine: "synthetic"}}
+		cfg.Peer = PeerConfig{
+			Address: net.JoinHostPort(lab.ReplSecond.Addr().String(), strconv.Itoa(lab.LogPort)),
+			CA:      filepath.Join(pki, "ca.pem"),
+			Cert:    filepath.Join(pki, name+".pem"),
+			Key:     filepath.Join(pki, name+"-key.pem"),
+		}
+		if role == roleSecondary {
+			cfg.Peer.Listen, cfg.Peer.Address = cfg.Peer.Address, ""
+		}
+		if err := startDaemon(ctx, dir, host.NS, cfg); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on port %d of each host\n",
+		lab.VMName, lab.VMIP, lab.VMMAC, lab.NSPrimary, lab.NSSecondary, lab.NSClient, lab.MetricsPort)
+	return nil
+}
+
+// startDaemon writes cfg for the host and starts `ftgw run` in its namespace,
+// detached, then waits until its status endpoint answers.
+func startDaemon(ctx context.Context, dir, ns string, cfg Config) error {
+	hd := hostDir(dir, ns)
+	if err := os.MkdirAll(hd, 0o755); err != nil {
+		return err
+	}
+	raw, err := marshalConfig(cfg)
+	if err != nil {
+		return err
+	}
+	cfgPath := filepath.Join(hd, "ftgw.yaml")
+	if err := os.WriteFile(cfgPath, raw, 0o644); err != nil {
+		return err
+	}
+	logFile, err := os.OpenFile(filepath.Join(hd, "ftgw.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logFile.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, self, "run", "--config", cfgPath)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start daemon in %s: %w", ns, err)
+	}
+	if err := os.WriteFile(filepath.Join(hd, "ftgw.pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+		return err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := daemonStatus(dir, ns); err == nil {
+			return nil
+		}
+		select {
+		case err := <-exited:
+			return fmt.Errorf("daemon in %s exited at start (%v); its log:\n%s", ns, err, tail(filepath.Join(hd, "ftgw.log"), 20))
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("daemon in %s not ready after 30s; its log:\n%s", ns, tail(filepath.Join(hd, "ftgw.log"), 20))
+		}
+	}
+}
+
+func tail(path string, lines int) string {
+	raw, _ := os.ReadFile(path)
+	all := strings.Split(strings.TrimRight(string(raw), "\n"), "\n")
+	return strings.Join(all[max(0, len(all)-lines):], "\n")
+}
+
+func labDown(dir string) error {
+	var errs []error
+	for _, host := range lab.Hosts[:2] {
+		pidFile := filepath.Join(hostDir(dir, host.NS), "ftgw.pid")
+		if raw, err := os.ReadFile(pidFile); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(raw))); err == nil {
+				stopProcess(pid)
+			}
+			os.Remove(pidFile)
+		}
+	}
+	// Whatever else still runs in the lab (a test's client, a stray guest).
+	for _, ns := range lab.Namespaces() {
+		out, _ := exec.Command("ip", "netns", "pids", ns).Output()
+		for _, f := range strings.Fields(string(out)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	errs = append(errs, lab.Remove(), os.RemoveAll(dir))
+	return errors.Join(errs...)
+}
+
+func stopProcess(pid int) {
+	if syscall.Kill(pid, syscall.SIGTERM) != nil {
+		return
+	}
+	for range 50 {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+}
+
+func labStatus(w io.Writer, dir string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOST\tROLE\tEPOCH\tHEAD\tACKED\tRECEIVED\tHELD\tLOG RTT\tGUEST PUTS\tGUEST DIGEST")
+	var errs []error
+	for _, host := range lab.Hosts[:2] {
+		s, err := daemonStatus(dir, host.NS)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", host.NS, err))
+			continue
+		}
+		gs, err := guest.QueryState(guestControl(dir, host.NS))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s guest: %w", host.NS, err))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.0fµs\t%d\t%.12s\n", host.NS, s.Role, s.Epoch, s.Head, s.Acked, s.Received, s.Held, s.RTTMicros, gs.Puts, gs.Digest)
+	}
+	tw.Flush()
+	return errors.Join(errs...)
+}

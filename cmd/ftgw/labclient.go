@@ -1,0 +1,212 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/internal/netnsutil"
+	"github.com/ftgw/ftgw/pkg/guest"
+)
+
+// What the lab commands and the benchmark use to reach the lab's daemons,
+// guests and client.
+
+func marshalConfig(cfg Config) ([]byte, error) {
+	raw, err := yaml.Marshal(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("marshal config: %w", err)
+	}
+	return append([]byte("# Written by `ftgw lab up`.\n"), raw...), nil
+}
+
+func controlClient(sock string) *http.Client {
+	return &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", sock)
+			},
+		},
+	}
+}
+
+func daemonStatus(dir, ns string) (Status, error) {
+	var s Status
+	resp, err := controlClient(controlPath(hostDir(dir, ns))).Get("http://ftgw/status")
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	return s, json.NewDecoder(resp.Body).Decode(&s)
+}
+
+func setOutputMode(dir, ns, mode string) error {
+	resp, err := controlClient(controlPath(hostDir(dir, ns))).PostForm("http://ftgw/output-mode", url.Values{"mode": {mode}})
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("set output mode %s on %s: %s", mode, ns, strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+func guestControl(dir, ns string) string {
+	return filepath.Join(hostDir(dir, ns), lab.VMName+"-guest.sock")
+}
+
+// inNetnsClient is an HTTP client whose connections are made inside ns.
+func inNetnsClient(ns string) *http.Client {
+	return &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+				err = netnsutil.Do(ns, func() error {
+					var d net.Dialer
+					conn, err = d.DialContext(ctx, network, addr)
+					return err
+				})
+				return conn, err
+			},
+		},
+	}
+}
+
+// scrape reads a host's metrics endpoint.
+func scrape(ns string) (map[string]*dto.MetricFamily, error) {
+	resp, err := inNetnsClient(ns).Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", lab.MetricsPort))
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", ns, err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	return parser.TextToMetricFamilies(resp.Body)
+}
+
+// kvClient dials the VM's key-value service from the lab's client namespace.
+func kvClient(timeout time.Duration) (*guest.Client, error) {
+	var c *guest.Client
+	err := netnsutil.Do(lab.NSClient, func() (err error) {
+		c, err = guest.Dial(net.JoinHostPort(lab.VMIP.String(), fmt.Sprint(lab.KVPort)), timeout)
+		return err
+	})
+	return c, err
+}
+
+// kvRun sends n PUTs one after another, within budget, and returns the
+// latency of each answered one.
+func kvRun(ctx context.Context, c *guest.Client, n int, prefix string, budget time.Duration) (lat []time.Duration, failed int) {
+	deadline := time.Now().Add(budget)
+	for i := 0; i < n && ctx.Err() == nil && time.Now().Before(deadline); i++ {
+		start := time.Now()
+		if _, err := c.Put(fmt.Sprintf("%s%d", prefix, i%256), fmt.Sprintf("v%d", i)); err != nil {
+			failed++
+			continue
+		}
+		lat = append(lat, time.Since(start))
+	}
+	return lat, failed
+}
+
+// percentiles of samples (sorted in place) at each of ps (0-100).
+func percentiles(samples []time.Duration, ps ...float64) []time.Duration {
+	slices.Sort(samples)
+	out := make([]time.Duration, len(ps))
+	if len(samples) == 0 {
+		return out
+	}
+	for i, p := range ps {
+		idx := int(p / 100 * float64(len(samples)))
+		out[i] = samples[min(idx, len(samples)-1)]
+	}
+	return out
+}
+
+func micros(d time.Duration) string { return fmt.Sprintf("%.1fµs", float64(d)/float64(time.Microsecond)) }
+
+// histogramQuantile estimates a quantile from a scraped histogram the way
+// Prometheus does, by interpolating inside the bucket.
+func histogramQuantile(h *dto.Histogram, q float64) time.Duration {
+	total := float64(h.GetSampleCount())
+	if total == 0 {
+		return 0
+	}
+	rank := q * total
+	lower, prevCount := 0.0, 0.0
+	for _, b := range h.GetBucket() {
+		count := float64(b.GetCumulativeCount())
+		if count >= rank {
+			frac := 0.0
+			if count > prevCount {
+				frac = (rank - prevCount) / (count - prevCount)
+			}
+			return time.Duration((lower + frac*(b.GetUpperBound()-lower)) * 1e9)
+		}
+		lower, prevCount = b.GetUpperBound(), count
+	}
+	return time.Duration(lower * 1e9)
+}
+
+// commitLatency returns the commit-latency histogram of path ("fast" or
+// "held") from scraped metrics.
+func commitLatency(families map[string]*dto.MetricFamily, path string) *dto.Histogram {
+	fam := families["ftgw_output_commit_latency_seconds"]
+	if fam == nil {
+		return nil
+	}
+	for _, m := range fam.GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "path" && l.GetValue() == path {
+				return m.GetHistogram()
+			}
+		}
+	}
+	return nil
+}
+
+func labTraffic(ctx context.Context, w io.Writer, requests int) error {
+	c, err := kvClient(time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	lat, failed := kvRun(ctx, c, requests, "traffic-", 60*time.Second)
+	p := percentiles(lat, 50, 99, 99.9)
+	fmt.Fprintf(w, "%d PUTs from %s to %s:%d answered, %d failed; round trip p50 %s p99 %s p99.9 %s\n",
+		len(lat), lab.NSClient, lab.VMIP, lab.KVPort, failed, micros(p[0]), micros(p[1]), micros(p[2]))
+
+	families, err := scrape(lab.NSPrimary)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "output commit latency on %s (ftgw_output_commit_latency_seconds):\n", lab.NSPrimary)
+	for _, path := range []string{"held", "fast"} {
+		h := commitLatency(families, path)
+		if h == nil {
+			return fmt.Errorf("no %s commit latency in %s's metrics", path, lab.NSPrimary)
+		}
+		fmt.Fprintf(w, "  %-4s frames %6d  p50 %s  p99 %s\n", path, h.GetSampleCount(),
+			micros(histogramQuantile(h, 0.5)), micros(histogramQuantile(h, 0.99)))
+	}
+	return nil
+}

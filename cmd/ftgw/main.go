@@ -1,0 +1,113 @@
+// Command ftgw is the fault-tolerance gateway: the daemon that protects a VM
+// on one host, the synthetic guest, the two-host lab and its benchmark.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/ftgw/ftgw/pkg/guest"
+)
+
+const usage = `ftgw: fault tolerance for VMs, with the Output Rule enforced in XDP.
+
+Usage:
+  ftgw run --config FILE [--verbose]   serve one host's side of a protected VM
+  ftgw guest --tap T --ip IP --mac MAC  run the synthetic deterministic guest
+  ftgw lab up|down|status [flags]       the two-host lab on this machine
+  ftgw bench [flags]                    measure the lab: commit latency and rates
+
+Run "ftgw COMMAND -h" for a command's flags.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	var err error
+	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
+	case "run":
+		err = runCommand(ctx, args)
+	case "guest":
+		err = guestCommand(ctx, args)
+	case "lab":
+		err = labCommand(ctx, args)
+	case "bench":
+		err = benchCommand(ctx, args)
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "ftgw: unknown command %q\n\n%s", cmd, usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(2)
+		}
+		fmt.Fprintf(os.Stderr, "ftgw %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(verbose bool) *slog.Logger {
+	level := slog.LevelInfo
+	if verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+func runCommand(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	configPath := fs.String("config", "", "YAML configuration `file`")
+	verbose := fs.Bool("verbose", false, "debug logs and the full BPF verifier log on load errors")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *configPath == "" {
+		return errors.New("--config is required")
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	return run(ctx, cfg, newLogger(*verbose), *verbose)
+}
+
+func guestCommand(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("guest", flag.ContinueOnError)
+	tapName := fs.String("tap", "", "tap device the guest owns")
+	ipFlag := fs.String("ip", "", "the guest's IPv4 address")
+	macFlag := fs.String("mac", "", "the guest's MAC address")
+	control := fs.String("control", "", "unix socket answering STATE (optional)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ip, err := netip.ParseAddr(*ipFlag)
+	if err != nil {
+		return fmt.Errorf("--ip: %w", err)
+	}
+	mac, err := net.ParseMAC(*macFlag)
+	if err != nil {
+		return fmt.Errorf("--mac: %w", err)
+	}
+	if *tapName == "" {
+		return errors.New("--tap is required")
+	}
+	return guest.Run(ctx, guest.Config{Tap: *tapName, IP: ip, MAC: mac, Control: *control}, newLogger(false))
+}

@@ -1,0 +1,265 @@
+// Package lab builds the two-host lab on one machine: network namespaces for
+// the primary host, the secondary host and a client, joined by a bridge, with
+// a direct replication link between the hosts. Its names and addresses are a
+// contract that the docs, the tests and users rely on.
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/ftgw/ftgw/internal/netnsutil"
+	"github.com/ftgw/ftgw/pkg/datapath"
+)
+
+// The lab's names and addresses.
+const (
+	NSPrimary   = "ftgw-a"
+	NSSecondary = "ftgw-b"
+	NSClient    = "ftgw-c"
+	NSLAN       = "ftgw-lan"
+
+	Uplink      = "eth0"
+	ReplLink    = "repl0"
+	Tap         = "tap0"
+	Bridge      = "br0"
+	VMName      = "vm1"
+	MetricsPort = 9477
+	LogPort     = 7100
+	KVPort      = 7000
+)
+
+var (
+	VMIP        = netip.MustParseAddr("192.0.2.10")
+	VMMAC       = net.HardwareAddr{0x02, 0x46, 0x54, 0x47, 0x00, 0x0a}
+	PrimaryIP   = netip.MustParsePrefix("192.0.2.1/24")
+	SecondaryIP = netip.MustParsePrefix("192.0.2.2/24")
+	ClientIP    = netip.MustParsePrefix("192.0.2.100/24")
+	ReplPrimary = netip.MustParsePrefix("198.18.0.1/30")
+	ReplSecond  = netip.MustParsePrefix("198.18.0.2/30")
+)
+
+// Host is one of the lab's namespaces with an uplink on the LAN.
+type Host struct {
+	NS     string
+	Port   string // the uplink's peer on the bridge
+	Addr   netip.Prefix
+	Repl   netip.Prefix // zero for the client
+	daemon bool
+}
+
+// Hosts of the lab, primary first.
+var Hosts = []Host{
+	{NS: NSPrimary, Port: "a", Addr: PrimaryIP, Repl: ReplPrimary, daemon: true},
+	{NS: NSSecondary, Port: "b", Addr: SecondaryIP, Repl: ReplSecond, daemon: true},
+	{NS: NSClient, Port: "c", Addr: ClientIP},
+}
+
+// Namespaces lists every namespace the lab creates.
+func Namespaces() []string { return []string{NSPrimary, NSSecondary, NSClient, NSLAN} }
+
+// Exists reports whether any of the lab's namespaces is there.
+func Exists() bool {
+	for _, ns := range Namespaces() {
+		if _, err := os.Stat("/run/netns/" + ns); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// Build creates the namespaces and links. It fails if the lab exists.
+func Build() (err error) {
+	if Exists() {
+		return errors.New("the lab exists already: run `ftgw lab down` first")
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, Remove())
+		}
+	}()
+	handles := map[string]netns.NsHandle{}
+	for _, name := range Namespaces() {
+		h, err := newNamed(name)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		handles[name] = h
+	}
+
+	lan, err := netlink.NewHandleAt(handles[NSLAN])
+	if err != nil {
+		return err
+	}
+	defer lan.Close()
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: Bridge}}
+	if err := lan.LinkAdd(br); err != nil {
+		return fmt.Errorf("create bridge: %w", err)
+	}
+	if err := lan.LinkSetUp(br); err != nil {
+		return err
+	}
+
+	for _, host := range Hosts {
+		if err := addVeth(lan, Bridge, host.Port, handles[host.NS], Uplink, host.Addr); err != nil {
+			return fmt.Errorf("uplink of %s: %w", host.NS, err)
+		}
+	}
+	// The replication link is a cable of its own between the two hosts.
+	if err := addPair(handles[NSPrimary], ReplLink, ReplPrimary, handles[NSSecondary], ReplLink, ReplSecond); err != nil {
+		return fmt.Errorf("replication link: %w", err)
+	}
+	for _, name := range []string{NSPrimary, NSSecondary, NSClient, NSLAN} {
+		if err := upLoopback(handles[name]); err != nil {
+			return err
+		}
+	}
+	for _, host := range Hosts {
+		if err := netnsutil.Do(host.NS, func() error { return disableTxChecksum(Uplink) }); err != nil {
+			return err
+		}
+	}
+	// A veth drops what XDP redirects into it unless its peer runs XDP
+	// too: the bridge ports of the hosts carry the VM's released frames.
+	return netnsutil.Do(NSLAN, func() error {
+		for _, host := range Hosts[:2] {
+			if err := attachPass(host.Port); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// newNamed creates a named namespace the way `ip netns add` does, without
+// leaving the calling thread in it.
+func newNamed(name string) (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return 0, err
+	}
+	defer orig.Close()
+	h, err := netns.NewNamed(name)
+	if err != nil {
+		return 0, fmt.Errorf("create netns %s: %w", name, err)
+	}
+	if err := netns.Set(orig); err != nil {
+		// This thread is stuck in the new namespace; never reuse it.
+		runtime.LockOSThread()
+		return 0, fmt.Errorf("leave netns %s: %w", name, err)
+	}
+	return h, nil
+}
+
+func addVeth(lan *netlink.Handle, bridge, port string, hostNS netns.NsHandle, name string, addr netip.Prefix) error {
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: port}, PeerName: name, PeerNamespace: netlink.NsFd(hostNS)}
+	if err := lan.LinkAdd(veth); err != nil {
+		return fmt.Errorf("create veth %s: %w", port, err)
+	}
+	br, err := lan.LinkByName(bridge)
+	if err != nil {
+		return err
+	}
+	link, err := lan.LinkByName(port)
+	if err != nil {
+		return err
+	}
+	if err := lan.LinkSetMaster(link, br); err != nil {
+		return err
+	}
+	if err := lan.LinkSetUp(link); err != nil {
+		return err
+	}
+	return configure(hostNS, name, addr)
+}
+
+func addPair(nsA netns.NsHandle, nameA string, addrA netip.Prefix, nsB netns.NsHandle, nameB string, addrB netip.Prefix) error {
+	h, err := netlink.NewHandleAt(nsA)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: nameA}, PeerName: nameB, PeerNamespace: netlink.NsFd(nsB)}
+	if err := h.LinkAdd(veth); err != nil {
+		return fmt.Errorf("create veth %s: %w", nameA, err)
+	}
+	if err := configure(nsA, nameA, addrA); err != nil {
+		return err
+	}
+	return configure(nsB, nameB, addrB)
+}
+
+func configure(ns netns.NsHandle, name string, addr netip.Prefix) error {
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	link, err := h.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	ipnet := &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}
+	if err := h.AddrAdd(link, &netlink.Addr{IPNet: ipnet}); err != nil {
+		return fmt.Errorf("address %s on %s: %w", addr, name, err)
+	}
+	return h.LinkSetUp(link)
+}
+
+func upLoopback(ns netns.NsHandle) error {
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return h.LinkSetUp(lo)
+}
+
+// attachPass attaches xdp_pass the legacy way, so it outlives this process.
+func attachPass(name string) error {
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		return err
+	}
+	prog, err := datapath.PassProgram()
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	if err := netlink.LinkSetXdpFdWithFlags(link, prog.FD(), 0); err != nil {
+		return fmt.Errorf("attach xdp_pass to %s (ifindex %d): %w", name, iface.Index, err)
+	}
+	return nil
+}
+
+// Remove deletes every namespace of the lab; the devices in them go too.
+func Remove() error {
+	var errs []error
+	for _, name := range Namespaces() {
+		if _, err := os.Stat("/run/netns/" + name); err != nil {
+			continue
+		}
+		if err := netns.DeleteNamed(name); err != nil {
+			errs = append(errs, fmt.Errorf("delete netns %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,47 @@
+package datapath
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+)
+
+// ReadLog hands every record of the log ring to ship, in position order,
+// until ctx is done or ship fails. The frame is valid only during the call.
+func (d *Datapath) ReadLog(ctx context.Context, ship func(pos uint64, frame []byte) error) error {
+	r, err := ringbuf.NewReader(d.objs.LogRing)
+	if err != nil {
+		return fmt.Errorf("open log ring: %w", err)
+	}
+	defer r.Close()
+
+	var rec ringbuf.Record
+	var hdr LogRecord
+	hdrLen := binary.Size(hdr)
+	for ctx.Err() == nil {
+		// The deadline only bounds how late we notice ctx; records wake
+		// the reader at once.
+		r.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		if err := r.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			return fmt.Errorf("read log ring: %w", err)
+		}
+		if _, err := binary.Decode(rec.RawSample, binary.NativeEndian, &hdr); err != nil {
+			return fmt.Errorf("decode log record: %w", err)
+		}
+		if int(hdr.Len) > len(rec.RawSample)-hdrLen {
+			return fmt.Errorf("log record %d: length %d beyond its slot", hdr.Position, hdr.Len)
+		}
+		if err := ship(hdr.Position, rec.RawSample[hdrLen:hdrLen+int(hdr.Len)]); err != nil {
+			return err
+		}
+	}
+	return nil
+}

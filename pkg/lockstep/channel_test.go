@@ -1,0 +1,504 @@
+package lockstep
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func TestStreamOverTLS(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: frames.onFrame})
+	var acks ackLog
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{OnAck: acks.onAck})
+
+	const n = 2000
+	appendFrames(t, p, 1, n/2) // queued before the first connection
+	run(t, p.Run)
+	appendFrames(t, p, n/2+1, n)
+
+	waitFor(t, "acks up to head", func() bool { return p.Acked() == n })
+	frames.check(t, n)
+	acks.check(t, n)
+	if got := acks.last(); got != n {
+		t.Errorf("last OnAck = %d, want %d", got, n)
+	}
+	if p.Head() != n || s.Received() != n {
+		t.Errorf("head %d, received %d, want %d", p.Head(), s.Received(), n)
+	}
+	if !p.Connected() || !s.Connected() {
+		t.Errorf("connected: primary %v, secondary %v", p.Connected(), s.Connected())
+	}
+	waitFor(t, "heartbeat RTT on both sides", func() bool { return p.RTT() > 0 && s.RTT() > 0 })
+	t.Logf("heartbeat RTT: primary %v, secondary %v", p.RTT(), s.RTT())
+
+	ps, ss := p.Stats(), s.Stats()
+	if ps.RecordsSent[KindRXFrame] != n || ss.RecordsReceived[KindRXFrame] != n {
+		t.Errorf("rx frames sent %d, received %d, want %d", ps.RecordsSent[KindRXFrame], ss.RecordsReceived[KindRXFrame], n)
+	}
+	if ps.BytesSent[KindRXFrame] != ss.BytesReceived[KindRXFrame] {
+		t.Errorf("rx bytes sent %d, received %d", ps.BytesSent[KindRXFrame], ss.BytesReceived[KindRXFrame])
+	}
+	if ps.RecordsReceived[KindHeartbeat] == 0 || ss.RecordsReceived[KindHeartbeat] == 0 {
+		t.Error("no heartbeats received")
+	}
+	if ps.Connects != 1 || ss.Connects != 1 {
+		t.Errorf("connects: primary %d, secondary %d", ps.Connects, ss.Connects)
+	}
+	for r := range ReasonLen {
+		if ps.Errors[r] != 0 || ss.Errors[r] != 0 {
+			t.Errorf("%s errors: primary %d, secondary %d", r, ps.Errors[r], ss.Errors[r])
+		}
+	}
+	// Heartbeats must not ping-pong: with a 10ms interval, both directions
+	// together stay within a few hundred per second.
+	time.Sleep(100 * time.Millisecond)
+	before := p.Stats().RecordsReceived[KindHeartbeat]
+	time.Sleep(200 * time.Millisecond)
+	if hb := p.Stats().RecordsReceived[KindHeartbeat] - before; hb > 200 {
+		t.Errorf("%d heartbeats in 200ms: answers are being answered", hb)
+	}
+}
+
+func TestAckHold(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: frames.onFrame})
+	var acks ackLog
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{OnAck: acks.onAck})
+	run(t, p.Run)
+
+	appendFrames(t, p, 1, 10)
+	waitFor(t, "ack 10", func() bool { return p.Acked() == 10 })
+
+	s.SetAckHold(true)
+	appendFrames(t, p, 11, 20)
+	waitFor(t, "frames received while held", func() bool { return s.Received() == 20 })
+	time.Sleep(50 * time.Millisecond) // an ack would have arrived by now
+	if got := p.Acked(); got != 10 {
+		t.Fatalf("acked %d while acks held, want 10", got)
+	}
+	if got := acks.last(); got != 10 {
+		t.Fatalf("OnAck(%d) while acks held", got)
+	}
+
+	s.SetAckHold(false)
+	waitFor(t, "ack after release", func() bool { return p.Acked() == 20 })
+	frames.check(t, 20)
+	acks.check(t, 20)
+}
+
+func TestReconnectResends(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: frames.onFrame})
+	px := startProxy(t, s.Addr().String())
+	var acks ackLog
+	p := newTestPrimary(t, pki, px.addr(), PrimaryConfig{OnAck: acks.onAck})
+	run(t, p.Run)
+
+	// Hold acks so the secondary's position (50) and the primary's acked
+	// position (0) differ: resending from the wrong one would show up as
+	// duplicates.
+	s.SetAckHold(true)
+	appendFrames(t, p, 1, 50)
+	waitFor(t, "first 50 frames", func() bool { return s.Received() == 50 })
+
+	// 51..100 go into the proxy and are lost with the connection.
+	px.blackhole.Store(true)
+	appendFrames(t, p, 51, 100)
+	waitFor(t, "frames written into the proxy", func() bool { return p.Stats().RecordsSent[KindRXFrame] == 100 })
+	px.kill()
+	px.blackhole.Store(false)
+
+	waitFor(t, "reconnect", func() bool { return p.Stats().Connects == 2 && p.Connected() })
+	s.SetAckHold(false)
+	appendFrames(t, p, 101, 150)
+	waitFor(t, "ack 150", func() bool { return p.Acked() == 150 })
+
+	frames.check(t, 150)
+	acks.check(t, 150)
+	ps, ss := p.Stats(), s.Stats()
+	if got := ps.RecordsSent[KindRXFrame]; got != 200 {
+		t.Errorf("sent %d rx frames, want 200 (150 + 50 resent from the secondary's position)", got)
+	}
+	if ss.Duplicates != 0 {
+		t.Errorf("secondary skipped %d duplicates, want 0", ss.Duplicates)
+	}
+	if ps.Errors[ReasonIO] == 0 || ps.Disconnects == 0 {
+		t.Errorf("lost connection not counted: %+v", ps.Errors)
+	}
+}
+
+// TestSecondaryRejectsBadInput feeds the secondary's port bad input, one
+// connection at a time, and checks each is refused and counted, and that a
+// real primary still gets served afterwards.
+func TestSecondaryRejectsBadInput(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: frames.onFrame})
+	addr := s.Addr().String()
+
+	expectCounted := func(t *testing.T, reason ErrReason, before uint64) {
+		t.Helper()
+		waitFor(t, reason.String()+" counted", func() bool { return s.Stats().Errors[reason] == before+1 })
+	}
+
+	t.Run("not TLS", func(t *testing.T) {
+		before := s.Stats().Errors[ReasonAuth]
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+		buf := make([]byte, 512)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					t.Fatal("secondary kept the connection open")
+				}
+				break
+			}
+		}
+		expectCounted(t, ReasonAuth, before)
+	})
+
+	authCases := []struct {
+		name string
+		cfg  func() *tls.Config
+	}{
+		{"no client cert", func() *tls.Config {
+			c := pki.client.Clone()
+			c.Certificates = nil
+			return c
+		}},
+		{"cert from another CA", func() *tls.Config {
+			// Trusts our CA, so only the secondary can refuse.
+			other := newPKI(t)
+			c := other.client.Clone()
+			c.RootCAs = pki.client.RootCAs
+			return c
+		}},
+	}
+	for _, tc := range authCases {
+		t.Run(tc.name, func(t *testing.T) {
+			before := s.Stats().Errors[ReasonAuth]
+			cfg := tc.cfg()
+			cfg.ServerName = "127.0.0.1"
+			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, cfg)
+			if err == nil {
+				// TLS 1.3: the client finishes first and hears of the
+				// refusal on its first read.
+				f := newFakePeer(t, c)
+				f.sendRecord(hello(0, testVM))
+				f.expectClosed()
+			}
+			expectCounted(t, ReasonAuth, before)
+		})
+	}
+
+	frame := func(pos uint64) []byte {
+		return AppendRecord(nil, Record{Kind: KindRXFrame, Position: pos, Epoch: 1, Payload: frameFor(pos)})
+	}
+	cases := []struct {
+		name      string
+		reason    ErrReason
+		skipHello bool                     // send bad() instead of a Hello
+		bad       func(have uint64) []byte // sent after the Hello exchange
+	}{
+		{"garbage instead of hello", ReasonBadMagic, true, func(uint64) []byte { return []byte("this is not a record, not at all!!") }},
+		{"garbage after hello", ReasonBadMagic, false, func(uint64) []byte { return make([]byte, 64) }},
+		{"truncated record", ReasonTruncated, false, func(have uint64) []byte { return frame(have + 1)[:HeaderLen+10] }},
+		{"out of order frame", ReasonOutOfOrder, false, func(have uint64) []byte { return frame(have + 2) }},
+		{"unknown kind", ReasonUnknownKind, false, func(have uint64) []byte {
+			return AppendRecord(nil, Record{Kind: 9, Position: have + 1, Epoch: 1})
+		}},
+		{"bad checksum", ReasonChecksum, false, func(have uint64) []byte {
+			b := frame(have + 1)
+			b[len(b)-1] ^= 0xff
+			return b
+		}},
+		{"too long", ReasonTooLong, false, func(have uint64) []byte {
+			b := frame(have + 1)[:HeaderLen]
+			b[8] = 0xff // length ≈ 4 GiB
+			return b
+		}},
+		{"ack from primary", ReasonUnexpected, false, func(have uint64) []byte {
+			return AppendRecord(nil, Record{Kind: KindAck, Position: have, Epoch: 1})
+		}},
+		{"qemu log not accepted yet", ReasonUnexpected, false, func(have uint64) []byte {
+			return AppendRecord(nil, Record{Kind: KindQEMULog, Position: 1, Epoch: 1})
+		}},
+		{"second hello", ReasonUnexpected, false, func(have uint64) []byte { return AppendRecord(nil, hello(have, testVM)) }},
+		{"wrong vm", ReasonWrongVM, true, func(uint64) []byte { return AppendRecord(nil, hello(0, "other-vm")) }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			before := s.Stats().Errors[tc.reason]
+			f := dialFake(t, addr, pki.client)
+			have := s.Received()
+			if tc.skipHello {
+				f.send(tc.bad(have))
+			} else {
+				f.sendRecord(hello(have, testVM))
+				if r := f.read(); r.Kind != KindHello || r.Position != have {
+					t.Fatalf("secondary answered %s at %d, want hello at %d", r.Kind, r.Position, have)
+				}
+				f.send(tc.bad(have))
+			}
+			// Let the half-record sit as the end of the stream.
+			if tc.reason == ReasonTruncated {
+				f.conn.CloseWrite()
+			}
+			f.expectClosed()
+			expectCounted(t, tc.reason, before)
+		})
+	}
+
+	t.Run("duplicates skipped", func(t *testing.T) {
+		f := dialFake(t, addr, pki.client)
+		f.sendRecord(hello(0, testVM))
+		have := f.read().Position
+		f.send(frame(have + 1))
+		f.send(frame(have + 1)) // as after a resend overlapping what arrived
+		f.send(frame(have + 2))
+		f.sendRecord(ping())
+		waitFor(t, "both frames", func() bool { return s.Received() == have+2 })
+		for {
+			if r := f.read(); r.Kind == KindAck && r.Position == have+2 {
+				break
+			}
+		}
+		if d := s.Stats().Duplicates; d != 1 {
+			t.Errorf("duplicates = %d, want 1", d)
+		}
+	})
+
+	t.Run("real primary still served", func(t *testing.T) {
+		var acks ackLog
+		p := newTestPrimary(t, pki, addr, PrimaryConfig{OnAck: acks.onAck})
+		// The secondary already has the duplicate test's frames; the primary
+		// logs the same ones and must resume after them.
+		have := s.Received()
+		appendFrames(t, p, 1, have+100)
+		run(t, p.Run)
+		waitFor(t, "acks", func() bool { return p.Acked() == have+100 })
+		frames.check(t, have+100)
+		acks.check(t, have+100)
+		if sent := p.Stats().RecordsSent[KindRXFrame]; sent != 100 {
+			t.Errorf("sent %d frames, want 100 (none of what the secondary had)", sent)
+		}
+	})
+}
+
+func TestPrimaryRejectsBadSecondary(t *testing.T) {
+	pki := newPKI(t)
+	withVersion := func(v uint16) Record {
+		r := hello(0, testVM)
+		r.Payload[1] = byte(v)
+		return r
+	}
+	cases := []struct {
+		name   string
+		reason ErrReason
+		bad    []Record // the fake secondary's answer to the Hello
+	}{
+		{"ack beyond head", ReasonAckBeyondHead, []Record{hello(0, testVM), {Kind: KindAck, Position: 100, Epoch: 1}}},
+		{"hello beyond head", ReasonAckBeyondHead, []Record{hello(100, testVM)}},
+		{"ack backwards", ReasonAckBackwards, []Record{hello(0, testVM), {Kind: KindAck, Position: 2, Epoch: 1}, {Kind: KindAck, Position: 1, Epoch: 1}}},
+		{"wrong vm", ReasonWrongVM, []Record{hello(0, "other-vm")}},
+		{"version", ReasonVersion, []Record{withVersion(2)}},
+		{"frame from secondary", ReasonUnexpected, []Record{hello(0, testVM), {Kind: KindRXFrame, Position: 1, Epoch: 1}}},
+		{"no hello", ReasonUnexpected, []Record{{Kind: KindAck, Position: 0, Epoch: 1}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := tls.Listen("tcp", "127.0.0.1:0", pki.server)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			var acks ackLog
+			p := newTestPrimary(t, pki, ln.Addr().String(), PrimaryConfig{OnAck: acks.onAck})
+			appendFrames(t, p, 1, 3)
+			run(t, p.Run)
+			accept := func() *fakePeer {
+				t.Helper()
+				c, err := acceptWithin(ln, 10*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return newFakePeer(t, c)
+			}
+
+			f := accept()
+			if r := f.read(); r.Kind != KindHello || r.Position != 3 {
+				t.Fatalf("primary sent %s at %d, want hello at head 3", r.Kind, r.Position)
+			}
+			for _, r := range tc.bad {
+				f.sendRecord(r)
+			}
+			f.expectClosed()
+			waitFor(t, tc.reason.String()+" counted", func() bool { return p.Stats().Errors[tc.reason] == 1 })
+			acks.check(t, 3) // never called with the bad value
+
+			// The primary redials; a well-behaved secondary gets the log.
+			f = accept()
+			f.read()
+			f.sendRecord(hello(3, testVM))
+			f.sendRecord(Record{Kind: KindAck, Position: 3, Epoch: 1})
+			waitFor(t, "ack 3", func() bool { return p.Acked() == 3 })
+			acks.check(t, 3)
+		})
+	}
+}
+
+// acceptWithin accepts one TLS connection and completes its handshake.
+func acceptWithin(ln net.Listener, d time.Duration) (*tls.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		ch <- result{c, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, r.err
+		}
+		c := r.c.(*tls.Conn)
+		c.SetDeadline(time.Now().Add(d))
+		if err := c.Handshake(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	case <-time.After(d):
+		ln.Close() // unblocks the goroutine
+		return nil, errors.New("no connection")
+	}
+}
+
+func TestPrimaryRefusesForeignSecondary(t *testing.T) {
+	pki, other := newPKI(t), newPKI(t)
+	// A secondary with a certificate from another CA that accepts our
+	// primary: only the primary can refuse.
+	cfg := other.server.Clone()
+	cfg.ClientCAs = pki.server.ClientCAs
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				c.(*tls.Conn).Handshake()
+				c.Close()
+			}()
+		}
+	}()
+	p := newTestPrimary(t, pki, ln.Addr().String(), PrimaryConfig{})
+	run(t, p.Run)
+	waitFor(t, "auth counted", func() bool { return p.Stats().Errors[ReasonAuth] >= 1 })
+	if p.Connected() {
+		t.Error("connected to a foreign secondary")
+	}
+}
+
+func TestAppendFrameErrors(t *testing.T) {
+	pki := newPKI(t)
+	p := newTestPrimary(t, pki, "127.0.0.1:1", PrimaryConfig{MaxUnacked: 3 * (HeaderLen + 100)})
+	if err := p.AppendFrame(1, make([]byte, MaxFrame+1)); !errors.Is(err, ErrTooLong) {
+		t.Errorf("over-long frame: %v", err)
+	}
+	if err := p.AppendFrame(2, make([]byte, 100)); !errors.Is(err, ErrOutOfOrder) {
+		t.Errorf("position 2 first: %v", err)
+	}
+	if err := p.AppendFrame(0, make([]byte, 100)); !errors.Is(err, ErrOutOfOrder) {
+		t.Errorf("position 0: %v", err)
+	}
+	if h := p.Head(); h != 0 {
+		t.Errorf("head %d after refused appends", h)
+	}
+	for pos := uint64(1); pos <= 3; pos++ {
+		if err := p.AppendFrame(pos, make([]byte, 100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.AppendFrame(4, make([]byte, MaxFrame)); !errors.Is(err, ErrBacklogFull) {
+		t.Errorf("past MaxUnacked: %v", err)
+	}
+	if err := p.AppendFrame(3, make([]byte, 10)); !errors.Is(err, ErrOutOfOrder) {
+		t.Errorf("repeated position: %v", err)
+	}
+	if h := p.Head(); h != 3 {
+		t.Errorf("head %d, want 3", h)
+	}
+	st := p.Stats()
+	if st.Errors[ReasonTooLong] != 1 || st.Errors[ReasonOutOfOrder] != 3 || st.Errors[ReasonBacklogFull] != 1 {
+		t.Errorf("counted too_long %d, out_of_order %d, backlog_full %d",
+			st.Errors[ReasonTooLong], st.Errors[ReasonOutOfOrder], st.Errors[ReasonBacklogFull])
+	}
+}
+
+func TestConfigChecks(t *testing.T) {
+	pki := newPKI(t)
+	loose := pki.server.Clone()
+	loose.ClientAuth = tls.RequestClientCert
+	if _, err := NewSecondary(SecondaryConfig{Listen: "127.0.0.1:0", TLS: loose, VM: testVM}); err == nil {
+		t.Error("secondary accepted a TLS config that does not verify clients")
+	}
+	if _, err := NewPrimary(PrimaryConfig{Addr: "127.0.0.1:1", VM: testVM}); err == nil {
+		t.Error("primary accepted no TLS")
+	}
+	if err := GenerateLabPKI(pki.dir, loopback, loopback); err == nil {
+		t.Error("GenerateLabPKI overwrote an existing PKI")
+	}
+	for _, f := range []string{"primary-key.pem", "secondary-key.pem"} {
+		if m := fileMode(t, filepath.Join(pki.dir, f)); m != 0o600 {
+			t.Errorf("%s mode %v", f, m)
+		}
+	}
+}
+
+// BenchmarkAppendAck measures one frame's round trip: AppendFrame until
+// OnAck reports it, over TLS on loopback.
+func BenchmarkAppendAck(b *testing.B) {
+	pki := newPKI(b)
+	s := startSecondary(b, pki, SecondaryConfig{OnFrame: func(uint64, []byte) error { return nil }})
+	acked := make(chan uint64, 1)
+	p := newTestPrimary(b, pki, s.Addr().String(), PrimaryConfig{OnAck: func(pos uint64) { acked <- pos }})
+	run(b, p.Run)
+	frame := make([]byte, 1500)
+	waitFor(b, "connection", p.Connected)
+	giveUp := time.After(5 * time.Minute)
+	pos := uint64(0)
+	for b.Loop() {
+		pos++
+		if err := p.AppendFrame(pos, frame); err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case <-acked: // one frame in flight: each ack is for pos
+		case <-giveUp:
+			b.Fatalf("no ack for %d", pos)
+		}
+	}
+	b.ReportMetric(float64(p.RTT().Microseconds()), "hb-rtt-µs")
+}

@@ -1,0 +1,95 @@
+// Package lockstep is the log channel between the primary and the secondary
+// host of a fault-tolerant VM.
+//
+// The primary gives every frame received for the protected VM a position
+// (1, 2, 3, ... with no gaps), keeps it in memory and streams it to the
+// secondary, which delivers the frames in order and acknowledges the highest
+// contiguous position it has. The primary holds each of the VM's outputs
+// until the ack reaches the position the output was stamped with (package
+// outputcommit); OnAck is how it learns. Unacked frames are kept (up to
+// MaxUnacked bytes) so they can be resent after a reconnect.
+//
+// # Transport
+//
+// One TCP connection with mutual TLS 1.3, dialed by the primary. Both sides
+// need a certificate from the same CA (GenerateLabPKI, ServerTLS, ClientTLS);
+// a failed handshake is counted as "auth" by the side that refuses it. The
+// secondary serves one primary at a time: a newer connection that passes TLS
+// and the Hello check replaces the current one.
+//
+// # Records
+//
+// Every record is a 32-byte header and a payload, all big-endian:
+//
+//	off  0  u32  magic 0x4654474c ("FTGL")
+//	off  4  u8   kind: 1 Hello, 2 RXFrame, 3 Heartbeat, 4 Ack, 5 QEMULog
+//	off  5  u8   flags, 0
+//	off  6  u16  reserved, 0
+//	off  8  u32  payload length, at most MaxPayload (65536)
+//	off 12  u32  CRC32C (Castagnoli) of header bytes 0..11 and 16..31, then the payload
+//	off 16  u64  position
+//	off 24  u64  epoch
+//
+// A reader rejects a record with a wrong magic (ErrBadMagic), a length over
+// MaxPayload before reading the payload (ErrTooLong), a CRC mismatch
+// (ErrChecksum), a kind outside 1..5 or nonzero flags/reserved bits
+// (ErrUnknownKind: the sender speaks a variant we do not), or an end of
+// stream inside a record (ErrTruncated). Any protocol error closes the
+// connection, is logged and counted by reason in Stats.Errors, and the
+// primary redials (10ms backoff doubling to 1s).
+//
+// # Kinds
+//
+// Hello (first record each way): payload u16 version (Version = 1), u16
+// VM-name length, VM name. The primary speaks first with position = its head;
+// the secondary answers with position = its highest contiguous received
+// position, and the primary resends everything after it. The secondary
+// answers even when the version (ErrVersion) or VM (ErrWrongVM) does not
+// match, so that both sides log the mismatch, then closes. On the primary, a
+// secondary position beyond the head is ErrAckBeyondHead and one below the
+// acked position (the secondary lost acked frames) ErrAckBackwards. The Hello
+// position is not an ack: the secondary sends a separate Ack right after its
+// Hello unless acks are held (SetAckHold).
+//
+// RXFrame (primary → secondary): position = the frame's log position,
+// payload = the raw Ethernet frame (AppendFrame refuses frames over MaxFrame,
+// 9216 bytes). The secondary needs position = received+1 (else
+// ErrOutOfOrder); positions it already has, which a resend can overlap, are
+// skipped and counted as Stats.Duplicates.
+//
+// Ack (secondary → primary): position = highest contiguous position
+// received. The secondary sends one after each batch, i.e. when its
+// bufio.Reader has nothing more buffered, if the position moved. On the
+// primary an ack above the head is ErrAckBeyondHead, one below the last ack
+// ErrAckBackwards.
+//
+// Heartbeat (both ways): payload u64 send time (the sender's monotonic ns),
+// u64 echo. Each side pings every Heartbeat (default 10ms); a connection
+// with nothing received for Timeout (default 100 heartbeats) is dead. The
+// echo yields the link RTT, which is only meaningful if pings are answered at
+// once, and answers must not be answered in turn or the two sides would
+// ping-pong forever. Both are achieved without a flag:
+//
+//   - An answer echoes the send time of the ping it answers; a ping echoes
+//     the send time of the last peer ping we answered.
+//   - The answer and the update of "last peer ping answered" happen under
+//     the write lock, so on the wire an answer always precedes any ping that
+//     carries the same echo.
+//   - Hence, on receipt, an echo greater than any echo seen before on this
+//     connection is an answer to one of our pings: RTT = now - echo, no
+//     reply. Anything else is a ping: answer it immediately.
+//
+// QEMULog: reserved for the VM's replay log; decoded as a known kind, but
+// the secondary rejects it for now (ErrUnexpected), like any kind sent in the
+// wrong direction or a second Hello.
+//
+// Epoch is stamped on every record (PrimaryConfig.Epoch; the secondary echoes
+// the primary's) for failover; nothing here acts on it yet.
+//
+// # Latency
+//
+// AppendFrame only copies the frame into the log under a mutex and wakes the
+// connection's single writer goroutine, which drains everything queued into
+// a bufio.Writer and flushes once; there are no timers on the path and Go
+// disables Nagle. Likewise the secondary acks once per batch read.
+package lockstep

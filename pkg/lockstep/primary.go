@@ -1,0 +1,371 @@
+package lockstep
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// PrimaryConfig configures the sending end of the log channel.
+type PrimaryConfig struct {
+	Addr  string      // secondary's host:port
+	TLS   *tls.Config // from ClientTLS; ServerName defaults to Addr's host
+	VM    string      // protected VM; both ends must agree
+	Epoch uint64      // stamped on every record
+
+	Heartbeat time.Duration // default DefaultHeartbeat
+	// Timeout declares the link dead when nothing arrives for this long; it
+	// also bounds dialing, the handshakes and each flush. Default 100 ×
+	// Heartbeat.
+	Timeout time.Duration
+	// MaxUnacked bounds the bytes of records kept for resending until the
+	// secondary acks them; AppendFrame fails with ErrBacklogFull beyond it.
+	// Default DefaultMaxUnacked.
+	MaxUnacked int
+	// OnAck is called whenever the acked position advances, in increasing
+	// order, from the goroutine running Run. It may call AppendFrame.
+	OnAck func(pos uint64)
+
+	Logger *slog.Logger // default slog.Default()
+}
+
+// Primary logs frames and streams them to the secondary. AppendFrame may be
+// called from any goroutine while Run keeps (re)connecting.
+type Primary struct {
+	cfg   PrimaryConfig
+	tls   *tls.Config
+	log   *slog.Logger
+	hello []byte
+	stats counters
+	wake  chan struct{} // capacity 1: "records are waiting"; never blocks AppendFrame
+
+	mu           sync.Mutex
+	head         uint64
+	acked        uint64
+	unacked      [][]byte // encoded RXFrame records for positions acked+1 .. head
+	unackedBytes int
+
+	connected atomic.Bool
+	rtt       atomic.Int64
+}
+
+// NewPrimary checks cfg and fills in defaults. Nothing is dialed before Run.
+func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
+	switch {
+	case cfg.Addr == "":
+		return nil, errors.New("new primary: no secondary address")
+	case cfg.TLS == nil:
+		return nil, errors.New("new primary: no TLS config; the log channel requires mutual TLS")
+	case cfg.VM == "" || len(cfg.VM) > MaxVMName:
+		return nil, fmt.Errorf("new primary: VM name %q must be 1..%d bytes", cfg.VM, MaxVMName)
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = DefaultHeartbeat
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = timeoutBeats * cfg.Heartbeat
+	}
+	if cfg.MaxUnacked <= 0 {
+		cfg.MaxUnacked = DefaultMaxUnacked
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	tc := cfg.TLS.Clone()
+	if tc.ServerName == "" {
+		host, _, err := net.SplitHostPort(cfg.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("new primary: parse address: %w", err)
+		}
+		tc.ServerName = host
+	}
+	return &Primary{
+		cfg:   cfg,
+		tls:   tc,
+		log:   cfg.Logger.With("component", "lockstep", "role", "primary", "vm", cfg.VM, "secondary", cfg.Addr),
+		hello: helloPayload(cfg.VM),
+		wake:  make(chan struct{}, 1),
+	}, nil
+}
+
+// AppendFrame logs frame at pos, which must be Head()+1, and wakes the
+// writer. It copies frame and never waits for the network. On error nothing
+// is logged and Head is unchanged: after ErrBacklogFull the caller may retry
+// the same position later or drop the frame (it must then not reach the VM).
+func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
+	if len(frame) > MaxFrame {
+		err := fmt.Errorf("append frame %d: over-long frame of %d bytes, max %d: %w", pos, len(frame), MaxFrame, ErrTooLong)
+		p.stats.fail(err)
+		return err
+	}
+	// Encode before locking; the copy is also what keeps the caller's buffer
+	// free for reuse.
+	rec := AppendRecord(make([]byte, 0, HeaderLen+len(frame)), Record{Kind: KindRXFrame, Position: pos, Epoch: p.cfg.Epoch, Payload: frame})
+	p.mu.Lock()
+	var err error
+	switch {
+	case pos != p.head+1:
+		err = fmt.Errorf("append frame %d: head is %d: %w", pos, p.head, ErrOutOfOrder)
+	case p.unackedBytes+len(rec) > p.cfg.MaxUnacked:
+		err = fmt.Errorf("append frame %d: %d bytes wait for an ack, max %d: %w", pos, p.unackedBytes, p.cfg.MaxUnacked, ErrBacklogFull)
+	default:
+		p.unacked = append(p.unacked, rec)
+		p.unackedBytes += len(rec)
+		p.head = pos
+	}
+	p.mu.Unlock()
+	if err != nil {
+		p.stats.fail(err)
+		return err
+	}
+	select {
+	case p.wake <- struct{}{}:
+	default: // the writer is already due to look
+	}
+	return nil
+}
+
+// Head is the last appended position.
+func (p *Primary) Head() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.head
+}
+
+// Acked is the highest position the secondary has acknowledged.
+func (p *Primary) Acked() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.acked
+}
+
+// Connected reports whether a connection has passed the Hello exchange and
+// is still up.
+func (p *Primary) Connected() bool { return p.connected.Load() }
+
+// RTT is the last heartbeat round-trip time measured, 0 before the first.
+func (p *Primary) RTT() time.Duration { return time.Duration(p.rtt.Load()) }
+
+// Stats returns a snapshot of the counters.
+func (p *Primary) Stats() Stats { return p.stats.snapshot() }
+
+// Run connects to the secondary and streams the log until ctx is done, then
+// returns nil. A failed connection is logged, counted and redialed with
+// backoff (10ms doubling to 1s, back to 10ms after a connection that got
+// through the Hello exchange). Call Run once.
+func (p *Primary) Run(ctx context.Context) error {
+	backoff := minBackoff
+	for {
+		connected, err := p.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if connected {
+			backoff = minBackoff
+		}
+		reason := p.stats.fail(err)
+		p.log.Warn("log channel connection failed; redialing", "reason", reason.String(), "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// session runs one connection to its end and returns why it ended.
+// connected reports whether it got through the Hello exchange.
+func (p *Primary) session(ctx context.Context) (connected bool, err error) {
+	d := net.Dialer{Timeout: p.cfg.Timeout}
+	raw, err := d.DialContext(ctx, "tcp", p.cfg.Addr)
+	if err != nil {
+		return false, fmt.Errorf("dial secondary: %w", err)
+	}
+	conn := tls.Client(raw, p.tls)
+	hctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	err = conn.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		return false, fmt.Errorf("tls handshake with secondary: %w: %w", ErrAuth, err)
+	}
+	fc := newCloser(raw)
+	defer fc.fail(nil)
+	stop := context.AfterFunc(ctx, func() { fc.fail(ctx.Err()) })
+	defer stop()
+
+	l := newLink(conn, fc, p.cfg.Timeout, &p.stats, p.cfg.Epoch)
+	br := bufio.NewReaderSize(conn, bufSize)
+	buf := make([]byte, MaxPayload)
+	from, err := p.handshake(l, br, buf)
+	if err != nil {
+		return false, err
+	}
+
+	p.connected.Store(true)
+	p.stats.connects.Add(1)
+	p.log.Info("log channel connected", "resend_from", from+1, "head", p.Head())
+	defer func() {
+		p.connected.Store(false)
+		p.stats.disconnects.Add(1)
+	}()
+
+	var wg sync.WaitGroup
+	wg.Go(func() { fc.fail(p.writeLoop(l, from, fc.done)) })
+	fc.fail(p.readLoop(l, br, buf))
+	wg.Wait()
+	return true, fc.err
+}
+
+// handshake sends our Hello and checks the secondary's. It returns the
+// secondary's position: everything after it gets (re)sent.
+func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (uint64, error) {
+	head := p.Head()
+	l.lock()
+	err := l.write(Record{Kind: KindHello, Position: head, Epoch: p.cfg.Epoch, Payload: p.hello})
+	if err == nil {
+		err = l.flush()
+	}
+	l.unlock()
+	if err != nil {
+		return 0, fmt.Errorf("send hello: %w", err)
+	}
+	l.conn.SetReadDeadline(time.Now().Add(p.cfg.Timeout))
+	r, err := ReadRecord(br, buf)
+	if err != nil {
+		return 0, fmt.Errorf("await hello: %w", err)
+	}
+	p.stats.received(r)
+	if r.Kind != KindHello {
+		return 0, fmt.Errorf("await hello: got %s: %w", r.Kind, ErrUnexpected)
+	}
+	if err := checkHello(r.Payload, p.cfg.VM); err != nil {
+		return 0, err
+	}
+	p.mu.Lock()
+	head, acked := p.head, p.acked // head may have moved since our Hello
+	p.mu.Unlock()
+	// The Hello position is only where to resume sending, not an ack, so
+	// that SetAckHold on the secondary also holds across reconnects.
+	switch {
+	case r.Position > head:
+		return 0, fmt.Errorf("check hello: secondary has %d, head is %d: %w", r.Position, head, ErrAckBeyondHead)
+	case r.Position < acked:
+		// It lost frames it had acked, and we no longer have them.
+		return 0, fmt.Errorf("check hello: secondary has %d, already acked %d: %w", r.Position, acked, ErrAckBackwards)
+	}
+	return r.Position, nil
+}
+
+// writeLoop is the connection's only sender of RXFrames: each wake drains
+// everything queued into the bufio.Writer and flushes once, so a burst costs
+// one syscall and a lone frame goes out at once, with no timer in the path.
+func (p *Primary) writeLoop(l *link, from uint64, done <-chan struct{}) error {
+	tick := time.NewTicker(p.cfg.Heartbeat)
+	defer tick.Stop()
+	if err := l.ping(); err != nil { // an RTT sample right away
+		return err
+	}
+	next := from + 1
+	var batch [][]byte
+	for {
+		for {
+			batch, next = p.pending(batch[:0], next)
+			if len(batch) == 0 {
+				break
+			}
+			err := l.sendEncoded(KindRXFrame, batch)
+			clear(batch) // drop references so acked records can be freed
+			if err != nil {
+				return err
+			}
+		}
+		select {
+		case <-done:
+			return nil
+		case <-p.wake:
+		case <-tick.C:
+			if err := l.ping(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// pending appends to dst the encoded records from position next on, up to
+// about maxDrainBytes so heartbeat answers are not held behind a long resend,
+// and returns the position after the last one.
+func (p *Primary) pending(dst [][]byte, next uint64) ([][]byte, uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	next = max(next, p.acked+1)
+	size := 0
+	for i := next - p.acked - 1; i < uint64(len(p.unacked)) && size < maxDrainBytes; i++ {
+		dst = append(dst, p.unacked[i])
+		size += len(p.unacked[i])
+	}
+	return dst, next + uint64(len(dst))
+}
+
+// readLoop handles acks and heartbeats until the connection fails.
+func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
+	for {
+		if br.Buffered() == 0 { // about to block on the network
+			l.conn.SetReadDeadline(time.Now().Add(p.cfg.Timeout))
+		}
+		r, err := ReadRecord(br, buf)
+		if err != nil {
+			return err
+		}
+		p.stats.received(r)
+		switch r.Kind {
+		case KindAck:
+			err = p.ack(r.Position)
+		case KindHeartbeat:
+			err = l.onHeartbeat(r, &p.rtt)
+		default:
+			err = fmt.Errorf("handle record: %s from secondary: %w", r.Kind, ErrUnexpected)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// ack advances the acked position, frees the acked records and tells OnAck.
+// A bad ack ends the connection before OnAck could see it.
+func (p *Primary) ack(pos uint64) error {
+	p.mu.Lock()
+	head, acked := p.head, p.acked
+	switch {
+	case pos > head:
+		p.mu.Unlock()
+		return fmt.Errorf("process ack %d: head is %d: %w", pos, head, ErrAckBeyondHead)
+	case pos < acked:
+		p.mu.Unlock()
+		return fmt.Errorf("process ack %d: already acked %d: %w", pos, acked, ErrAckBackwards)
+	case pos == acked: // e.g. the ack the secondary sends after its Hello
+		p.mu.Unlock()
+		return nil
+	}
+	n := int(pos - acked)
+	for i := range n {
+		p.unackedBytes -= len(p.unacked[i])
+		p.unacked[i] = nil // the backing array outlives the reslice
+	}
+	p.unacked = p.unacked[n:]
+	p.acked = pos
+	p.mu.Unlock()
+	if p.cfg.OnAck != nil {
+		p.cfg.OnAck(pos)
+	}
+	return nil
+}

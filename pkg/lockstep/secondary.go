@@ -1,0 +1,417 @@
+package lockstep
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// SecondaryConfig configures the receiving end of the log channel.
+type SecondaryConfig struct {
+	Listen string      // host:port to listen on; ignored if Listener is set
+	TLS    *tls.Config // from ServerTLS; must require and verify client certs
+	VM     string      // protected VM; both ends must agree
+
+	Heartbeat time.Duration // default DefaultHeartbeat
+	Timeout   time.Duration // as PrimaryConfig.Timeout; default 100 × Heartbeat
+
+	// OnFrame gets each frame once, in position order, never concurrently.
+	// frame is only valid during the call. An error closes the connection
+	// without acknowledging the frame, so the primary sends it again.
+	OnFrame func(pos uint64, frame []byte) error
+
+	Logger   *slog.Logger // default slog.Default()
+	Listener net.Listener // optional (tests); plain TCP, TLS is added here
+}
+
+// Secondary receives the log and acknowledges it.
+type Secondary struct {
+	cfg   SecondaryConfig
+	ln    net.Listener
+	log   *slog.Logger
+	hello []byte
+	stats counters
+
+	received  atomic.Uint64 // highest contiguous position delivered to OnFrame
+	hold      atomic.Bool
+	connected atomic.Bool
+	rtt       atomic.Int64
+
+	mu  sync.Mutex
+	cur *link // the active connection, for SetAckHold
+}
+
+// NewSecondary checks cfg and starts listening, so Addr is known before Run.
+func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
+	switch {
+	case cfg.TLS == nil:
+		return nil, errors.New("new secondary: no TLS config; the log channel requires mutual TLS")
+	case cfg.TLS.ClientAuth != tls.RequireAndVerifyClientCert:
+		// Anything weaker would let any host inject frames into the VM.
+		return nil, errors.New("new secondary: TLS config must set ClientAuth to RequireAndVerifyClientCert (use ServerTLS)")
+	case cfg.VM == "" || len(cfg.VM) > MaxVMName:
+		return nil, fmt.Errorf("new secondary: VM name %q must be 1..%d bytes", cfg.VM, MaxVMName)
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = DefaultHeartbeat
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = timeoutBeats * cfg.Heartbeat
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	ln := cfg.Listener
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+			return nil, fmt.Errorf("new secondary: %w", err)
+		}
+	}
+	return &Secondary{
+		cfg:   cfg,
+		ln:    ln,
+		log:   cfg.Logger.With("component", "lockstep", "role", "secondary", "vm", cfg.VM),
+		hello: helloPayload(cfg.VM),
+	}, nil
+}
+
+// Addr is the listening address.
+func (s *Secondary) Addr() net.Addr { return s.ln.Addr() }
+
+// Received is the highest contiguous position delivered to OnFrame.
+func (s *Secondary) Received() uint64 { return s.received.Load() }
+
+// Connected reports whether a primary is connected past the Hello exchange.
+func (s *Secondary) Connected() bool { return s.connected.Load() }
+
+// RTT is the last heartbeat round-trip time measured, 0 before the first.
+func (s *Secondary) RTT() time.Duration { return time.Duration(s.rtt.Load()) }
+
+// Stats returns a snapshot of the counters.
+func (s *Secondary) Stats() Stats { return s.stats.snapshot() }
+
+// SetAckHold(true) keeps receiving and delivering frames but stops sending
+// acks, so the primary keeps holding the VM's output (tests, `ftgw pause`).
+// SetAckHold(false) sends the current ack at once.
+func (s *Secondary) SetAckHold(hold bool) {
+	s.hold.Store(hold)
+	if hold {
+		return
+	}
+	s.mu.Lock()
+	l := s.cur
+	s.mu.Unlock()
+	if l != nil {
+		if err := s.sendAck(l, true); err != nil {
+			l.fc.fail(err)
+		}
+	}
+}
+
+// errReplaced ends a connection that a newer authenticated one replaces.
+var errReplaced = errors.New("replaced by a newer connection")
+
+// incoming is a connection that passed TLS and sent a valid Hello, waiting
+// to become the active one.
+type incoming struct {
+	conn        *tls.Conn
+	fc          *closer
+	br          *bufio.Reader // may already hold records after the Hello
+	buf         []byte
+	peer        string
+	epoch, head uint64 // from the primary's Hello
+}
+
+// Run accepts primaries until ctx is done, then closes the listener and
+// returns nil; it returns an error only if the listener fails. One primary is
+// served at a time: a newer connection that passes TLS and the Hello check
+// replaces the current one. Call Run once.
+func (s *Secondary) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		s.ln.Close()
+		wg.Wait()
+	}()
+	ready := make(chan *incoming)
+	acceptErr := make(chan error, 1)
+	wg.Go(func() { acceptErr <- s.acceptLoop(ctx, ready, &wg) })
+
+	var next *incoming
+	for {
+		if next == nil {
+			select {
+			case <-ctx.Done():
+				return nil
+			case err := <-acceptErr:
+				return err
+			case next = <-ready:
+			}
+		}
+		in := next
+		next = nil
+		// Sessions run here, one after another, so OnFrame is only ever
+		// called from this goroutine; a watcher ends the session early for
+		// shutdown or a replacement.
+		sessionDone := make(chan struct{})
+		var watch sync.WaitGroup
+		watch.Go(func() {
+			select {
+			case <-sessionDone:
+			case <-ctx.Done():
+				in.fc.fail(ctx.Err())
+			case n := <-ready:
+				next = n
+				in.fc.fail(errReplaced)
+			}
+		})
+		err := s.session(in)
+		close(sessionDone)
+		watch.Wait()
+		switch {
+		case ctx.Err() != nil:
+		case errors.Is(err, errReplaced):
+			s.log.Info("primary connection replaced by a newer one", "primary", in.peer, "new_primary", next.peer)
+		default:
+			reason := s.stats.fail(err)
+			s.log.Warn("primary connection failed", "primary", in.peer, "reason", reason.String(), "err", err)
+		}
+	}
+}
+
+// acceptLoop admits each connection in its own goroutine, so a slow or
+// hostile client cannot hold up the next one.
+func (s *Secondary) acceptLoop(ctx context.Context, ready chan<- *incoming, wg *sync.WaitGroup) error {
+	backoff := minBackoff
+	for {
+		raw, err := s.ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("accept primary: %w", err)
+			}
+			// Likely out of file descriptors: wait instead of spinning.
+			s.log.Warn("accept failed", "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, maxBackoff)
+			continue
+		}
+		backoff = minBackoff
+		wg.Go(func() { s.admit(ctx, raw, ready) })
+	}
+}
+
+// admit runs the TLS handshake and the Hello check, then hands the
+// connection to Run.
+func (s *Secondary) admit(ctx context.Context, raw net.Conn, ready chan<- *incoming) {
+	fc := newCloser(raw)
+	stop := context.AfterFunc(ctx, func() { fc.fail(ctx.Err()) })
+	defer stop()
+	in, err := s.greet(ctx, raw, fc)
+	if err != nil {
+		fc.fail(err)
+		if ctx.Err() == nil {
+			reason := s.stats.fail(err)
+			s.log.Warn("refused log channel connection", "peer", raw.RemoteAddr().String(), "reason", reason.String(), "err", err)
+		}
+		return
+	}
+	select {
+	case ready <- in:
+	case <-ctx.Done():
+		fc.fail(ctx.Err())
+	}
+}
+
+func (s *Secondary) greet(ctx context.Context, raw net.Conn, fc *closer) (*incoming, error) {
+	conn := tls.Server(raw, s.cfg.TLS)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
+	err := conn.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("tls handshake with primary: %w: %w", ErrAuth, err)
+	}
+	conn.SetReadDeadline(time.Now().Add(s.cfg.Timeout))
+	br := bufio.NewReaderSize(conn, bufSize)
+	buf := make([]byte, MaxPayload)
+	r, err := ReadRecord(br, buf)
+	if err != nil {
+		return nil, fmt.Errorf("await hello: %w", err)
+	}
+	s.stats.received(r)
+	if r.Kind != KindHello {
+		return nil, fmt.Errorf("await hello: got %s: %w", r.Kind, ErrUnexpected)
+	}
+	if err := checkHello(r.Payload, s.cfg.VM); err != nil {
+		// Answer anyway, so the primary logs the mismatch itself instead of
+		// an unexplained EOF.
+		l := newLink(conn, fc, s.cfg.Timeout, &s.stats, r.Epoch)
+		l.lock()
+		if l.write(Record{Kind: KindHello, Position: s.received.Load(), Epoch: r.Epoch, Payload: s.hello}) == nil {
+			l.flush()
+		}
+		l.unlock()
+		return nil, err
+	}
+	return &incoming{
+		conn:  conn,
+		fc:    fc,
+		br:    br,
+		buf:   buf,
+		peer:  raw.RemoteAddr().String(),
+		epoch: r.Epoch,
+		head:  r.Position,
+	}, nil
+}
+
+// session serves one admitted primary until the connection ends.
+func (s *Secondary) session(in *incoming) error {
+	fc := in.fc
+	defer fc.fail(nil)
+	l := newLink(in.conn, in.fc, s.cfg.Timeout, &s.stats, in.epoch)
+	received := s.received.Load()
+
+	// Our Hello tells the primary where to resume; the Ack that follows is
+	// what releases its held output, so it respects SetAckHold. s.cur is
+	// published before hold is read, under l's lock: either SetAckHold(false)
+	// sees the link and sends the ack after our Hello, or we see hold false.
+	l.lock()
+	err := l.write(Record{Kind: KindHello, Position: received, Epoch: l.epoch, Payload: s.hello})
+	s.mu.Lock()
+	s.cur = l
+	s.mu.Unlock()
+	if err == nil && !s.hold.Load() {
+		err = l.write(Record{Kind: KindAck, Position: received, Epoch: l.epoch})
+		l.lastAck = received
+	}
+	if err == nil {
+		err = l.flush()
+	}
+	l.unlock()
+	defer func() {
+		s.mu.Lock()
+		s.cur = nil
+		s.mu.Unlock()
+	}()
+	if err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+
+	s.connected.Store(true)
+	s.stats.connects.Add(1)
+	s.log.Info("primary connected", "primary", in.peer, "epoch", in.epoch, "primary_head", in.head, "received", received)
+	if in.head < received {
+		s.log.Warn("primary's head is behind what we received; it will refuse to resume", "primary_head", in.head, "received", received)
+	}
+	defer func() {
+		s.connected.Store(false)
+		s.stats.disconnects.Add(1)
+	}()
+
+	var wg sync.WaitGroup
+	wg.Go(func() { fc.fail(s.pingLoop(l, fc.done)) })
+	fc.fail(s.readLoop(l, in.br, in.buf))
+	wg.Wait()
+	return fc.err
+}
+
+func (s *Secondary) pingLoop(l *link, done <-chan struct{}) error {
+	tick := time.NewTicker(s.cfg.Heartbeat)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return nil
+		case <-tick.C:
+			if err := l.ping(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// readLoop delivers frames and acks each batch: once the bufio.Reader has
+// nothing buffered, everything the primary flushed together has been
+// handled, and one Ack covers it all.
+func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
+	for {
+		if br.Buffered() == 0 {
+			l.conn.SetReadDeadline(time.Now().Add(s.cfg.Timeout))
+		}
+		r, err := ReadRecord(br, buf)
+		if err != nil {
+			return err
+		}
+		s.stats.received(r)
+		switch r.Kind {
+		case KindRXFrame:
+			err = s.deliver(r)
+		case KindHeartbeat:
+			err = l.onHeartbeat(r, &s.rtt)
+		default: // a second Hello, an Ack, or QEMULog (not used yet)
+			err = fmt.Errorf("handle record: %s from primary: %w", r.Kind, ErrUnexpected)
+		}
+		if err != nil {
+			return err
+		}
+		if br.Buffered() == 0 {
+			if err := s.sendAck(l, false); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (s *Secondary) deliver(r Record) error {
+	have := s.received.Load()
+	switch {
+	case r.Position <= have:
+		// A resend overlapping what we already have: harmless.
+		s.stats.duplicates.Add(1)
+		return nil
+	case r.Position != have+1:
+		return fmt.Errorf("receive frame %d: expected %d: %w", r.Position, have+1, ErrOutOfOrder)
+	}
+	if s.cfg.OnFrame != nil {
+		if err := s.cfg.OnFrame(r.Position, r.Payload); err != nil {
+			return fmt.Errorf("deliver frame %d: %w: %w", r.Position, errDeliver, err)
+		}
+	}
+	s.received.Store(r.Position)
+	return nil
+}
+
+// sendAck acks Received on l unless acks are held, or (without force)
+// nothing new arrived. Reading Received under l's lock keeps the acks on
+// the wire in non-decreasing order whoever sends them.
+func (s *Secondary) sendAck(l *link, force bool) error {
+	l.lock()
+	defer l.unlock()
+	if s.hold.Load() {
+		return nil
+	}
+	pos := s.received.Load()
+	if pos == l.lastAck && !force {
+		return nil
+	}
+	if err := l.write(Record{Kind: KindAck, Position: pos, Epoch: l.epoch}); err != nil {
+		return err
+	}
+	l.lastAck = pos
+	return l.flush()
+}

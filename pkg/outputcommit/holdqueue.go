@@ -1,0 +1,290 @@
+// Package outputcommit enforces the Output Rule for one VM: the guest's
+// frames that guest_egress could not send at once wait in the hold queue, an
+// AF_XDP socket on the VM's tap, until the secondary's ack reaches the log
+// position they were stamped with; then they leave, in order, through an
+// AF_XDP socket on the uplink.
+package outputcommit
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ftgw/ftgw/internal/xsk"
+	"github.com/ftgw/ftgw/pkg/datapath"
+)
+
+// Config of a hold queue.
+type Config struct {
+	// Tap is the VM's tap: held frames arrive from it.
+	Tap *net.Interface
+	// Uplink is where released frames go.
+	Uplink *net.Interface
+	// Capacity is the hold capacity the data path was loaded with; the
+	// sockets' rings are sized so they never drop before it does.
+	Capacity int
+	Logger   *slog.Logger
+}
+
+type heldFrame struct {
+	desc      xsk.Desc
+	stamp     uint64
+	arrivalNs uint64
+}
+
+// HoldQueue holds the guest's frames until their stamps are acknowledged.
+type HoldQueue struct {
+	dp     *datapath.Datapath
+	rx, tx *xsk.Socket
+	log    *slog.Logger
+
+	mu          sync.Mutex
+	held        []heldFrame // in arrival order; the frames stay in rx's UMEM
+	acked       uint64
+	passthrough bool
+	latency     datapath.LatencyHistogram
+	lostInQueue uint64 // frames the kernel could not put on the hold socket
+	xskLost     uint64 // rx_dropped + rx_ring_full last seen
+	released    uint64
+}
+
+// ringSize is the smallest power of two of at least n.
+func ringSize(n int) int {
+	size := 64
+	for size < n {
+		size *= 2
+	}
+	return size
+}
+
+// Open creates the hold and release sockets and plugs the hold socket into
+// the data path.
+func Open(dp *datapath.Datapath, cfg Config) (_ *HoldQueue, err error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	ring := ringSize(cfg.Capacity)
+	q := &HoldQueue{dp: dp, log: cfg.Logger}
+	defer func() {
+		if err != nil {
+			q.Close()
+		}
+	}()
+
+	// Every held frame keeps its UMEM frame until release, so the UMEM has
+	// room for a full queue plus a full fill ring: the socket never runs
+	// dry before guest_egress's own capacity check drops.
+	q.rx, err = xsk.NewSocket(cfg.Tap.Index, 0, &xsk.SocketOptions{
+		NumFrames:              2 * ring,
+		FrameSize:              4096,
+		FillRingNumDescs:       ring,
+		CompletionRingNumDescs: 64,
+		RxRingNumDescs:         ring,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open hold socket on %s: %w", cfg.Tap.Name, err)
+	}
+	q.rx.Fill(q.rx.GetDescs(q.rx.NumFreeFillSlots()))
+
+	q.tx, err = xsk.NewSocket(cfg.Uplink.Index, 0, &xsk.SocketOptions{
+		NumFrames:              1024,
+		FrameSize:              4096,
+		FillRingNumDescs:       64,
+		CompletionRingNumDescs: 512,
+		TxRingNumDescs:         512,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open release socket on %s: %w", cfg.Uplink.Name, err)
+	}
+
+	if err := dp.HoldSockets().Put(uint32(0), uint32(q.rx.FD())); err != nil {
+		return nil, fmt.Errorf("plug hold socket into the data path: %w", err)
+	}
+	return q, nil
+}
+
+// Close unplugs and closes the sockets. Frames still held are dropped: they
+// were never acknowledged, so no one may send them.
+func (q *HoldQueue) Close() error {
+	var errs []error
+	if q.rx != nil {
+		if err := q.dp.HoldSockets().Delete(uint32(0)); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, err)
+		}
+		errs = append(errs, q.rx.Close())
+	}
+	if q.tx != nil {
+		errs = append(errs, q.tx.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Run takes frames off the hold socket until ctx is done. Frames whose stamp
+// is already acknowledged (the ack can overtake them) leave at once.
+func (q *HoldQueue) Run(ctx context.Context) error {
+	const batch = 64
+	lastStats := time.Now()
+	for ctx.Err() == nil {
+		n, _, err := q.rx.Poll(100 * time.Millisecond)
+		if err != nil {
+			return fmt.Errorf("poll hold socket: %w", err)
+		}
+		if n > 0 {
+			q.take(q.rx.Receive(batch))
+		}
+		if time.Since(lastStats) > 100*time.Millisecond {
+			lastStats = time.Now()
+			if err := q.reconcileLost(); err != nil {
+				q.log.Warn("read hold socket statistics", "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (q *HoldQueue) take(descs []xsk.Desc) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, d := range descs {
+		var meta datapath.HoldMeta
+		m := q.rx.Meta(d, 16)
+		meta.Stamp = binary.NativeEndian.Uint64(m[0:8])
+		meta.ArrivalNs = binary.NativeEndian.Uint64(m[8:16])
+		q.held = append(q.held, heldFrame{desc: d, stamp: meta.Stamp, arrivalNs: meta.ArrivalNs})
+	}
+	q.releaseLocked()
+}
+
+// ReleaseUpTo records that the secondary holds the log up to pos and sends
+// every frame, in order, up to the first whose stamp is still beyond it.
+func (q *HoldQueue) ReleaseUpTo(pos uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if pos > q.acked {
+		q.acked = pos
+	}
+	q.releaseLocked()
+}
+
+// SetPassthrough turns output commit off (everything held leaves now, and
+// the data path sends new frames at once) or back on.
+func (q *HoldQueue) SetPassthrough(on bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.passthrough = on
+	q.releaseLocked()
+}
+
+func (q *HoldQueue) releaseLocked() {
+	n := 0
+	for n < len(q.held) && (q.passthrough || q.held[n].stamp <= q.acked) {
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	release := q.held[:n]
+	for len(release) > 0 {
+		chunk := release[:min(len(release), 256)]
+		q.transmit(chunk)
+		release = release[len(chunk):]
+	}
+	q.held = append(q.held[:0], q.held[n:]...)
+}
+
+// transmit copies frames from the hold socket's UMEM to the release socket's
+// and sends them. Only when they are on the wire does the data path learn
+// they are gone: from then on it may send new frames straight out, and they
+// must not overtake these.
+func (q *HoldQueue) transmit(frames []heldFrame) {
+	q.tx.Complete()
+	out := q.tx.GetDescs(len(frames))
+	recycled := make([]xsk.Desc, 0, len(frames))
+	for i := range out {
+		src := q.rx.GetFrame(frames[i].desc)
+		out[i].Len = uint32(copy(q.tx.GetFrame(xsk.Desc{Addr: out[i].Addr, Len: uint32(len(src))}), src))
+	}
+	sent := q.tx.Transmit(out)
+	// Transmit kicks until the ring drains but gives up after a while; the
+	// frames must be on the wire before AddReleased lets the fast path go.
+	for tries := 0; q.tx.NumTxPending() > 0 && tries < 100; tries++ {
+		if err := q.tx.FlushTx(); err != nil {
+			q.log.Debug("flush release socket", "err", err)
+		}
+	}
+	now := monotonicNs()
+	for i := range frames {
+		if i < sent {
+			q.observe(now - frames[i].arrivalNs)
+		}
+		recycled = append(recycled, frames[i].desc)
+	}
+	if lost := len(frames) - sent; lost > 0 {
+		q.lostInQueue += uint64(lost)
+		q.log.Warn("release socket refused frames", "frames", lost)
+	}
+	q.rx.Recycle(recycled)
+	q.released += uint64(len(frames))
+	q.dp.AddReleased(uint64(len(frames)))
+}
+
+func (q *HoldQueue) observe(ns uint64) {
+	bits := 0
+	for v := ns; v > 0; v >>= 1 {
+		bits++
+	}
+	q.latency.Buckets[min(bits, datapath.LatencyBuckets-1)]++
+	q.latency.SumNs += ns
+}
+
+// reconcileLost accounts for frames guest_egress counted as held that the
+// kernel could not queue on the hold socket, so the data path's pending
+// count returns to zero once the queue drains.
+func (q *HoldQueue) reconcileLost() error {
+	st, err := q.rx.Stats()
+	if err != nil {
+		return err
+	}
+	lost := st.Rx_dropped + st.Rx_ring_full
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if delta := lost - q.xskLost; delta > 0 {
+		q.xskLost = lost
+		q.lostInQueue += delta
+		q.dp.AddReleased(delta)
+	}
+	return nil
+}
+
+// Stats is a snapshot of the hold queue.
+type Stats struct {
+	Held     int
+	Acked    uint64
+	Released uint64
+	// Lost counts frames counted as held that never made it out: refused
+	// by the kernel on the way into the hold socket or out of the release
+	// socket.
+	Lost    uint64
+	Latency datapath.LatencyHistogram
+}
+
+// Stats returns a snapshot.
+func (q *HoldQueue) Stats() Stats {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return Stats{Held: len(q.held), Acked: q.acked, Released: q.released, Lost: q.lostInQueue, Latency: q.latency}
+}
+
+func monotonicNs() uint64 {
+	var ts unix.Timespec
+	// The BPF side stamps arrivals with bpf_ktime_get_ns, CLOCK_MONOTONIC.
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
