@@ -162,5 +162,5 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
-func (vm VMConfig) addr() netip.Addr          { return netip.MustParseAddr(vm.IP) }
+func (vm VMConfig) addr() netip.Addr         { return netip.MustParseAddr(vm.IP) }
 func (vm VMConfig) hwAddr() net.HardwareAddr { mac, _ := net.ParseMAC(vm.MAC); return mac }

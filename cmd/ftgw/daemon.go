@@ -36,8 +36,9 @@ type daemon struct {
 	engine Engine
 
 	// Primary side.
-	hold    *outputcommit.HoldQueue
-	primary *lockstep.Primary
+	hold     *outputcommit.HoldQueue
+	primary  *lockstep.Primary
+	ackClock ackClock
 	// Secondary side.
 	secondary *lockstep.Secondary
 	feeder    *guestFeeder
@@ -178,6 +179,7 @@ func (d *daemon) newPrimary() error {
 			// after the queue drains go straight out.
 			d.dp.SetAcked(pos)
 			d.hold.ReleaseUpTo(pos)
+			d.ackClock.ack(pos)
 		},
 	})
 	return err
@@ -193,6 +195,7 @@ func (d *daemon) startPrimary(ctx context.Context, g *errgroup.Group) {
 				// silently, so stop instead.
 				return fmt.Errorf("append log position %d: %w", pos, err)
 			}
+			d.ackClock.append(pos)
 			return nil
 		})
 	})

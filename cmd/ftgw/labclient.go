@@ -14,8 +14,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/ftgw/ftgw/internal/lab"
@@ -74,35 +72,6 @@ func guestControl(dir, ns string) string {
 	return filepath.Join(hostDir(dir, ns), lab.VMName+"-guest.sock")
 }
 
-// inNetnsClient is an HTTP client whose connections are made inside ns.
-func inNetnsClient(ns string) *http.Client {
-	return &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
-				err = netnsutil.Do(ns, func() error {
-					var d net.Dialer
-					conn, err = d.DialContext(ctx, network, addr)
-					return err
-				})
-				return conn, err
-			},
-		},
-	}
-}
-
-// scrape reads a host's metrics endpoint.
-func scrape(ns string) (map[string]*dto.MetricFamily, error) {
-	resp, err := inNetnsClient(ns).Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", lab.MetricsPort))
-	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", ns, err)
-	}
-	defer resp.Body.Close()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	return parser.TextToMetricFamilies(resp.Body)
-}
-
 // kvClient dials the VM's key-value service from the lab's client namespace.
 func kvClient(timeout time.Duration) (*guest.Client, error) {
 	var c *guest.Client
@@ -142,7 +111,9 @@ func percentiles(samples []time.Duration, ps ...float64) []time.Duration {
 	return out
 }
 
-func micros(d time.Duration) string { return fmt.Sprintf("%.1fµs", float64(d)/float64(time.Microsecond)) }
+func micros(d time.Duration) string {
+	return fmt.Sprintf("%.1fµs", float64(d)/float64(time.Microsecond))
+}
 
 // histogramQuantile estimates a quantile from a scraped histogram the way
 // Prometheus does, by interpolating inside the bucket.
@@ -170,18 +141,11 @@ func histogramQuantile(h *dto.Histogram, q float64) time.Duration {
 // commitLatency returns the commit-latency histogram of path ("fast" or
 // "held") from scraped metrics.
 func commitLatency(families map[string]*dto.MetricFamily, path string) *dto.Histogram {
-	fam := families["ftgw_output_commit_latency_seconds"]
-	if fam == nil {
+	m, ok := lab.Metric(families, "ftgw_output_commit_latency_seconds", map[string]string{"path": path})
+	if !ok {
 		return nil
 	}
-	for _, m := range fam.GetMetric() {
-		for _, l := range m.GetLabel() {
-			if l.GetName() == "path" && l.GetValue() == path {
-				return m.GetHistogram()
-			}
-		}
-	}
-	return nil
+	return m.GetHistogram()
 }
 
 func labTraffic(ctx context.Context, w io.Writer, requests int) error {
@@ -195,7 +159,7 @@ func labTraffic(ctx context.Context, w io.Writer, requests int) error {
 	fmt.Fprintf(w, "%d PUTs from %s to %s:%d answered, %d failed; round trip p50 %s p99 %s p99.9 %s\n",
 		len(lat), lab.NSClient, lab.VMIP, lab.KVPort, failed, micros(p[0]), micros(p[1]), micros(p[2]))
 
-	families, err := scrape(lab.NSPrimary)
+	families, err := lab.Scrape(lab.NSPrimary)
 	if err != nil {
 		return err
 	}

@@ -17,7 +17,7 @@ type collector struct {
 	d      *daemon
 	errors atomic.Uint64
 
-	commitLatency, held, head, acked, logBytes, logRecords, suppressed, dropped,
+	commitLatency, ackLatency, held, head, acked, logBytes, logRecords, suppressed, dropped,
 	frames, channelErrors, rtt, role, epoch, collectionErrors *prometheus.Desc
 }
 
@@ -30,6 +30,8 @@ func newCollector(d *daemon) *collector {
 		d: d,
 		commitLatency: desc("output_commit_latency_seconds",
 			"Time from a guest frame's arrival on the tap to its release on the uplink; path is fast (nothing pending, sent at once) or held (waited for the secondary's ack).", "path"),
+		ackLatency: desc("log_ack_latency_seconds",
+			"Time from appending an input frame to the log until the secondary's ack covers it."),
 		held:       desc("held_frames", "Guest frames in the hold queue now."),
 		head:       desc("log_head_position", "Last log position assigned to an input frame."),
 		acked:      desc("log_acked_position", "Last log position the secondary acknowledged."),
@@ -103,6 +105,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		st := d.primary.Stats()
 		ls = &st
 		gauge(c.rtt, d.primary.RTT().Seconds())
+		ch <- constHistogram(c.ackLatency, d.ackClock.histogram(), vm)
 	}
 	if d.secondary != nil {
 		st := d.secondary.Stats()

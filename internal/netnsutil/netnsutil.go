@@ -3,8 +3,12 @@
 package netnsutil
 
 import (
+	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"runtime"
+	"time"
 
 	"github.com/vishvananda/netns"
 )
@@ -41,4 +45,24 @@ func Do(name string, fn func() error) error {
 		errc <- err
 	}()
 	return <-errc
+}
+
+// HTTPClient returns an HTTP client whose connections are made inside the
+// named namespace. (Its transport dials from goroutines of its own, so
+// wrapping a plain client's calls in Do would not do.)
+func HTTPClient(name string, timeout time.Duration) *http.Client {
+	return &http.Client{
+		Timeout: timeout,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+				err = Do(name, func() error {
+					var d net.Dialer
+					conn, err = d.DialContext(ctx, network, addr)
+					return err
+				})
+				return conn, err
+			},
+		},
+	}
 }

@@ -1,6 +1,10 @@
 package datapath
 
-import "fmt"
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
 
 // Counter names, used as metric labels. The order follows enum counter in
 // bpf/gateway.h; TestCounterNames keeps them in step.
@@ -67,6 +71,24 @@ func (d *Datapath) Counters() ([NumCounters]Count, error) {
 type LatencyHistogram struct {
 	Buckets [LatencyBuckets]uint64
 	SumNs   uint64
+}
+
+// Observe adds one latency of ns nanoseconds.
+func (h *LatencyHistogram) Observe(ns uint64) {
+	bits := 0
+	for v := ns; v > 0; v >>= 1 {
+		bits++
+	}
+	h.Buckets[min(bits, LatencyBuckets-1)]++
+	h.SumNs += ns
+}
+
+// MonotonicNs is the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC), so
+// user-space times compare with the programs' stamps.
+func MonotonicNs() uint64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
 }
 
 // FastLatency reads the fast path's commit-latency histogram.

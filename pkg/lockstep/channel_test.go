@@ -34,7 +34,8 @@ func TestStreamOverTLS(t *testing.T) {
 		t.Errorf("connected: primary %v, secondary %v", p.Connected(), s.Connected())
 	}
 	waitFor(t, "heartbeat RTT on both sides", func() bool { return p.RTT() > 0 && s.RTT() > 0 })
-	t.Logf("heartbeat RTT: primary %v, secondary %v", p.RTT(), s.RTT())
+	time.Sleep(50 * time.Millisecond) // let samples taken during the burst age out
+	t.Logf("idle heartbeat RTT: primary %v, secondary %v", p.RTT(), s.RTT())
 
 	ps, ss := p.Stats(), s.Stats()
 	if ps.RecordsSent[KindRXFrame] != n || ss.RecordsReceived[KindRXFrame] != n {
@@ -137,6 +138,99 @@ func TestReconnectResends(t *testing.T) {
 // TestSecondaryRejectsBadInput feeds the secondary's port bad input, one
 // connection at a time, and checks each is refused and counted, and that a
 // real primary still gets served afterwards.
+func TestDeliverErrorResends(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	failed := false
+	onFrame := func(pos uint64, frame []byte) error {
+		if pos == 5 && !failed { // e.g. the tap was briefly unwritable
+			failed = true
+			return errors.New("tap busy")
+		}
+		return frames.onFrame(pos, frame)
+	}
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: onFrame})
+	var acks ackLog
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{OnAck: acks.onAck})
+	appendFrames(t, p, 1, 10)
+	run(t, p.Run)
+	waitFor(t, "ack 10", func() bool { return p.Acked() == 10 })
+	frames.check(t, 10)
+	acks.check(t, 10)
+	if got := s.Stats().Errors[ReasonDeliver]; got != 1 {
+		t.Errorf("deliver errors %d, want 1", got)
+	}
+	if got := p.Stats().Connects; got != 2 {
+		t.Errorf("primary connected %d times, want 2", got)
+	}
+}
+
+func TestNewConnectionReplacesOld(t *testing.T) {
+	pki := newPKI(t)
+	s := startSecondary(t, pki, SecondaryConfig{})
+	first := dialFake(t, s.Addr().String(), pki.client)
+	first.sendRecord(hello(0, testVM))
+	first.read()
+	waitFor(t, "first connected", s.Connected)
+
+	second := dialFake(t, s.Addr().String(), pki.client)
+	second.sendRecord(hello(0, testVM))
+	if r := second.read(); r.Kind != KindHello {
+		t.Fatalf("second connection got %s, want hello", r.Kind)
+	}
+	first.expectClosed()
+	waitFor(t, "second connected", func() bool { return s.Stats().Connects == 2 && s.Connected() })
+	st := s.Stats()
+	for r := range ReasonLen {
+		if st.Errors[r] != 0 {
+			t.Errorf("replacement counted as %s", r)
+		}
+	}
+}
+
+func TestHandshakeTimeoutIsNotAuth(t *testing.T) {
+	pki := newPKI(t)
+	s := startSecondary(t, pki, SecondaryConfig{Timeout: 100 * time.Millisecond})
+	c, err := net.DialTimeout("tcp", s.Addr().String(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Send nothing: the secondary gives up on the handshake.
+	waitFor(t, "handshake timeout counted", func() bool { return s.Stats().Errors[ReasonIO] == 1 })
+	if got := s.Stats().Errors[ReasonAuth]; got != 0 {
+		t.Errorf("timeout counted as auth %d times", got)
+	}
+}
+
+func TestDeadPeerTimeout(t *testing.T) {
+	pki := newPKI(t)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", pki.server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	p := newTestPrimary(t, pki, ln.Addr().String(), PrimaryConfig{Timeout: 200 * time.Millisecond})
+	run(t, p.Run)
+	c, err := acceptWithin(ln, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFakePeer(t, c)
+	f.read()
+	f.sendRecord(hello(0, testVM))
+	waitFor(t, "connected", p.Connected)
+	// Now say nothing, like a host that died without a FIN.
+	start := time.Now()
+	waitFor(t, "dead link noticed", func() bool { return !p.Connected() })
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Errorf("gave up after %v, before the 200ms timeout", d)
+	}
+	if got := p.Stats().Errors[ReasonIO]; got != 1 {
+		t.Errorf("io errors %d, want 1", got)
+	}
+}
+
 func TestSecondaryRejectsBadInput(t *testing.T) {
 	pki := newPKI(t)
 	var frames frameLog

@@ -2,17 +2,21 @@ package lockstep
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
 const (
-	DefaultHeartbeat  = 10 * time.Millisecond
-	DefaultMaxUnacked = 64 << 20
+	DefaultHeartbeat  = 10 * time.Millisecond // interval between pings on each side
+	DefaultMaxUnacked = 64 << 20              // bytes of unacked records the primary keeps
 	// timeoutBeats is the default Timeout in heartbeats: long enough that a
 	// GC pause or a busy host does not drop a healthy link, short enough to
 	// notice a dead peer that never sent a FIN.
@@ -51,6 +55,19 @@ func (c *closer) fail(err error) {
 		close(c.done)
 	})
 	c.raw.Close()
+}
+
+// handshakeError wraps a failed TLS handshake. It counts as auth (missing or
+// foreign certificate, or not TLS at all) unless the connection merely broke
+// or timed out, as with a hung peer or a port scanner: "auth" should send an
+// operator to the certificates, not to the network.
+func handshakeError(peer string, err error) error {
+	var ne net.Error
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+		return fmt.Errorf("tls handshake with %s: %w", peer, err)
+	}
+	return fmt.Errorf("tls handshake with %s: %w: %w", peer, ErrAuth, err)
 }
 
 // link is the write side of one established connection, shared by the

@@ -30,7 +30,9 @@ type PrimaryConfig struct {
 	// Default DefaultMaxUnacked.
 	MaxUnacked int
 	// OnAck is called whenever the acked position advances, in increasing
-	// order, from the goroutine running Run. It may call AppendFrame.
+	// order, from the goroutine running Run. It runs on the connection's
+	// reader, so keep it short (a slow OnAck delays heartbeat answers and
+	// the next acks); it may call AppendFrame.
 	OnAck func(pos uint64)
 
 	Logger *slog.Logger // default slog.Default()
@@ -195,7 +197,7 @@ func (p *Primary) session(ctx context.Context) (connected bool, err error) {
 	cancel()
 	if err != nil {
 		raw.Close()
-		return false, fmt.Errorf("tls handshake with secondary: %w: %w", ErrAuth, err)
+		return false, handshakeError("secondary", err)
 	}
 	fc := newCloser(raw)
 	defer fc.fail(nil)

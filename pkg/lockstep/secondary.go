@@ -244,7 +244,7 @@ func (s *Secondary) greet(ctx context.Context, raw net.Conn, fc *closer) (*incom
 	err := conn.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("tls handshake with primary: %w: %w", ErrAuth, err)
+		return nil, handshakeError("primary", err)
 	}
 	conn.SetReadDeadline(time.Now().Add(s.cfg.Timeout))
 	br := bufio.NewReaderSize(conn, bufSize)

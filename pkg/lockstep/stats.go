@@ -22,8 +22,8 @@ const (
 	ReasonVersion
 	ReasonWrongVM
 	ReasonUnexpected
-	ReasonAuth        // TLS handshake failed: missing or foreign certificate, or not TLS at all
-	ReasonIO          // network error, timeout, or the peer closed the connection
+	ReasonAuth        // TLS handshake refused: missing or foreign certificate, or not TLS at all
+	ReasonIO          // network error, timeout (also in the TLS handshake), or the peer closed the connection
 	ReasonBacklogFull // AppendFrame refused: MaxUnacked bytes already wait for an ack
 	ReasonDeliver     // SecondaryConfig.OnFrame returned an error
 	ReasonLen         // number of reasons; not a reason

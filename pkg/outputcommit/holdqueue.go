@@ -222,7 +222,7 @@ func (q *HoldQueue) transmit(frames []heldFrame) {
 	now := monotonicNs()
 	for i := range frames {
 		if i < sent {
-			q.observe(now - frames[i].arrivalNs)
+			q.latency.Observe(now - frames[i].arrivalNs)
 		}
 		recycled = append(recycled, frames[i].desc)
 	}
@@ -233,15 +233,6 @@ func (q *HoldQueue) transmit(frames []heldFrame) {
 	q.rx.Recycle(recycled)
 	q.released += uint64(len(frames))
 	q.dp.AddReleased(uint64(len(frames)))
-}
-
-func (q *HoldQueue) observe(ns uint64) {
-	bits := 0
-	for v := ns; v > 0; v >>= 1 {
-		bits++
-	}
-	q.latency.Buckets[min(bits, datapath.LatencyBuckets-1)]++
-	q.latency.SumNs += ns
 }
 
 // reconcileLost accounts for frames guest_egress counted as held that the
@@ -282,9 +273,4 @@ func (q *HoldQueue) Stats() Stats {
 	return Stats{Held: len(q.held), Acked: q.acked, Released: q.released, Lost: q.lostInQueue, Latency: q.latency}
 }
 
-func monotonicNs() uint64 {
-	var ts unix.Timespec
-	// The BPF side stamps arrivals with bpf_ktime_get_ns, CLOCK_MONOTONIC.
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return uint64(ts.Nano())
-}
+func monotonicNs() uint64 { return datapath.MonotonicNs() }

@@ -1,0 +1,44 @@
+package main
+
+import (
+	"sync"
+
+	"github.com/ftgw/ftgw/pkg/datapath"
+)
+
+// ackClock measures replication latency: from a log position's append to
+// the ack that covers it. It remembers the append times of the last
+// len(appended) positions; older ones are not measured.
+type ackClock struct {
+	mu        sync.Mutex
+	appended  [8192]uint64
+	head      uint64
+	lastAcked uint64
+	latency   datapath.LatencyHistogram
+}
+
+func (c *ackClock) append(pos uint64) {
+	now := datapath.MonotonicNs()
+	c.mu.Lock()
+	c.appended[pos%uint64(len(c.appended))] = now
+	c.head = pos
+	c.mu.Unlock()
+}
+
+func (c *ackClock) ack(pos uint64) {
+	now := datapath.MonotonicNs()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	window := uint64(len(c.appended))
+	from := max(c.lastAcked+1, c.head-min(c.head, window-1))
+	for p := from; p <= pos && p <= c.head; p++ {
+		c.latency.Observe(now - c.appended[p%window])
+	}
+	c.lastAcked = max(c.lastAcked, pos)
+}
+
+func (c *ackClock) histogram() datapath.LatencyHistogram {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.latency
+}

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Installs what building, regenerating and testing ftgw need on Debian, if it
+# is missing. Go itself must be on PATH (>= the version in go.mod).
+set -eu
+
+packages="clang llvm libbpf-dev iproute2 ethtool iputils-ping"
+missing=""
+for p in $packages; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+	echo "setup: installing$missing"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+command -v go >/dev/null || { echo "setup: go is not on PATH" >&2; exit 1; }
