@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 
 	"github.com/vishvananda/netlink"
@@ -126,6 +127,9 @@ func Build() (err error) {
 		if err := netnsutil.Do(host.NS, func() error { return disableTxChecksum(Uplink) }); err != nil {
 			return err
 		}
+		if err := spreadByCPU(host.Port); err != nil {
+			return err
+		}
 	}
 	// A veth drops what XDP redirects into it unless its peer runs XDP
 	// too: the bridge ports of the hosts carry the VM's released frames.
@@ -137,6 +141,23 @@ func Build() (err error) {
 		}
 		return nil
 	})
+}
+
+// spreadByCPU maps each transmit queue of a bridge port to one CPU (XPS), so
+// the CPU that forwards a frame picks the host's receive queue, as a
+// multi-queue NIC spreads flows. Without it the bridge reuses the queue the
+// frame came in on, and all input would arrive on one queue. sysfs shows a
+// namespace's devices only to a process that mounted it there, hence ip.
+func spreadByCPU(port string) error {
+	for q := range 2 {
+		mask := fmt.Sprintf("%x", 1<<(q%runtime.NumCPU()))
+		path := fmt.Sprintf("/sys/class/net/%s/queues/tx-%d/xps_cpus", port, q)
+		cmd := exec.Command("ip", "netns", "exec", NSLAN, "sh", "-c", fmt.Sprintf("echo %s > %s", mask, path))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("set xps of %s queue %d: %v: %s", port, q, err, out)
+		}
+	}
+	return nil
 }
 
 // newNamed creates a named namespace the way `ip netns add` does, without
@@ -162,7 +183,13 @@ func newNamed(name string) (netns.NsHandle, error) {
 }
 
 func addVeth(lan *netlink.Handle, bridge, port string, hostNS netns.NsHandle, name string, addr netip.Prefix) error {
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: port}, PeerName: name, PeerNamespace: netlink.NsFd(hostNS)}
+	// Two queues each way, so input for the VM is processed on both CPUs
+	// at once, as on a multi-queue NIC: the serializer must order it.
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: port, NumTxQueues: 2, NumRxQueues: 2},
+		PeerName:      name,
+		PeerNamespace: netlink.NsFd(hostNS),
+	}
 	if err := lan.LinkAdd(veth); err != nil {
 		return fmt.Errorf("create veth %s: %w", port, err)
 	}

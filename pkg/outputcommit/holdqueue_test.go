@@ -1,0 +1,287 @@
+package outputcommit_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mdlayher/packet"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ftgw/ftgw/internal/tap"
+	"github.com/ftgw/ftgw/internal/testutil"
+	"github.com/ftgw/ftgw/pkg/datapath"
+	"github.com/ftgw/ftgw/pkg/outputcommit"
+	"github.com/ftgw/ftgw/pkg/vip"
+)
+
+const testEtherType = 0x88b5
+
+var (
+	vmMAC   = net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x0a}
+	peerMAC = net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x64}
+)
+
+// host is one protected VM's data path in a namespace of the test's own:
+// uplink "up0" whose peer "peer0" plays the LAN, and tap "tap0" whose fd
+// the test holds, playing the guest.
+type host struct {
+	dp    *datapath.Datapath
+	hold  *outputcommit.HoldQueue
+	guest *tap.Tap
+	lan   *packet.Conn // on peer0: what leaves the uplink, and where inputs come from
+	peer  *net.Interface
+}
+
+func newHost(t *testing.T, capacity int) *host {
+	t.Helper()
+	testutil.InNewNetns(t)
+	// Keep the kernel's own IPv6 chatter off the wire we watch.
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644); err != nil {
+		t.Logf("disable ipv6: %v", err)
+	}
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "up0"}, PeerName: "peer0"}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatal(err)
+	}
+	if err := tap.Create("tap0"); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"up0", "peer0", "tap0"} {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	uplink, _ := net.InterfaceByName("up0")
+	peer, _ := net.InterfaceByName("peer0")
+	tapIf, _ := net.InterfaceByName("tap0")
+
+	cfg := datapath.DefaultConfig
+	cfg.HoldCapacity = capacity
+	dp, err := datapath.Load(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	if err := dp.Attach(uplink, tapIf); err != nil {
+		t.Fatal(err)
+	}
+	// Released frames are redirected into up0; a veth delivers those only
+	// if its peer runs XDP.
+	pass, err := datapath.PassProgram()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pass.Close()
+	peerLink, _ := netlink.LinkByName("peer0")
+	if err := netlink.LinkSetXdpFd(peerLink, pass.FD()); err != nil {
+		t.Fatal(err)
+	}
+
+	owner, err := vip.NewOwner(dp.OwnerMap())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Publish(vip.Record{Epoch: 1, Role: vip.RoleActive, IP: netip.MustParseAddr("192.0.2.10"), MAC: vmMAC}); err != nil {
+		t.Fatal(err)
+	}
+
+	hold, err := outputcommit.Open(dp, outputcommit.Config{Tap: tapIf, Uplink: uplink, Capacity: capacity})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { hold.Run(ctx) })
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		hold.Close()
+	})
+
+	guest, err := tap.Open("tap0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { guest.Close() })
+	lan, err := packet.Listen(peer, packet.Raw, testEtherType, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lan.Close() })
+	return &host{dp: dp, hold: hold, guest: guest, lan: lan, peer: peer}
+}
+
+func frame(dst, src net.HardwareAddr, tag byte) []byte {
+	f := make([]byte, 64)
+	copy(f[0:6], dst)
+	copy(f[6:12], src)
+	f[12], f[13] = testEtherType>>8, testEtherType&0xff
+	f[14] = tag
+	return f
+}
+
+// input sends a frame to the VM from the LAN and waits for the guest to
+// get it, so the log head has moved.
+func (h *host) input(t *testing.T, tag byte) {
+	t.Helper()
+	in := frame(vmMAC, peerMAC, tag)
+	if _, err := h.lan.WriteTo(in, &packet.Addr{HardwareAddr: vmMAC}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	h.guest.SetReadDeadline(time.Now().Add(2 * time.Second))
+	for {
+		n, err := h.guest.Read(buf)
+		if err != nil {
+			t.Fatalf("guest did not get input %d: %v", tag, err)
+		}
+		if bytes.Equal(buf[:n], in) {
+			return
+		}
+	}
+}
+
+// output has the guest send a frame to the LAN.
+func (h *host) output(t *testing.T, tag byte) []byte {
+	t.Helper()
+	out := frame(peerMAC, vmMAC, tag)
+	if _, err := h.guest.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// onWire returns the frames from the VM that reach the LAN within d.
+func (h *host) onWire(t *testing.T, d time.Duration) [][]byte {
+	t.Helper()
+	var got [][]byte
+	buf := make([]byte, 2048)
+	h.lan.SetReadDeadline(time.Now().Add(d))
+	for {
+		n, _, err := h.lan.ReadFrom(buf)
+		if err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatal(err)
+			}
+			return got
+		}
+		if bytes.Equal(buf[6:12], vmMAC) {
+			got = append(got, append([]byte(nil), buf[:n]...))
+		}
+	}
+}
+
+func (h *host) waitHeld(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for h.hold.Stats().Held != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("hold queue has %d frames, want %d", h.hold.Stats().Held, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (h *host) ack(pos uint64) {
+	h.dp.SetAcked(pos)
+	h.hold.ReleaseUpTo(pos)
+}
+
+func counter(t *testing.T, dp *datapath.Datapath, c datapath.Counter) uint64 {
+	t.Helper()
+	counts, err := dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return counts[c].Packets
+}
+
+func expectFrames(t *testing.T, got [][]byte, want ...[]byte) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%d frames on the wire, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Errorf("frame %d on the wire is %x, want %x", i, got[i][:16], want[i][:16])
+		}
+	}
+}
+
+func TestAckReleasesExactlyUpToItsPosition(t *testing.T) {
+	h := newHost(t, 16)
+
+	h.input(t, 1)
+	first := h.output(t, 1) // stamped 1
+	h.input(t, 2)
+	second := h.output(t, 2) // stamped 2
+	if h.dp.Head() != 2 {
+		t.Fatalf("head %d, want 2", h.dp.Head())
+	}
+	h.waitHeld(t, 2)
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+
+	h.ack(1)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), first)
+	h.waitHeld(t, 1)
+
+	h.ack(2)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), second)
+	h.waitHeld(t, 0)
+	if p := h.dp.Pending(); p != 0 {
+		t.Errorf("data path sees %d pending after the queue drained", p)
+	}
+
+	// Everything acknowledged and nothing held: straight out.
+	fastBefore := counter(t, h.dp, datapath.CounterTxFast)
+	third := h.output(t, 3)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), third)
+	if n := counter(t, h.dp, datapath.CounterTxFast) - fastBefore; n != 1 {
+		t.Errorf("tx_fast moved by %d, want 1", n)
+	}
+}
+
+// While anything is held, even an already acknowledged frame queues behind it.
+func TestLaterFramesQueueBehindHeldOnes(t *testing.T) {
+	h := newHost(t, 16)
+	h.input(t, 1)
+	held := h.output(t, 1) // stamped 1, not acked
+	h.waitHeld(t, 1)
+
+	// An ack of 0 changes nothing, but the fast path must not let the
+	// next frame overtake the held one even if its own stamp were acked.
+	h.ack(0)
+	h.dp.SetAcked(1) // the fast path's view only: stamp 1 now counts as acked
+	behind := h.output(t, 2)
+	h.waitHeld(t, 2)
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+
+	h.hold.ReleaseUpTo(1)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), held, behind)
+}
+
+func TestFullHoldQueueDropsAndCounts(t *testing.T) {
+	h := newHost(t, 2)
+	h.input(t, 1)
+	a, b := h.output(t, 1), h.output(t, 2)
+	h.waitHeld(t, 2)
+	fullBefore := counter(t, h.dp, datapath.CounterTxHoldFull)
+	h.output(t, 3)
+	if n := counter(t, h.dp, datapath.CounterTxHoldFull) - fullBefore; n != 1 {
+		t.Errorf("tx_hold_full moved by %d, want 1", n)
+	}
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+	h.ack(1)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), a, b)
+}
