@@ -54,6 +54,14 @@ type Primary struct {
 	unacked      [][]byte // encoded RXFrame records for positions acked+1 .. head
 	unackedBytes int
 
+	// The connection's RXFrame sender: the writer goroutine, or the caller
+	// of AppendFrame when no one else is sending. Holding sendMu is being
+	// the sender.
+	sendMu    sync.Mutex
+	sendLink  *link // nil between connections
+	sendNext  uint64
+	sendBatch [][]byte
+
 	connected atomic.Bool
 	rtt       atomic.Int64
 }
@@ -127,11 +135,43 @@ func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
 		p.stats.fail(err)
 		return err
 	}
+	// Send from this goroutine if no one else is: handing every frame to
+	// the writer goroutine costs a goroutine switch, often a thread wakeup,
+	// on the path every held reply waits on. Only a full socket buffer (a
+	// secondary that does not keep up) makes this block.
+	if p.sendMu.TryLock() {
+		sent := p.sendLink != nil
+		if sent {
+			if err := p.sendPendingLocked(); err != nil {
+				p.sendLink.fc.fail(err) // the session ends; Run redials and resends
+			}
+		}
+		p.sendMu.Unlock()
+		if sent {
+			return nil
+		}
+	}
 	select {
 	case p.wake <- struct{}{}:
 	default: // the writer is already due to look
 	}
 	return nil
+}
+
+// sendPendingLocked sends every record queued after sendNext; the caller
+// holds sendMu and sendLink is set.
+func (p *Primary) sendPendingLocked() error {
+	for {
+		p.sendBatch, p.sendNext = p.pending(p.sendBatch[:0], p.sendNext)
+		if len(p.sendBatch) == 0 {
+			return nil
+		}
+		err := p.sendLink.sendEncoded(KindRXFrame, p.sendBatch)
+		clear(p.sendBatch) // drop references so acked records can be freed
+		if err != nil {
+			return err
+		}
+	}
 }
 
 // Head is the last appended position.
@@ -267,28 +307,30 @@ func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (uint64, erro
 	return r.Position, nil
 }
 
-// writeLoop is the connection's only sender of RXFrames: each wake drains
-// everything queued into the bufio.Writer and flushes once, so a burst costs
-// one syscall and a lone frame goes out at once, with no timer in the path.
+// writeLoop sends the RXFrames AppendFrame's callers could not send
+// themselves (a resend after reconnecting, frames queued while another was
+// sending), and heartbeats: each wake drains everything queued into the
+// bufio.Writer and flushes once, so a burst costs one syscall.
 func (p *Primary) writeLoop(l *link, from uint64, done <-chan struct{}) error {
 	tick := time.NewTicker(p.cfg.Heartbeat)
 	defer tick.Stop()
 	if err := l.ping(); err != nil { // an RTT sample right away
 		return err
 	}
-	next := from + 1
-	var batch [][]byte
+	p.sendMu.Lock()
+	p.sendLink, p.sendNext = l, from+1
+	p.sendMu.Unlock()
+	defer func() {
+		p.sendMu.Lock()
+		p.sendLink = nil
+		p.sendMu.Unlock()
+	}()
 	for {
-		for {
-			batch, next = p.pending(batch[:0], next)
-			if len(batch) == 0 {
-				break
-			}
-			err := l.sendEncoded(KindRXFrame, batch)
-			clear(batch) // drop references so acked records can be freed
-			if err != nil {
-				return err
-			}
+		p.sendMu.Lock()
+		err := p.sendPendingLocked()
+		p.sendMu.Unlock()
+		if err != nil {
+			return err
 		}
 		select {
 		case <-done:

@@ -129,7 +129,6 @@ func (q *HoldQueue) Close() error {
 // Run takes frames off the hold socket until ctx is done. Frames whose stamp
 // is already acknowledged (the ack can overtake them) leave at once.
 func (q *HoldQueue) Run(ctx context.Context) error {
-	const batch = 64
 	lastStats := time.Now()
 	for ctx.Err() == nil {
 		n, _, err := q.rx.Poll(100 * time.Millisecond)
@@ -137,7 +136,10 @@ func (q *HoldQueue) Run(ctx context.Context) error {
 			return fmt.Errorf("poll hold socket: %w", err)
 		}
 		if n > 0 {
-			q.take(q.rx.Receive(batch))
+			q.mu.Lock()
+			q.takeLocked()
+			q.releaseLocked()
+			q.mu.Unlock()
 		}
 		if time.Since(lastStats) > 100*time.Millisecond {
 			lastStats = time.Now()
@@ -149,17 +151,22 @@ func (q *HoldQueue) Run(ctx context.Context) error {
 	return nil
 }
 
-func (q *HoldQueue) take(descs []xsk.Desc) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	for _, d := range descs {
-		var meta datapath.HoldMeta
-		m := q.rx.Meta(d, 16)
-		meta.Stamp = binary.NativeEndian.Uint64(m[0:8])
-		meta.ArrivalNs = binary.NativeEndian.Uint64(m[8:16])
-		q.held = append(q.held, heldFrame{desc: d, stamp: meta.Stamp, arrivalNs: meta.ArrivalNs})
+// takeLocked moves every frame waiting on the hold socket to the queue.
+func (q *HoldQueue) takeLocked() {
+	for {
+		descs := q.rx.Receive(64)
+		if len(descs) == 0 {
+			return
+		}
+		for _, d := range descs {
+			m := q.rx.Meta(d, 16)
+			q.held = append(q.held, heldFrame{
+				desc:      d,
+				stamp:     binary.NativeEndian.Uint64(m[0:8]),
+				arrivalNs: binary.NativeEndian.Uint64(m[8:16]),
+			})
+		}
 	}
-	q.releaseLocked()
 }
 
 // ReleaseUpTo records that the secondary holds the log up to pos and sends
@@ -170,6 +177,9 @@ func (q *HoldQueue) ReleaseUpTo(pos uint64) {
 	if pos > q.acked {
 		q.acked = pos
 	}
+	// A reply can still sit on the socket, its reader not yet awake: take
+	// it now rather than let the ack wait for that wakeup.
+	q.takeLocked()
 	q.releaseLocked()
 }
 
