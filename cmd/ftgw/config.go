@@ -112,11 +112,11 @@ func (c *Config) validate() error {
 	if c.Uplink == "" {
 		bad("uplink", "missing")
 	}
-	for field, path := range map[string]string{"peer.ca": c.Peer.CA, "peer.cert": c.Peer.Cert, "peer.key": c.Peer.Key} {
-		if path == "" {
-			bad(field, "missing: the log channel is mutual TLS")
-		} else if _, err := os.Stat(path); err != nil {
-			bad(field, "%v", err)
+	for _, f := range []struct{ field, path string }{{"peer.ca", c.Peer.CA}, {"peer.cert", c.Peer.Cert}, {"peer.key", c.Peer.Key}} {
+		if f.path == "" {
+			bad(f.field, "missing: the log channel is mutual TLS")
+		} else if _, err := os.Stat(f.path); err != nil {
+			bad(f.field, "%v", err)
 		}
 	}
 	if _, _, err := net.SplitHostPort(c.Metrics); err != nil {

@@ -330,6 +330,13 @@ func TestGuestEgress(t *testing.T) {
 		l.publish(t, vip.RoleActive, true)
 		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
 	})
+	t.Run("hold-all holds even an acked stamp", func(t *testing.T) {
+		if err := l.owner.Publish(vip.Record{Epoch: 1, Role: vip.RoleActive, IP: vmIP, MAC: vmMAC, HoldAll: true}); err != nil {
+			t.Fatal(err)
+		}
+		l.d.SetAcked(l.d.Head())
+		l.run(t, prog, frame, xdpDrop, datapath.CounterTxNoHoldSocket)
+	})
 	t.Run("acked stamp goes straight out", func(t *testing.T) {
 		l.publish(t, vip.RoleActive, false)
 		l.d.SetAcked(l.d.Head())
