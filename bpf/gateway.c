@@ -253,6 +253,7 @@ static __always_inline int log_into(struct xdp_md *ctx, struct log_state *st,
 	 * readers on other CPUs must see a whole value. */
 	__u64 position = st->head + 1;
 	rec->position = position;
+	rec->logged_ns = bpf_ktime_get_ns();
 	rec->len = len;
 	rec->_reserved = 0;
 	WRITE_ONCE(st->head, position);

@@ -49,6 +49,7 @@ struct log_state {
 /* One replication-log entry in the log ring: the header, then the frame. */
 struct log_record {
 	__u64 position;
+	__u64 logged_ns; /* bpf_ktime_get_ns() when the frame was logged */
 	__u32 len;
 	__u32 _reserved;
 };

@@ -209,6 +209,12 @@ func TestSecondaryStateEqualsPrimaryAfterTraffic(t *testing.T) {
 	if answered < writes+50 {
 		t.Errorf("commit latency counted %d guest frames, want at least the %d replies", answered, writes+50)
 	}
+	for _, name := range []string{"ftgw_log_ack_latency_seconds", "ftgw_log_ship_delay_seconds"} {
+		h, ok := lab.Metric(families, name, map[string]string{"vm": lab.VMName})
+		if !ok || h.GetHistogram().GetSampleCount() < writes {
+			t.Errorf("%s counted %d log positions, want at least %d", name, h.GetHistogram().GetSampleCount(), writes)
+		}
+	}
 	head := value(t, families, "ftgw_log_head_position", map[string]string{"vm": lab.VMName})
 	acked := value(t, families, "ftgw_log_acked_position", map[string]string{"vm": lab.VMName})
 	if head < writes+50 || acked != head {

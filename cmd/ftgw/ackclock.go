@@ -42,3 +42,22 @@ func (c *ackClock) histogram() datapath.LatencyHistogram {
 	defer c.mu.Unlock()
 	return c.latency
 }
+
+// lockedHistogram is a latency histogram written by one goroutine and read
+// at scrape time.
+type lockedHistogram struct {
+	mu sync.Mutex
+	h  datapath.LatencyHistogram
+}
+
+func (l *lockedHistogram) observe(ns uint64) {
+	l.mu.Lock()
+	l.h.Observe(ns)
+	l.mu.Unlock()
+}
+
+func (l *lockedHistogram) snapshot() datapath.LatencyHistogram {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.h
+}

@@ -84,6 +84,11 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 			if err := setOutputMode(dir, lab.NSPrimary, mode); err != nil {
 				return err
 			}
+			// Passthrough replies do not wait for the log, so a round of
+			// them can leave log shipping behind; let it catch up first.
+			if err := waitLogDrained(ctx, dir); err != nil {
+				return err
+			}
 			for i := 0; i < requests/rounds && ctx.Err() == nil; i++ {
 				lat, failed := kvRun(ctx, c, 1, fmt.Sprintf("bench-%s-%d-", mode, i%64), time.Second)
 				if mode == "commit" {
@@ -112,6 +117,9 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 	fmt.Fprintf(tw, "target: 1.5 x paced RTT + 20µs\t\t\t%s\t%s\t%s\t\n",
 		micros(pRTT[0]*3/2+20*time.Microsecond), micros(pRTT[1]*3/2+20*time.Microsecond), micros(pRTT[2]*3/2+20*time.Microsecond))
 	tw.Flush()
+	if err := printBreakdown(w); err != nil {
+		return err
+	}
 	fmt.Fprintln(w)
 
 	fast, err := frameRate(ctx, dir, "passthrough", frames)
@@ -269,4 +277,48 @@ func frameRate(ctx context.Context, dir, mode string, frames int) (rateResult, e
 	res.delivered = last - before
 	res.elapsed = lastChange.Sub(start)
 	return res, nil
+}
+
+// printBreakdown shows where held replies spend their time, from the
+// primary's histograms (since the lab came up).
+func printBreakdown(w io.Writer) error {
+	families, err := lab.Scrape(lab.NSPrimary)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, "\nwhere the time goes (primary's histograms since lab up, p50 / p99):")
+	for _, m := range []struct{ name, what string }{
+		{"ftgw_log_ship_delay_seconds", "kernel log ring to log channel (ring wakeup)"},
+		{"ftgw_log_ack_latency_seconds", "log channel append to the secondary's ack"},
+	} {
+		metric, ok := lab.Metric(families, m.name, nil)
+		if !ok {
+			return fmt.Errorf("no %s in the primary's metrics", m.name)
+		}
+		h := metric.GetHistogram()
+		fmt.Fprintf(w, "  %-46s %s / %s\n", m.what, micros(histogramQuantile(h, 0.5)), micros(histogramQuantile(h, 0.99)))
+	}
+	if h := commitLatency(families, "held"); h != nil {
+		fmt.Fprintf(w, "  %-46s %s / %s\n", "held reply: tap to wire (commit latency)", micros(histogramQuantile(h, 0.5)), micros(histogramQuantile(h, 0.99)))
+	}
+	return nil
+}
+
+// waitLogDrained waits until the secondary has acknowledged everything the
+// primary logged.
+func waitLogDrained(ctx context.Context, dir string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err := daemonStatus(dir, lab.NSPrimary)
+		if err != nil {
+			return err
+		}
+		if s.Acked == s.Head {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("log not drained: head %d, acked %d", s.Head, s.Acked)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -36,9 +36,10 @@ type daemon struct {
 	engine Engine
 
 	// Primary side.
-	hold     *outputcommit.HoldQueue
-	primary  *lockstep.Primary
-	ackClock ackClock
+	hold      *outputcommit.HoldQueue
+	primary   *lockstep.Primary
+	ackClock  ackClock
+	shipDelay lockedHistogram
 	// Secondary side.
 	secondary *lockstep.Secondary
 	feeder    *guestFeeder
@@ -188,14 +189,19 @@ func (d *daemon) newPrimary() error {
 func (d *daemon) startPrimary(ctx context.Context, g *errgroup.Group) {
 	g.Go(func() error { return d.hold.Run(ctx) })
 	g.Go(func() error {
-		return d.dp.ReadLog(ctx, func(pos uint64, frame []byte) error {
-			if err := d.primary.AppendFrame(pos, frame); err != nil {
+		return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
+			d.shipDelay.observe(datapath.MonotonicNs() - e.LoggedNs)
+			// Before the append: its ack can be back before it returns.
+			d.ackClock.append(e.Position)
+			if err := d.primary.QueueFrame(e.Position, e.Frame); err != nil {
 				// The frame has reached the guest already; a log that
 				// cannot carry it would let the secondary diverge
 				// silently, so stop instead.
-				return fmt.Errorf("append log position %d: %w", pos, err)
+				return fmt.Errorf("append log position %d: %w", e.Position, err)
 			}
-			d.ackClock.append(pos)
+			return nil
+		}, func() error {
+			d.primary.Flush()
 			return nil
 		})
 	})

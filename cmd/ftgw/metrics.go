@@ -17,7 +17,7 @@ type collector struct {
 	d      *daemon
 	errors atomic.Uint64
 
-	commitLatency, ackLatency, held, head, acked, logBytes, logRecords, suppressed, dropped,
+	commitLatency, ackLatency, shipDelay, held, head, acked, logBytes, logRecords, suppressed, dropped,
 	frames, channelErrors, rtt, role, epoch, collectionErrors *prometheus.Desc
 }
 
@@ -32,6 +32,8 @@ func newCollector(d *daemon) *collector {
 			"Time from a guest frame's arrival on the tap to its release on the uplink; path is fast (nothing pending, sent at once) or held (waited for the secondary's ack).", "path"),
 		ackLatency: desc("log_ack_latency_seconds",
 			"Time from appending an input frame to the log until the secondary's ack covers it."),
+		shipDelay: desc("log_ship_delay_seconds",
+			"Time from an input frame's logging in the kernel to its hand-over to the log channel (the log ring's wakeup)."),
 		held:       desc("held_frames", "Guest frames in the hold queue now."),
 		head:       desc("log_head_position", "Last log position assigned to an input frame."),
 		acked:      desc("log_acked_position", "Last log position the secondary acknowledged."),
@@ -106,6 +108,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ls = &st
 		gauge(c.rtt, d.primary.RTT().Seconds())
 		ch <- constHistogram(c.ackLatency, d.ackClock.histogram(), vm)
+		ch <- constHistogram(c.shipDelay, d.shipDelay.snapshot(), vm)
 	}
 	if d.secondary != nil {
 		st := d.secondary.Stats()

@@ -233,7 +233,7 @@ func readLog(t *testing.T, r *ringbuf.Reader) (datapath.LogRecord, []byte) {
 	if _, err := binary.Decode(rec.RawSample, binary.NativeEndian, &hdr); err != nil {
 		t.Fatal(err)
 	}
-	return hdr, rec.RawSample[16 : 16+hdr.Len]
+	return hdr, rec.RawSample[binary.Size(hdr) : binary.Size(hdr)+int(hdr.Len)]
 }
 
 func TestSerializeInputLogsEveryFrameInOrder(t *testing.T) {

@@ -67,6 +67,7 @@ type gatewayLatencyHist struct {
 type gatewayLogRecord struct {
 	_        structs.HostLayout
 	Position uint64
+	LoggedNs uint64
 	Len      uint32
 	Reserved uint32
 }

@@ -11,9 +11,19 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 )
 
+// LogEntry is one input frame as the serializer logged it.
+type LogEntry struct {
+	Position uint64
+	// LoggedNs is when it was logged, on the MonotonicNs clock.
+	LoggedNs uint64
+	// Frame is valid only during the ship call.
+	Frame []byte
+}
+
 // ReadLog hands every record of the log ring to ship, in position order,
-// until ctx is done or ship fails. The frame is valid only during the call.
-func (d *Datapath) ReadLog(ctx context.Context, ship func(pos uint64, frame []byte) error) error {
+// until ctx is done or ship or flush fails. It calls flush whenever it has
+// emptied the ring, so that ship can batch a burst and flush send it.
+func (d *Datapath) ReadLog(ctx context.Context, ship func(LogEntry) error, flush func() error) error {
 	r, err := ringbuf.NewReader(d.objs.LogRing)
 	if err != nil {
 		return fmt.Errorf("open log ring: %w", err)
@@ -39,8 +49,14 @@ func (d *Datapath) ReadLog(ctx context.Context, ship func(pos uint64, frame []by
 		if int(hdr.Len) > len(rec.RawSample)-hdrLen {
 			return fmt.Errorf("log record %d: length %d beyond its slot", hdr.Position, hdr.Len)
 		}
-		if err := ship(hdr.Position, rec.RawSample[hdrLen:hdrLen+int(hdr.Len)]); err != nil {
+		entry := LogEntry{Position: hdr.Position, LoggedNs: hdr.LoggedNs, Frame: rec.RawSample[hdrLen : hdrLen+int(hdr.Len)]}
+		if err := ship(entry); err != nil {
 			return err
+		}
+		if r.AvailableBytes() == 0 {
+			if err := flush(); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -596,3 +596,38 @@ func BenchmarkAppendAck(b *testing.B) {
 	}
 	b.ReportMetric(float64(p.RTT().Microseconds()), "hb-rtt-µs")
 }
+
+// A burst is queued and sent by one Flush; nothing else sends it, with
+// heartbeats (which also drain the queue) too far apart to fire.
+func TestQueuedFramesGoOutOnFlush(t *testing.T) {
+	pki := newPKI(t)
+	var frames frameLog
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: frames.onFrame})
+	var acks ackLog
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{OnAck: acks.onAck, Heartbeat: time.Hour, Timeout: time.Minute})
+	run(t, p.Run)
+	// The writer drains the queue once when it starts, before its first
+	// ping is answered.
+	waitFor(t, "first heartbeat answered", func() bool { return p.RTT() > 0 })
+	time.Sleep(10 * time.Millisecond)
+
+	const n = 50
+	for pos := uint64(1); pos <= n; pos++ {
+		if err := p.QueueFrame(pos, frameFor(pos)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if got := s.Received(); got != 0 {
+		t.Fatalf("secondary received %d queued frames before Flush", got)
+	}
+	if p.Head() != n {
+		t.Fatalf("head %d, want %d", p.Head(), n)
+	}
+	p.Flush()
+	waitFor(t, "ack of the burst", func() bool { return p.Acked() == n })
+	frames.check(t, n)
+	if sent := p.Stats().RecordsSent[KindRXFrame]; sent != n {
+		t.Errorf("sent %d RXFrame records, want %d", sent, n)
+	}
+}

@@ -105,11 +105,23 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}, nil
 }
 
-// AppendFrame logs frame at pos, which must be Head()+1, and wakes the
-// writer. It copies frame and never waits for the network. On error nothing
-// is logged and Head is unchanged: after ErrBacklogFull the caller may retry
-// the same position later or drop the frame (it must then not reach the VM).
+// AppendFrame logs frame at pos, which must be Head()+1, and sends it (see
+// Flush). It copies frame and waits for the network only when the socket
+// buffer is full. On error nothing is logged and Head is unchanged: after
+// ErrBacklogFull the caller may retry the same position later or drop the
+// frame (it must then not reach the VM).
 func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
+	if err := p.QueueFrame(pos, frame); err != nil {
+		return err
+	}
+	p.Flush()
+	return nil
+}
+
+// QueueFrame logs frame at pos like AppendFrame but leaves it queued: for a
+// caller that has more frames at hand, so a burst goes out in one write. The
+// last frame of the burst must be followed by Flush (or be an AppendFrame).
+func (p *Primary) QueueFrame(pos uint64, frame []byte) error {
 	if len(frame) > MaxFrame {
 		err := fmt.Errorf("append frame %d: over-long frame of %d bytes, max %d: %w", pos, len(frame), MaxFrame, ErrTooLong)
 		p.stats.fail(err)
@@ -133,12 +145,16 @@ func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
 	p.mu.Unlock()
 	if err != nil {
 		p.stats.fail(err)
-		return err
 	}
-	// Send from this goroutine if no one else is: handing every frame to
-	// the writer goroutine costs a goroutine switch, often a thread wakeup,
-	// on the path every held reply waits on. Only a full socket buffer (a
-	// secondary that does not keep up) makes this block.
+	return err
+}
+
+// Flush sends every queued frame. It sends from the calling goroutine if no
+// one else is sending: handing every frame to the writer goroutine costs a
+// goroutine switch, often a thread wakeup, on the path every held reply
+// waits on. Only a full socket buffer (a secondary that does not keep up)
+// makes it block. Without a connection, the writer sends after connecting.
+func (p *Primary) Flush() {
 	if p.sendMu.TryLock() {
 		sent := p.sendLink != nil
 		if sent {
@@ -148,14 +164,13 @@ func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
 		}
 		p.sendMu.Unlock()
 		if sent {
-			return nil
+			return
 		}
 	}
 	select {
 	case p.wake <- struct{}{}:
 	default: // the writer is already due to look
 	}
-	return nil
 }
 
 // sendPendingLocked sends every record queued after sendNext; the caller
