@@ -4,49 +4,15 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"github.com/ftgw/ftgw/internal/testutil"
 	"net"
 	"os"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
-
-// inFreshNetns moves the test goroutine, locked to its thread, into a new
-// network namespace and moves it back at cleanup. Everything the test creates
-// there (taps, addresses) goes away with the namespace.
-func inFreshNetns(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("get netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		t.Fatalf("create netns: %v", err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: it dies with the goroutine rather than
-			// running other goroutines in the wrong namespace.
-			t.Errorf("restore netns: %v", err)
-			return
-		}
-		orig.Close()
-		runtime.UnlockOSThread()
-	})
-}
 
 func rawFd(t *testing.T, tp *Tap) int {
 	t.Helper()
@@ -62,7 +28,7 @@ func rawFd(t *testing.T, tp *Tap) int {
 }
 
 func TestOpenFlags(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	tp, err := Open("ftgwt0")
 	if err != nil {
 		t.Fatalf("Open: %v", err)
@@ -107,7 +73,7 @@ func TestOpenFlags(t *testing.T) {
 }
 
 func TestOpenPersistent(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	if err := Create("ftgwt1"); err != nil {
 		t.Fatalf("Create: %v", err)
 	}
@@ -126,7 +92,7 @@ func TestOpenPersistent(t *testing.T) {
 }
 
 func TestReadBlocksInNetpoller(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	tp, err := Open("ftgwt2")
 	if err != nil {
 		t.Fatalf("Open: %v", err)
@@ -166,7 +132,7 @@ func TestReadBlocksInNetpoller(t *testing.T) {
 // TestFrames writes an ARP request for the host's address into the tap and
 // expects the kernel's ARP reply back: whole frames, no prefix either way.
 func TestFrames(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	tp, err := Open("ftgwt3")
 	if err != nil {
 		t.Fatalf("Open: %v", err)

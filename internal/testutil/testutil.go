@@ -38,7 +38,9 @@ func InNewNetns(tb testing.TB) netns.NsHandle {
 	}
 	tb.Cleanup(func() {
 		if err := netns.Set(orig); err != nil {
-			// The thread is in the wrong namespace: do not let Go reuse it.
+			// Stay locked: the thread dies with the goroutine instead of
+			// running others in the wrong namespace.
+			tb.Errorf("restore netns: %v", err)
 			return
 		}
 		orig.Close()

@@ -5,9 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/ftgw/ftgw/internal/testutil"
 	"net"
 	"os"
-	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,7 +16,6 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -29,40 +28,6 @@ const (
 )
 
 var testMagic = []byte("XSKT")
-
-// inFreshNetns moves the calling goroutine, locked to its thread, into a new
-// network namespace and moves it back at cleanup. Sockets and links created
-// from this goroutine live in that namespace and vanish with it; goroutines
-// it starts do not run in it.
-func inFreshNetns(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces, veths, XDP programs and AF_XDP sockets")
-	}
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("get netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		t.Fatalf("create netns: %v", err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked so it dies with the goroutine instead of
-			// running others in the wrong namespace.
-			t.Errorf("restore netns: %v", err)
-			return
-		}
-		orig.Close()
-		runtime.UnlockOSThread()
-	})
-}
 
 // vethPair creates veth0/veth1 with 192.0.2.1/24 and 192.0.2.2/24, both up.
 func vethPair(t *testing.T) (veth0, veth1 netlink.Link) {
@@ -347,7 +312,7 @@ func TestOptionsValidation(t *testing.T) {
 }
 
 func TestBindErrorNamesInterface(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	_, err := NewSocket(9999, 3, nil)
 	if errors.Is(err, unix.EAFNOSUPPORT) {
 		t.Skipf("AF_XDP sockets (CONFIG_XDP_SOCKETS) unavailable: %v", err)
@@ -363,7 +328,7 @@ func TestBindErrorNamesInterface(t *testing.T) {
 func TestReceive(t *testing.T) {
 	for _, withMeta := range []bool{false, true} {
 		t.Run(fmt.Sprintf("meta=%v", withMeta), func(t *testing.T) {
-			inFreshNetns(t)
+			testutil.InNewNetns(t)
 			veth0, veth1 := vethPair(t)
 			s := newSocketOrSkip(t, veth1.Attrs().Index, &SocketOptions{
 				NumFrames: 512, FrameSize: 2048, FillRingNumDescs: 256, CompletionRingNumDescs: 64, RxRingNumDescs: 256,
@@ -410,7 +375,7 @@ func TestTransmit(t *testing.T) {
 }
 
 func testTransmit(t *testing.T, compRing int) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	veth0, veth1 := vethPair(t)
 	opts := SocketOptions{NumFrames: 1024, FrameSize: 2048, FillRingNumDescs: 64, CompletionRingNumDescs: compRing, TxRingNumDescs: 512}
 	s := newSocketOrSkip(t, veth0.Attrs().Index, &opts)
@@ -457,7 +422,7 @@ func testTransmit(t *testing.T, compRing int) {
 // TestKickBatch measures how many TX descriptors one copy-mode sendto
 // consumes, which is why Transmit has to kick in a loop.
 func TestKickBatch(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	veth0, veth1 := vethPair(t)
 	s := newSocketOrSkip(t, veth0.Attrs().Index, &SocketOptions{
 		NumFrames: 256, FrameSize: 2048, FillRingNumDescs: 64, CompletionRingNumDescs: 256, TxRingNumDescs: 256,
@@ -540,7 +505,7 @@ func kickUntilDrained(t *testing.T, s *Socket, maxIdle int) []uint32 {
 // TestTransmitToXSK sends from an AF_XDP socket on veth0 to one on veth1,
 // more frames than veth1's XDP ring (256) holds, so the kernel pushes back.
 func TestTransmitToXSK(t *testing.T) {
-	inFreshNetns(t)
+	testutil.InNewNetns(t)
 	veth0, veth1 := vethPair(t)
 	rx := newSocketOrSkip(t, veth1.Attrs().Index, &SocketOptions{
 		NumFrames: 2048, FrameSize: 2048, FillRingNumDescs: 2048, CompletionRingNumDescs: 64, RxRingNumDescs: 2048,

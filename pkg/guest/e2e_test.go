@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/ftgw/ftgw/internal/testutil"
 	"log/slog"
 	"maps"
 	"net"
@@ -20,42 +21,8 @@ import (
 	"github.com/ftgw/ftgw/internal/tap"
 )
 
-// enterFreshNetns moves the test goroutine, locked to its thread, into a new
-// network namespace and back at cleanup, returning the namespace. All traffic
-// of the test stays inside it.
-func enterFreshNetns(t *testing.T) netns.NsHandle {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("get netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		t.Fatalf("create netns: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := netns.Set(orig); err != nil {
-			// Stay locked: the thread dies with the goroutine instead of
-			// running others in the wrong namespace.
-			t.Errorf("restore netns: %v", err)
-			return
-		}
-		ns.Close()
-		orig.Close()
-		runtime.UnlockOSThread()
-	})
-	return ns
-}
-
 func TestEndToEnd(t *testing.T) {
-	ns := enterFreshNetns(t)
+	ns := testutil.InNewNetns(t)
 	if err := tap.Create("tap0"); err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package guest
 import (
 	"bufio"
 	"context"
+	"github.com/ftgw/ftgw/internal/testutil"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -113,7 +114,7 @@ func TestControlProtocol(t *testing.T) {
 // the next request's nor accepts a reply of the wrong shape. A fake server
 // on the loopback of a fresh namespace plays the guest.
 func TestClientMatching(t *testing.T) {
-	enterFreshNetns(t)
+	testutil.InNewNetns(t)
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		t.Fatal(err)
