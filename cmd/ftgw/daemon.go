@@ -267,6 +267,8 @@ func (d *daemon) status() Status {
 	}
 	if d.secondary != nil {
 		s.Received = d.secondary.Received()
+		s.Connected = d.secondary.Connected()
+		s.RTTMicros = float64(d.secondary.RTT()) / float64(time.Microsecond)
 	}
 	return s
 }

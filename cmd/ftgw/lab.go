@@ -223,7 +223,16 @@ func labStatus(w io.Writer, dir string) error {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s guest: %w", host.NS, err))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.0fµs\t%d\t%.12s\n", host.NS, s.Role, s.Epoch, s.Head, s.Acked, s.Received, s.Held, s.RTTMicros, gs.Puts, gs.Digest)
+		// Head, acked and held are the primary's; received the secondary's.
+		head, acked, received, held := fmt.Sprint(s.Head), fmt.Sprint(s.Acked), "-", fmt.Sprint(s.Held)
+		if host.NS == lab.NSSecondary {
+			head, acked, received, held = "-", "-", fmt.Sprint(s.Received), "-"
+		}
+		rtt := "down"
+		if s.Connected {
+			rtt = fmt.Sprintf("%.0fµs", s.RTTMicros)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\t%.12s\n", host.NS, s.Role, s.Epoch, head, acked, received, held, rtt, gs.Puts, gs.Digest)
 	}
 	tw.Flush()
 	return errors.Join(errs...)
