@@ -279,7 +279,9 @@ func TestRepliesHeldUntilAcksResume(t *testing.T) {
 		{"replication link cut", func(t *testing.T) { setReplLink(t, false) }, func(t *testing.T) { setReplLink(t, true) }},
 	} {
 		t.Run(outage.name, func(t *testing.T) {
-			labUp(t)
+			// An outage shorter than the failure timeout only holds
+			// output; a longer one would be a failover.
+			labUp(t, "--failure-timeout", "10s")
 			c := kvClient(t)
 			base, err := c.Put("warm", "up") // the client learns the VM's MAC
 			if err != nil {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -14,6 +15,8 @@ import (
 
 // Config is one host's side of a protected VM pair, read from YAML.
 type Config struct {
+	// Name of this host, as the arbiter records the VM's owner.
+	Name string `yaml:"name"`
 	// Role of this host at start: primary (active) or secondary (standby).
 	Role string `yaml:"role"`
 	// Uplink is the host's interface towards the VM's clients.
@@ -26,6 +29,17 @@ type Config struct {
 	Metrics string `yaml:"metrics"`
 	// Heartbeat is the interval of log-channel heartbeats.
 	Heartbeat time.Duration `yaml:"heartbeat"`
+	// FailureTimeout is how long the peer may be silent before it counts
+	// as failed; a shorter outage only holds output.
+	FailureTimeout time.Duration `yaml:"failure_timeout"`
+	// Arbiter decides who serves after the pair loses contact:
+	// "file:/shared/dir" or "etcd:http://host:2379". Without one, a host
+	// never takes over or goes on alone: failures only hold output.
+	Arbiter string `yaml:"arbiter"`
+	// AnnounceCount gratuitous ARPs, AnnounceInterval apart, tell the LAN
+	// where the VM is after a takeover.
+	AnnounceCount    int           `yaml:"announce_count"`
+	AnnounceInterval time.Duration `yaml:"announce_interval"`
 	// HoldCapacity bounds the frames held at once; more are dropped.
 	HoldCapacity int `yaml:"hold_capacity"`
 	// SerializerCPU is the CPU that orders every input frame.
@@ -64,12 +78,15 @@ const (
 
 func defaultConfig() Config {
 	return Config{
-		Metrics:       ":9477",
-		Heartbeat:     10 * time.Millisecond,
-		HoldCapacity:  4096,
-		SerializerCPU: 0,
-		LogRingBytes:  8 << 20,
-		StateDir:      "/run/ftgw",
+		Metrics:          ":9477",
+		Heartbeat:        10 * time.Millisecond,
+		FailureTimeout:   50 * time.Millisecond,
+		AnnounceCount:    3,
+		AnnounceInterval: 20 * time.Millisecond,
+		HoldCapacity:     4096,
+		SerializerCPU:    0,
+		LogRingBytes:     8 << 20,
+		StateDir:         "/run/ftgw",
 	}
 }
 
@@ -122,8 +139,22 @@ func (c *Config) validate() error {
 	if _, _, err := net.SplitHostPort(c.Metrics); err != nil {
 		bad("metrics", "%q: want host:port (%v)", c.Metrics, err)
 	}
+	if c.Name == "" {
+		if host, err := os.Hostname(); err == nil {
+			c.Name = host
+		}
+	}
 	if c.Heartbeat <= 0 {
 		bad("heartbeat", "%s: must be positive", c.Heartbeat)
+	}
+	if c.FailureTimeout < 2*c.Heartbeat {
+		bad("failure_timeout", "%s: must be at least two heartbeats (%s)", c.FailureTimeout, 2*c.Heartbeat)
+	}
+	if c.Arbiter != "" && !strings.HasPrefix(c.Arbiter, "file:") && !strings.HasPrefix(c.Arbiter, "etcd:") {
+		bad("arbiter", "%q: want file:/dir or etcd:http://host:port", c.Arbiter)
+	}
+	if c.AnnounceCount < 1 || c.AnnounceInterval < 0 {
+		bad("announce_count", "%d every %s: want at least one announcement", c.AnnounceCount, c.AnnounceInterval)
 	}
 	if c.HoldCapacity < 1 || c.HoldCapacity > 1<<16 {
 		bad("hold_capacity", "%d: want 1 to 65536", c.HoldCapacity)

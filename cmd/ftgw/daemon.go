@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/ftgw/ftgw/pkg/arbiter"
 	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 	"github.com/ftgw/ftgw/pkg/outputcommit"
@@ -43,23 +46,41 @@ type daemon struct {
 	// Secondary side.
 	secondary *lockstep.Secondary
 	feeder    *guestFeeder
+
+	// Failover.
+	arb         arbiter.Arbiter
+	stopChannel context.CancelFunc // ends the log channel's Run
+	shipping    atomic.Bool        // the log goes to the secondary (protected)
+
+	mu               sync.Mutex
+	hostState        hostState
+	failovers        map[string]uint64 // by cause
+	lastFailover     *failoverPhases
+	unprotectedSince time.Time
+	unprotectedTotal time.Duration
 }
 
 // run serves cfg until ctx is done.
 func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err error) {
-	d := &daemon{cfg: cfg, vm: cfg.VMs[0], log: log.With("vm", cfg.VMs[0].Name)}
+	d := &daemon{cfg: cfg, vm: cfg.VMs[0], log: log.With("vm", cfg.VMs[0].Name), failovers: map[string]uint64{}}
 	defer func() { err = errors.Join(err, d.close()) }()
 
-	if err := d.setUp(verbose); err != nil {
+	if err := d.setUp(ctx, verbose); err != nil {
 		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
-	switch cfg.Role {
-	case rolePrimary:
-		d.startPrimary(ctx, g)
-	case roleSecondary:
-		d.startSecondary(ctx, g)
+	channelCtx, stopChannel := context.WithCancel(ctx)
+	d.stopChannel = stopChannel
+	defer stopChannel()
+	switch d.state() {
+	case stateProtected:
+		g.Go(func() error { return d.hold.Run(ctx) })
+		g.Go(func() error { return d.primary.Run(channelCtx) })
+	case stateStandby:
+		g.Go(func() error { return d.secondary.Run(channelCtx) })
 	}
+	g.Go(func() error { return d.readLog(ctx) })
+	g.Go(func() error { return d.watch(ctx) })
 	g.Go(func() error { return d.serveMetrics(ctx) })
 	g.Go(func() error { return d.serveControl(ctx) })
 	g.Go(func() error {
@@ -82,8 +103,13 @@ func ignoreCanceled(err error) error {
 	return err
 }
 
-func (d *daemon) setUp(verbose bool) error {
+func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	var err error
+	if d.cfg.Arbiter != "" {
+		if d.arb, err = arbiter.Open(d.cfg.Arbiter); err != nil {
+			return err
+		}
+	}
 	if d.uplink, err = net.InterfaceByName(d.cfg.Uplink); err != nil {
 		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
 	}
@@ -130,13 +156,23 @@ func (d *daemon) setUp(verbose bool) error {
 	if err := d.engine.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
-	if d.cfg.Role == rolePrimary {
-		if err := d.publish(vip.RoleActive, 1); err != nil {
-			return err
-		}
-		return d.newPrimary()
+	if d.cfg.Role == roleSecondary {
+		d.setState(stateStandby)
+		return d.newSecondary()
 	}
-	return d.newSecondary()
+	epoch, passive, err := d.startEpoch(ctx)
+	if err != nil {
+		return err
+	}
+	if passive {
+		d.setState(statePassive)
+		return d.publish(vip.RoleStandby, epoch)
+	}
+	if err := d.publish(vip.RoleActive, epoch); err != nil {
+		return err
+	}
+	d.setState(stateProtected)
+	return d.newPrimary()
 }
 
 func (d *daemon) publish(role vip.Role, epoch uint64) error {
@@ -186,26 +222,30 @@ func (d *daemon) newPrimary() error {
 	return err
 }
 
-func (d *daemon) startPrimary(ctx context.Context, g *errgroup.Group) {
-	g.Go(func() error { return d.hold.Run(ctx) })
-	g.Go(func() error {
-		return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
-			d.shipDelay.observe(datapath.MonotonicNs() - e.LoggedNs)
-			// Before the append: its ack can be back before it returns.
-			d.ackClock.append(e.Position)
-			if err := d.primary.QueueFrame(e.Position, e.Frame); err != nil {
-				// The frame has reached the guest already; a log that
-				// cannot carry it would let the secondary diverge
-				// silently, so stop instead.
-				return fmt.Errorf("append log position %d: %w", e.Position, err)
-			}
+// readLog takes the log from the kernel ring on every host: a protected
+// primary ships it, any other active host discards it (nothing else would
+// make room in the ring for new input).
+func (d *daemon) readLog(ctx context.Context) error {
+	return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
+		if !d.shipping.Load() {
 			return nil
-		}, func() error {
+		}
+		d.shipDelay.observe(datapath.MonotonicNs() - e.LoggedNs)
+		// Before the append: its ack can be back before it returns.
+		d.ackClock.append(e.Position)
+		if err := d.primary.QueueFrame(e.Position, e.Frame); err != nil {
+			// The frame has reached the guest already; a log that
+			// cannot carry it would let the secondary diverge
+			// silently, so stop instead.
+			return fmt.Errorf("append log position %d: %w", e.Position, err)
+		}
+		return nil
+	}, func() error {
+		if d.shipping.Load() {
 			d.primary.Flush()
-			return nil
-		})
+		}
+		return nil
 	})
-	g.Go(func() error { return d.primary.Run(ctx) })
 }
 
 func (d *daemon) newSecondary() error {
@@ -221,10 +261,6 @@ func (d *daemon) newSecondary() error {
 	return err
 }
 
-func (d *daemon) startSecondary(ctx context.Context, g *errgroup.Group) {
-	g.Go(func() error { return d.secondary.Run(ctx) })
-}
-
 func (d *daemon) close() error {
 	var errs []error
 	if d.engine != nil {
@@ -236,6 +272,9 @@ func (d *daemon) close() error {
 	if d.feeder != nil {
 		errs = append(errs, d.feeder.Close())
 	}
+	if d.arb != nil {
+		errs = append(errs, d.arb.Close())
+	}
 	if d.dp != nil {
 		errs = append(errs, d.dp.Close())
 	}
@@ -245,6 +284,8 @@ func (d *daemon) close() error {
 // Status is what /status serves and `ftgw lab status` shows.
 type Status struct {
 	VM        string  `json:"vm"`
+	Host      string  `json:"host"`
+	State     string  `json:"state"`
 	Role      string  `json:"role"`
 	Epoch     uint64  `json:"epoch"`
 	Head      uint64  `json:"head"`
@@ -253,11 +294,16 @@ type Status struct {
 	Held      int     `json:"held"`
 	Connected bool    `json:"connected"`
 	RTTMicros float64 `json:"log_rtt_us"`
+	// LastFailover is the last failover this host took part in.
+	LastFailover *failoverPhases `json:"last_failover,omitempty"`
 }
 
 func (d *daemon) status() Status {
 	rec := d.owner.Current()
-	s := Status{VM: d.vm.Name, Role: vip.RoleName(rec.Role), Epoch: rec.Epoch, Head: d.dp.Head(), Acked: d.dp.Acked()}
+	s := Status{VM: d.vm.Name, Host: d.cfg.Name, State: d.state().String(), Role: vip.RoleName(rec.Role), Epoch: rec.Epoch, Head: d.dp.Head(), Acked: d.dp.Acked()}
+	d.mu.Lock()
+	s.LastFailover = d.lastFailover
+	d.mu.Unlock()
 	if d.hold != nil {
 		s.Held = d.hold.Stats().Held
 	}

@@ -22,7 +22,7 @@ import (
 )
 
 const labUsage = `Usage:
-  ftgw lab up [--dir DIR] [--heartbeat D] [--hold-capacity N]
+  ftgw lab up [--dir DIR] [--heartbeat D] [--failure-timeout D] [--hold-capacity N]
       build the lab (namespaces ftgw-a, ftgw-b, ftgw-c, ftgw-lan) and start
       a primary daemon in ftgw-a and a secondary in ftgw-b
   ftgw lab down [--dir DIR]      stop the daemons and remove the lab
@@ -41,6 +41,7 @@ func labCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("lab "+args[0], flag.ContinueOnError)
 	dir := fs.String("dir", defaultLabDir, "where the lab keeps configs, keys, logs and pids")
 	heartbeat := fs.Duration("heartbeat", 10*time.Millisecond, "log channel heartbeat interval")
+	failureTimeout := fs.Duration("failure-timeout", 50*time.Millisecond, "silence after which a host's peer counts as failed")
 	holdCapacity := fs.Int("hold-capacity", 4096, "frames the primary may hold at once")
 	requests := fs.Int("requests", 1000, "requests `ftgw lab traffic` sends")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -48,7 +49,7 @@ func labCommand(ctx context.Context, args []string) error {
 	}
 	switch args[0] {
 	case "up":
-		return labUp(ctx, *dir, *heartbeat, *holdCapacity)
+		return labUp(ctx, *dir, *heartbeat, *failureTimeout, *holdCapacity)
 	case "down":
 		return labDown(*dir)
 	case "status":
@@ -62,7 +63,7 @@ func labCommand(ctx context.Context, args []string) error {
 
 func hostDir(dir, ns string) string { return filepath.Join(dir, ns) }
 
-func labUp(ctx context.Context, dir string, heartbeat time.Duration, holdCapacity int) (err error) {
+func labUp(ctx context.Context, dir string, heartbeat, failureTimeout time.Duration, holdCapacity int) (err error) {
 	if err := lab.Build(); err != nil {
 		return err
 	}
@@ -72,8 +73,10 @@ func labUp(ctx context.Context, dir string, heartbeat time.Duration, holdCapacit
 		}
 	}()
 	pki := filepath.Join(dir, "pki")
-	if err := os.MkdirAll(pki, 0o700); err != nil {
-		return err
+	for _, d := range []string{pki, filepath.Join(dir, "arbiter")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
 	}
 	if err := lockstep.GenerateLabPKI(pki,
 		[]net.IP{lab.ReplPrimary.Addr().AsSlice()}, []net.IP{lab.ReplSecond.Addr().AsSlice()}); err != nil {
@@ -87,7 +90,11 @@ func labUp(ctx context.Context, dir string, heartbeat time.Duration, holdCapacit
 			role, name = rolePrimary, "primary"
 		}
 		cfg := defaultConfig()
+		cfg.Name = host.NS
 		cfg.Role = role
+		cfg.FailureTimeout = failureTimeout
+		// Both hosts see this directory: the lab's shared storage.
+		cfg.Arbiter = "file:" + filepath.Join(dir, "arbiter")
 		cfg.Uplink = lab.Uplink
 		cfg.Heartbeat = heartbeat
 		cfg.HoldCapacity = holdCapacity
@@ -211,7 +218,7 @@ func stopProcess(pid int) {
 
 func labStatus(w io.Writer, dir string) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\tROLE\tEPOCH\tHEAD\tACKED\tRECEIVED\tHELD\tLOG RTT\tGUEST PUTS\tGUEST DIGEST")
+	fmt.Fprintln(tw, "HOST\tSTATE\tROLE\tEPOCH\tHEAD\tACKED\tRECEIVED\tHELD\tLOG RTT\tGUEST PUTS\tGUEST DIGEST")
 	var errs []error
 	for _, host := range lab.Hosts[:2] {
 		s, err := daemonStatus(dir, host.NS)
@@ -225,14 +232,14 @@ func labStatus(w io.Writer, dir string) error {
 		}
 		// Head, acked and held are the primary's; received the secondary's.
 		head, acked, received, held := fmt.Sprint(s.Head), fmt.Sprint(s.Acked), "-", fmt.Sprint(s.Held)
-		if host.NS == lab.NSSecondary {
+		if s.State == stateStandby.String() {
 			head, acked, received, held = "-", "-", fmt.Sprint(s.Received), "-"
 		}
 		rtt := "down"
 		if s.Connected {
 			rtt = fmt.Sprintf("%.0fµs", s.RTTMicros)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\t%.12s\n", host.NS, s.Role, s.Epoch, head, acked, received, held, rtt, gs.Puts, gs.Digest)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\t%.12s\n", host.NS, s.State, s.Role, s.Epoch, head, acked, received, held, rtt, gs.Puts, gs.Digest)
 	}
 	tw.Flush()
 	return errors.Join(errs...)

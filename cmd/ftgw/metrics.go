@@ -18,7 +18,8 @@ type collector struct {
 	errors atomic.Uint64
 
 	commitLatency, ackLatency, shipDelay, held, head, acked, logBytes, logRecords, suppressed, dropped,
-	frames, channelErrors, rtt, role, epoch, collectionErrors *prometheus.Desc
+	frames, channelErrors, rtt, role, epoch, collectionErrors,
+	state, failovers, failoverPhase, unprotected *prometheus.Desc
 }
 
 func newCollector(d *daemon) *collector {
@@ -47,6 +48,12 @@ func newCollector(d *daemon) *collector {
 		rtt:   desc("log_rtt_seconds", "Last heartbeat round-trip time on the log channel."),
 		role:  desc("role", "1 for this host's current role for the VM.", "role"),
 		epoch: desc("epoch", "The VM's epoch as this host knows it."),
+		state: desc("state", "1 for this host's state: protected, unprotected, standby or passive.", "state"),
+		failovers: desc("failovers_total",
+			"Failovers this host took part in, by cause (primary_lost, secondary_lost), whether it won the arbiter or not.", "cause"),
+		failoverPhase: desc("last_failover_seconds",
+			"Phases of the last failover: detection (peer's last word to declared failed), arbitration, go_live.", "phase"),
+		unprotected: desc("unprotected_seconds_total", "Time this host served the VM with no secondary."),
 		collectionErrors: prometheus.NewDesc("ftgw_collection_errors_total",
 			"Errors reading data-path state at scrape time.", nil, nil),
 	}
@@ -138,6 +145,25 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.role, v, vip.RoleName(r))
 	}
 	gauge(c.epoch, float64(rec.Epoch))
+	current := d.state()
+	for st := stateProtected; st <= statePassive; st++ {
+		v := 0.0
+		if st == current {
+			v = 1
+		}
+		gauge(c.state, v, st.String())
+	}
+	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.unprotectedFor().Seconds(), vm)
+	d.mu.Lock()
+	for _, cause := range []string{causePrimaryLost, causeSecondaryLost} {
+		counter(c.failovers, d.failovers[cause], cause)
+	}
+	if p := d.lastFailover; p != nil {
+		gauge(c.failoverPhase, p.Detection.Seconds(), "detection")
+		gauge(c.failoverPhase, p.Arbitration.Seconds(), "arbitration")
+		gauge(c.failoverPhase, p.GoLive.Seconds(), "go_live")
+	}
+	d.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(c.collectionErrors, prometheus.CounterValue, float64(c.errors.Load()))
 }
 

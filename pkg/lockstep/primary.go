@@ -428,3 +428,7 @@ func (p *Primary) ack(pos uint64) error {
 	}
 	return nil
 }
+
+// SinceHeard is how long the secondary has sent nothing (heartbeats, log
+// records, acks): the input to failure detection.
+func (p *Primary) SinceHeard() time.Duration { return p.stats.sinceHeard() }

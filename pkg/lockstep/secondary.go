@@ -40,6 +40,7 @@ type Secondary struct {
 	stats counters
 
 	received  atomic.Uint64 // highest contiguous position delivered to OnFrame
+	peerEpoch atomic.Uint64 // the epoch of the last primary admitted
 	hold      atomic.Bool
 	connected atomic.Bool
 	rtt       atomic.Int64
@@ -284,6 +285,7 @@ func (s *Secondary) session(in *incoming) error {
 	fc := in.fc
 	defer fc.fail(nil)
 	l := newLink(in.conn, in.fc, s.cfg.Timeout, &s.stats, in.epoch)
+	s.peerEpoch.Store(in.epoch)
 	received := s.received.Load()
 
 	// Our Hello tells the primary where to resume; the Ack that follows is
@@ -415,3 +417,11 @@ func (s *Secondary) sendAck(l *link, force bool) error {
 	l.lastAck = pos
 	return l.flush()
 }
+
+// SinceHeard is how long the primary has sent nothing (heartbeats, log
+// records, acks): the input to failure detection.
+func (s *Secondary) SinceHeard() time.Duration { return s.stats.sinceHeard() }
+
+// PeerEpoch is the epoch of the last primary that connected: the epoch this
+// secondary was protecting, which it must name to claim the VM.
+func (s *Secondary) PeerEpoch() uint64 { return s.peerEpoch.Load() }

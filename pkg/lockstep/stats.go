@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 )
 
 // ErrReason says why a connection ended (or an append failed). Stats counts
@@ -101,6 +102,10 @@ type counters struct {
 	recSent, recRecv, bytesSent, bytesRecv [KindLen]atomic.Uint64
 	errors                                 [ReasonLen]atomic.Uint64
 	connects, disconnects, duplicates      atomic.Uint64
+	// lastHeard is when the peer last sent a valid record (monoNow), for
+	// failure detection: log traffic counts as liveness as much as
+	// heartbeats do.
+	lastHeard atomic.Uint64
 }
 
 func (c *counters) sent(k Kind, n int) {
@@ -111,6 +116,7 @@ func (c *counters) sent(k Kind, n int) {
 }
 
 func (c *counters) received(r Record) {
+	c.lastHeard.Store(monoNow())
 	if r.Kind < KindLen {
 		c.recRecv[r.Kind].Add(1)
 		c.bytesRecv[r.Kind].Add(uint64(HeaderLen + len(r.Payload)))
@@ -139,4 +145,10 @@ func (c *counters) snapshot() Stats {
 	s.Disconnects = c.disconnects.Load()
 	s.Duplicates = c.duplicates.Load()
 	return s
+}
+
+// sinceHeard is how long the peer has been silent; before it was ever heard,
+// since the process started (lastHeard is 0 then).
+func (c *counters) sinceHeard() time.Duration {
+	return time.Duration(monoNow() - c.lastHeard.Load())
 }
