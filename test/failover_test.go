@@ -2,118 +2,44 @@ package test
 
 import (
 	"encoding/json"
-	"fmt"
-	"net"
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
-	"github.com/ftgw/ftgw/pkg/guest"
 )
 
-// ackedWrite is a PUT the client saw acknowledged.
-type ackedWrite struct {
-	key, value string
-	count      uint64 // the OK <n> it got
-	at         time.Time
-}
-
-// writer is the Jepsen-style load: unique keys, one PUT at a time from the
-// client namespace, each with a short timeout and never retried (a PUT is not
-// idempotent), recording every acknowledged one.
-type writer struct {
-	stop    atomic.Bool
-	done    chan struct{}
-	mu      sync.Mutex
-	acked   []ackedWrite
-	timeout int
-}
-
-func startWriter(t *testing.T, timeout time.Duration) *writer {
+func startWriter(t *testing.T, timeout time.Duration) *lab.Writer {
 	t.Helper()
-	var c *guest.Client
-	inClient(t, func() (err error) {
-		c, err = guest.Dial(net.JoinHostPort(lab.VMIP.String(), strconv.Itoa(lab.KVPort)), timeout)
-		return err
-	})
-	w := &writer{done: make(chan struct{})}
-	go func() {
-		defer close(w.done)
-		defer c.Close()
-		const maxWrites = 200_000
-		deadline := time.Now().Add(time.Minute)
-		for i := 0; i < maxWrites && !w.stop.Load() && time.Now().Before(deadline); i++ {
-			key, value := fmt.Sprintf("w%d", i), fmt.Sprintf("v%d", i)
-			n, err := c.Put(key, value)
-			if err != nil {
-				w.mu.Lock()
-				w.timeout++
-				w.mu.Unlock()
-				continue
-			}
-			w.mu.Lock()
-			w.acked = append(w.acked, ackedWrite{key: key, value: value, count: n, at: time.Now()})
-			w.mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() { w.stop.Store(true); <-w.done })
+	w, err := lab.StartWriter("w", timeout, 200_000, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Stop() })
 	return w
 }
 
-func (w *writer) ackedCount() int {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return len(w.acked)
-}
-
-func (w *writer) finish() []ackedWrite {
-	w.stop.Store(true)
-	<-w.done
-	return w.acked
-}
-
-// check reads every acknowledged write back through the VIP and checks the
-// PUT count never went backwards; it returns the longest time the client
-// went without an acknowledgement after at.
-func check(t *testing.T, acked []ackedWrite, at time.Time) (gap time.Duration) {
+// check runs the checker and fails t on any lost write.
+func check(t *testing.T, acked []lab.AckedWrite, fault time.Time) time.Duration {
 	t.Helper()
-	c := kvClient(t)
-	lost := 0
-	for _, w := range acked {
-		v, found, err := c.Get(w.key)
-		if err != nil {
-			t.Fatalf("GET %s after failover: %v", w.key, err)
-		}
-		if !found || v != w.value {
-			lost++
-			if lost <= 5 {
-				t.Errorf("acknowledged write %s=%s (OK %d) lost: found %v, value %q", w.key, w.value, w.count, found, v)
-			}
+	res, err := lab.Check(acked, fault)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range res.Lost {
+		if i < 5 {
+			t.Errorf("acknowledged write %s=%s (OK %d) lost", w.Key, w.Value, w.Count)
 		}
 	}
-	for i := 1; i < len(acked); i++ {
-		if acked[i].count <= acked[i-1].count {
-			t.Errorf("PUT count went backwards: %s got OK %d after %s got OK %d", acked[i].key, acked[i].count, acked[i-1].key, acked[i-1].count)
-		}
+	if res.Backwards > 0 {
+		t.Errorf("the PUT count went backwards %d times", res.Backwards)
 	}
-	last := at
-	for _, w := range acked {
-		if w.at.After(at) {
-			gap = max(gap, w.at.Sub(last))
-			last = w.at
-		} else {
-			last = at
-		}
-	}
-	t.Logf("checker: %d acknowledged writes, %d lost", len(acked), lost)
-	return gap
+	t.Logf("checker: %s", res)
+	return res.Gap
 }
 
 // crashHost kills every process of a lab host at once, as a host crash.
@@ -150,9 +76,11 @@ func hostStatus(t *testing.T, ns string) map[string]any {
 	return s
 }
 
-func waitWrites(t *testing.T, w *writer, n int) {
+func waitWrites(t *testing.T, w *lab.Writer, n int) {
 	t.Helper()
-	waitFor(t, 20*time.Second, fmt.Sprintf("%d acknowledged writes", n), func() bool { return w.ackedCount() >= n })
+	if err := w.WaitAcked(n, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
@@ -161,9 +89,8 @@ func TestFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
 	waitWrites(t, w, 300)
 
 	killed := crashHost(t, lab.NSPrimary)
-	before := w.ackedCount()
-	waitFor(t, 10*time.Second, "writes acknowledged by the new primary", func() bool { return w.ackedCount() >= before+300 })
-	acked := w.finish()
+	waitWrites(t, w, w.Acked()+300)
+	acked := w.Stop()
 
 	status := hostStatus(t, lab.NSSecondary)
 	if status["state"] != "unprotected" || status["role"] != "active" || status["epoch"].(float64) != 2 {
@@ -205,9 +132,8 @@ func TestReplicationLinkCutLetsExactlyOneHostServe(t *testing.T) {
 	time.Sleep(5 * time.Millisecond)
 	releasedA, releasedB := released(t, lab.NSPrimary), released(t, lab.NSSecondary)
 
-	before := w.ackedCount()
-	waitFor(t, 10*time.Second, "writes acknowledged after the cut", func() bool { return w.ackedCount() >= before+300 })
-	acked := w.finish()
+	waitWrites(t, w, w.Acked()+300)
+	acked := w.Stop()
 
 	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
 	var winner, loser string

@@ -27,11 +27,19 @@ func benchCommand(ctx context.Context, args []string) error {
 	frames := fs.Int("frames", 200000, "frames per output path for the rate comparison")
 	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run")
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")
+	failovers := fs.Int("failover", 0, "instead: run this many random failovers under a write load, each on a fresh lab, and check no acknowledged write is lost")
+	seed := fs.Uint64("seed", uint64(time.Now().UnixNano()), "with --failover: the random seed")
+	failureTimeout := fs.Duration("failure-timeout", 50*time.Millisecond, "with --failover: the lab's failure timeout")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *echo != "" {
 		return serveEcho(ctx, *echo)
+	}
+	if *failovers > 0 {
+		ctx, cancel := context.WithTimeout(ctx, *budget)
+		defer cancel()
+		return failoverBench(ctx, os.Stdout, *dir, *failovers, *seed, *failureTimeout)
 	}
 	if *requests < *rounds || *rounds < 1 || *frames < 1 {
 		return errors.New("want --rounds >= 1, --requests >= --rounds and --frames >= 1")

@@ -49,7 +49,12 @@ func labCommand(ctx context.Context, args []string) error {
 	}
 	switch args[0] {
 	case "up":
-		return labUp(ctx, *dir, *heartbeat, *failureTimeout, *holdCapacity)
+		if err := labUp(ctx, *dir, *heartbeat, *failureTimeout, *holdCapacity); err != nil {
+			return err
+		}
+		fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on port %d of each host\n",
+			lab.VMName, lab.VMIP, lab.VMMAC, lab.NSPrimary, lab.NSSecondary, lab.NSClient, lab.MetricsPort)
+		return nil
 	case "down":
 		return labDown(*dir)
 	case "status":
@@ -114,8 +119,6 @@ func labUp(ctx context.Context, dir string, heartbeat, failureTimeout time.Durat
 			return err
 		}
 	}
-	fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on port %d of each host\n",
-		lab.VMName, lab.VMIP, lab.VMMAC, lab.NSPrimary, lab.NSSecondary, lab.NSClient, lab.MetricsPort)
 	return nil
 }
 
@@ -183,10 +186,8 @@ func labDown(dir string) error {
 	var errs []error
 	for _, host := range lab.Hosts[:2] {
 		pidFile := filepath.Join(hostDir(dir, host.NS), "ftgw.pid")
-		if raw, err := os.ReadFile(pidFile); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(raw))); err == nil {
-				stopProcess(pid)
-			}
+		if pid, err := readPid(pidFile); err == nil {
+			stopProcess(pid)
 			os.Remove(pidFile)
 		}
 	}
@@ -243,4 +244,12 @@ func labStatus(w io.Writer, dir string) error {
 	}
 	tw.Flush()
 	return errors.Join(errs...)
+}
+
+func readPid(path string) (int, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(raw)))
 }

@@ -12,12 +12,20 @@ import (
 	"time"
 )
 
-// testArbiter is the behaviour every backend shares. open returns a new
-// Arbiter on the same backend each call (as another host would have); it
-// registers its own Close. Subtests use their own VM names.
-func testArbiter(t *testing.T, open func() Arbiter) {
+// testArbiter is the behaviour every backend shares. openBackend returns a new
+// Arbiter on the same backend each call (as another host would have).
+// Subtests use their own VM names.
+func testArbiter(t *testing.T, openBackend func() Arbiter) {
+	// Each subtest closes what it opened, so that its owner leases end with
+	// it rather than piling up until the whole test ends.
+	open := func(t *testing.T) Arbiter {
+		a := openBackend()
+		t.Cleanup(func() { a.Close() })
+		return a
+	}
+
 	t.Run("NeverClaimed", func(t *testing.T) {
-		a, b := open(), open()
+		a, b := open(t), open(t)
 		ctx := testContext(t)
 		cur, err := a.Current(ctx, "vm-new")
 		if err != nil || cur != (Claim{}) {
@@ -29,7 +37,7 @@ func testArbiter(t *testing.T, open func() Arbiter) {
 	})
 
 	t.Run("Takeover", func(t *testing.T) {
-		a, b := open(), open()
+		a, b := open(t), open(t)
 		mustClaim(t, a, "vm-take", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
 		mustClaim(t, b, "vm-take", "b", 1, Claim{Epoch: 2, Owner: "b", Won: true})
 		// a still believes epoch 1: stale, loses.
@@ -44,7 +52,7 @@ func testArbiter(t *testing.T, open func() Arbiter) {
 
 	t.Run("RetryByWinner", func(t *testing.T) {
 		// A winner whose answer was lost asks again with the same known.
-		a, b := open(), open()
+		a, b := open(t), open(t)
 		mustClaim(t, a, "vm-retry", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
 		mustClaim(t, a, "vm-retry", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
 		mustClaim(t, b, "vm-retry", "b", 0, Claim{Epoch: 1, Owner: "a"})
@@ -52,7 +60,7 @@ func testArbiter(t *testing.T, open func() Arbiter) {
 	})
 
 	t.Run("IndependentVMs", func(t *testing.T) {
-		a, b := open(), open()
+		a, b := open(t), open(t)
 		mustClaim(t, a, "vm-x", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
 		mustClaim(t, b, "vm-y", "b", 0, Claim{Epoch: 1, Owner: "b", Won: true})
 		mustClaim(t, b, "vm-y", "b", 1, Claim{Epoch: 2, Owner: "b", Won: true})
@@ -64,7 +72,7 @@ func testArbiter(t *testing.T, open func() Arbiter) {
 		const hosts, rounds = 8, 20
 		arbs := make([]Arbiter, hosts)
 		for i := range arbs {
-			arbs[i] = open()
+			arbs[i] = open(t)
 		}
 		var last Claim
 		for round := range rounds {
@@ -75,7 +83,7 @@ func testArbiter(t *testing.T, open func() Arbiter) {
 	})
 
 	t.Run("BadNames", func(t *testing.T) {
-		a := open()
+		a := open(t)
 		ctx := testContext(t)
 		for _, vm := range []string{"", "a/b", "..", ".", "x\n", strings.Repeat("v", maxNameLen+1)} {
 			if c, err := a.TryClaim(ctx, vm, "a", 0); err == nil || errors.Is(err, ErrUnavailable) {

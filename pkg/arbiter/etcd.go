@@ -102,9 +102,9 @@ func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint6
 	// shows a gap in the owner key.
 	defer a.endLease(a.takeLease(vm))
 
-	cur, rev, err := a.get(ctx, vm)
+	cur, rev, err := a.get(caller, ctx, vm)
 	if err != nil {
-		return Claim{}, unavailable(caller, "claim vm "+vm, err)
+		return Claim{}, fmt.Errorf("claim vm %s: %w", vm, err)
 	}
 	var then []clientv3.Op
 	switch {
@@ -170,18 +170,19 @@ func (a *etcdArbiter) Current(ctx context.Context, vm string) (Claim, error) {
 	caller := ctx
 	ctx, cancel := withTimeout(ctx)
 	defer cancel()
-	rec, _, err := a.get(ctx, vm)
+	rec, _, err := a.get(caller, ctx, vm)
 	if err != nil {
-		return Claim{}, unavailable(caller, "read vm "+vm, err)
+		return Claim{}, fmt.Errorf("read vm %s: %w", vm, err)
 	}
 	return Claim{Epoch: rec.Epoch, Owner: rec.Owner}, nil
 }
 
 // get reads the record and the ModRevision to compare against (0: absent).
-func (a *etcdArbiter) get(ctx context.Context, vm string) (etcdRecord, int64, error) {
+// caller is the context before DefaultTimeout, for unavailable.
+func (a *etcdArbiter) get(caller, ctx context.Context, vm string) (etcdRecord, int64, error) {
 	resp, err := a.cli.Get(ctx, claimKey(vm))
 	if err != nil {
-		return etcdRecord{}, 0, err
+		return etcdRecord{}, 0, unavailable(caller, "get record", err)
 	}
 	if len(resp.Kvs) == 0 {
 		return etcdRecord{}, 0, nil

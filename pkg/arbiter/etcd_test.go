@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -45,7 +46,7 @@ func startEtcd(t *testing.T) *etcdServer {
 	// job, but the tests are quick enough on the ordinary temp dir.
 	s.cmd = exec.Command(etcdBinary,
 		"--name=test",
-		"--data-dir="+t.TempDir(),
+		"--data-dir="+filepath.Join(t.TempDir(), "data"), // etcd makes it 0700
 		"--listen-client-urls="+client,
 		"--advertise-client-urls="+client,
 		"--listen-peer-urls="+peer,
@@ -159,6 +160,13 @@ func TestEtcd(t *testing.T) {
 		if claim == nil || string(claim.Value) != `{"epoch":1,"owner":"a"}` || claim.Lease != 0 {
 			t.Errorf("claim key = %v; want {epoch 1, owner a} without a lease", claim)
 		}
+		// A record nobody can read is an error, but not "unavailable".
+		if _, err := cli.Put(testContext(t), claimKey("vm-bad"), "{garbage"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.TryClaim(testContext(t), "vm-bad", "a", 0); err == nil || errors.Is(err, ErrUnavailable) {
+			t.Errorf("TryClaim on a corrupt record: %v; want a decode error", err)
+		}
 	})
 
 	t.Run("OwnerLease", func(t *testing.T) {
@@ -200,19 +208,23 @@ func TestEtcd(t *testing.T) {
 		mustClaim(t, c, "vm-lease2", "c", 7, Claim{Epoch: 1, Owner: "c"})
 		waitGone(t, cli, ownerKey("vm-lease2"), ttl*time.Second+2*time.Second)
 	})
+}
 
-	// Last: it stops the server.
-	t.Run("ServerDown", func(t *testing.T) {
-		a := openEtcdTest(t, srv.endpoint)
-		mustClaim(t, a, "vm-down", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
-		srv.stop()
-		checkUnavailable(t, a, "vm-down")
-	})
+// TestEtcdServerDown: once the cluster is gone, calls fail promptly with
+// ErrUnavailable instead of hanging a failover.
+func TestEtcdServerDown(t *testing.T) {
+	t.Parallel() // mostly waiting for timeouts
+	srv := startEtcd(t)
+	a := openEtcdTest(t, srv.endpoint)
+	mustClaim(t, a, "vm-down", "a", 0, Claim{Epoch: 1, Owner: "a", Won: true})
+	srv.stop()
+	checkUnavailable(t, a, "vm-down")
 }
 
 // TestEtcdUnreachable: Open does not need the cluster, and calls against
 // one that never answers fail promptly with ErrUnavailable. No etcd needed.
 func TestEtcdUnreachable(t *testing.T) {
+	t.Parallel() // mostly waiting for timeouts
 	a, err := Open("etcd:http://" + freeAddr(t))
 	if err != nil {
 		t.Fatalf("Open: %v", err)
@@ -298,4 +310,3 @@ func waitGone(t *testing.T, cli *clientv3.Client, key string, limit time.Duratio
 	}
 	t.Logf("%s gone after %v", key, time.Since(start).Round(time.Millisecond))
 }
-
