@@ -351,9 +351,10 @@ int guest_egress(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 
-	/* Output leaves only from the active host. */
+	/* Output leaves only from the active host (or one draining its last
+	 * outputs before a planned handover). */
 	struct owner_record *own = current_owner();
-	if (!own || own->role != ROLE_ACTIVE) {
+	if (!own || (own->role != ROLE_ACTIVE && own->role != ROLE_DRAINING)) {
 		count(COUNTER_TX_SUPPRESSED, len);
 		return XDP_DROP;
 	}

@@ -15,6 +15,8 @@ enum role {
 	ROLE_NONE = 0,    /* not configured: the VM's frames are not touched */
 	ROLE_STANDBY = 1, /* secondary: input comes from the log, output is suppressed */
 	ROLE_ACTIVE = 2,  /* primary: input is logged, output obeys the Output Rule */
+	ROLE_DRAINING = 3, /* primary handing over: no new input; the guest's last
+			    * outputs still leave under the Output Rule */
 };
 
 /* Owner flags. */

@@ -183,6 +183,11 @@ func TestSecondaryStateEqualsPrimaryAfterTraffic(t *testing.T) {
 	}
 
 	primary, secondary := waitReplicated(t)
+	// Every frame the guests took in came through the log: nothing else
+	// (the host's own IPv6 chatter, say) may reach a VM.
+	if head := hostStatus(t, lab.NSPrimary)["head"].(float64); float64(primary.Frames) != head {
+		t.Errorf("the primary's guest consumed %d frames, the log holds %v", primary.Frames, head)
+	}
 	if primary.Puts != writes || secondary.Puts != writes {
 		t.Errorf("PUT counts: primary %d, secondary %d, want %d", primary.Puts, secondary.Puts, writes)
 	}

@@ -312,6 +312,8 @@ func (d *daemon) status() Status {
 		s.RTTMicros = float64(d.primary.RTT()) / float64(time.Microsecond)
 	}
 	if d.secondary != nil {
+		// A standby follows its primary's epoch.
+		s.Epoch = max(s.Epoch, d.secondary.PeerEpoch())
 		s.Received = d.secondary.Received()
 		s.Connected = d.secondary.Connected()
 		s.RTTMicros = float64(d.secondary.RTT()) / float64(time.Microsecond)
@@ -349,6 +351,7 @@ func (d *daemon) serveControl(ctx context.Context) error {
 		}
 		d.log.Info("output mode", "mode", r.FormValue("mode"))
 	})
+	d.serveSwitchover(mux)
 	path := controlPath(d.cfg.StateDir)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
@@ -370,6 +373,8 @@ func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
 	return nil
 }
 
+const tapQueueLen = 4096
+
 // ensureTap creates the VM's tap if it is missing, as a persistent device so
 // the data path can attach before the VM engine opens it. Its queue is long
 // because a frame the tap drops after it was logged is one the secondary's
@@ -377,7 +382,7 @@ func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
 func ensureTap(name string) (*net.Interface, error) {
 	if _, err := netlink.LinkByName(name); err != nil {
 		tap := &netlink.Tuntap{
-			LinkAttrs: netlink.LinkAttrs{Name: name, TxQLen: 4096},
+			LinkAttrs: netlink.LinkAttrs{Name: name},
 			Mode:      netlink.TUNTAP_MODE_TAP,
 			Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_ONE_QUEUE,
 		}
@@ -392,6 +397,15 @@ func ensureTap(name string) (*net.Interface, error) {
 	link, err := netlink.LinkByName(name)
 	if err != nil {
 		return nil, fmt.Errorf("tap %s: %w", name, err)
+	}
+	// The VM's input is the log and nothing else. A host stack with IPv6
+	// on the tap sends router solicitations and MLD reports into it, input
+	// the secondary never sees.
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("disable ipv6 on tap %s: %w", name, err)
+	}
+	if err := netlink.LinkSetTxQLen(link, tapQueueLen); err != nil {
+		return nil, fmt.Errorf("set queue length of tap %s: %w", name, err)
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return nil, fmt.Errorf("bring up tap %s: %w", name, err)

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/ftgw/ftgw/pkg/guest"
 )
 
 // Engine runs the protected VM on its tap: the synthetic guest here, QEMU
@@ -19,6 +21,9 @@ type Engine interface {
 	// Wait returns when the VM has stopped.
 	Wait() error
 	Stop() error
+	// InputsConsumed is how many input frames the VM has taken in and
+	// answered: the log position it has reached.
+	InputsConsumed() (uint64, error)
 }
 
 // syntheticEngine runs `ftgw guest` as a child process that owns the tap the
@@ -93,4 +98,14 @@ func (e *syntheticEngine) Stop() error {
 		}
 	})
 	return nil
+}
+
+// InputsConsumed asks the guest between frames, so every reply to a frame it
+// counts has been written to the tap.
+func (e *syntheticEngine) InputsConsumed() (uint64, error) {
+	st, err := guest.QueryState(e.control)
+	if err != nil {
+		return 0, err
+	}
+	return st.Frames, nil
 }

@@ -169,6 +169,9 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 	start := time.Now()
 	if !won {
 		// The primary went on alone: this copy is behind it now.
+		if err := d.publish(vip.RoleStandby, epoch); err != nil {
+			d.log.Error("record the epoch", "err", err)
+		}
 		d.setState(statePassive)
 		phases.GoLive = time.Since(start)
 		d.recordFailover(phases)
@@ -181,16 +184,18 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 		return
 	}
 	d.setState(stateUnprotected)
-	announced := make(chan error, 1)
-	go func() {
-		announced <- vip.Announce(ctx, d.uplink, d.vm.addr(), d.vm.hwAddr(), 1, 0)
-	}()
-	if err := <-announced; err != nil {
-		d.log.Error("announce", "err", err)
-	}
+	d.announce(ctx)
 	phases.GoLive = time.Since(start)
 	d.recordFailover(phases)
-	// The rest of the burst, for the LAN still converging.
+}
+
+// announce tells the LAN the VM's MAC is behind this host now: the first
+// gratuitous ARP at once, the rest of the burst in the background for a LAN
+// still converging.
+func (d *daemon) announce(ctx context.Context) {
+	if err := vip.Announce(ctx, d.uplink, d.vm.addr(), d.vm.hwAddr(), 1, 0); err != nil {
+		d.log.Error("announce", "err", err)
+	}
 	if d.cfg.AnnounceCount > 1 {
 		go func() {
 			time.Sleep(d.cfg.AnnounceInterval)

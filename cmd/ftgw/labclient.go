@@ -68,6 +68,23 @@ func setOutputMode(dir, ns, mode string) error {
 	return nil
 }
 
+// controlPost posts form to a daemon's control endpoint and returns the
+// reply body.
+func controlPost(dir, ns, path string, form url.Values) (string, error) {
+	client := controlClient(controlPath(hostDir(dir, ns)))
+	client.Timeout = 30 * time.Second
+	resp, err := client.PostForm("http://ftgw"+path, form)
+	if err != nil {
+		return "", fmt.Errorf("%s %s: %w", ns, path, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s %s: %s", ns, path, strings.TrimSpace(string(body)))
+	}
+	return strings.TrimSpace(string(body)), nil
+}
+
 func guestControl(dir, ns string) string {
 	return filepath.Join(hostDir(dir, ns), lab.VMName+"-guest.sock")
 }

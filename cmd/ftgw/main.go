@@ -24,6 +24,8 @@ Usage:
   ftgw guest --tap T --ip IP --mac MAC  run the synthetic deterministic guest
   ftgw lab up|down|status [flags]       the two-host lab on this machine
   ftgw bench [flags]                    measure the lab: commit latency and rates
+  ftgw bench --failover N               N random failovers under load, checked
+  ftgw switchover [--dir DIR]           planned move of the lab's VM to its standby
 
 Run "ftgw COMMAND -h" for a command's flags.
 `
@@ -46,6 +48,8 @@ func main() {
 		err = labCommand(ctx, args)
 	case "bench":
 		err = benchCommand(ctx, args)
+	case "switchover":
+		err = switchoverCommand(ctx, args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:

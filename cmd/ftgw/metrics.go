@@ -50,7 +50,7 @@ func newCollector(d *daemon) *collector {
 		epoch: desc("epoch", "The VM's epoch as this host knows it."),
 		state: desc("state", "1 for this host's state: protected, unprotected, standby or passive.", "state"),
 		failovers: desc("failovers_total",
-			"Failovers this host took part in, by cause (primary_lost, secondary_lost), whether it won the arbiter or not.", "cause"),
+			"Failovers this host took part in, by cause (primary_lost, secondary_lost, switchover), whether it won the arbiter or not.", "cause"),
 		failoverPhase: desc("last_failover_seconds",
 			"Phases of the last failover: detection (peer's last word to declared failed), arbitration, go_live.", "phase"),
 		unprotected: desc("unprotected_seconds_total", "Time this host served the VM with no secondary."),
@@ -155,7 +155,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.unprotectedFor().Seconds(), vm)
 	d.mu.Lock()
-	for _, cause := range []string{causePrimaryLost, causeSecondaryLost} {
+	for _, cause := range []string{causePrimaryLost, causeSecondaryLost, causeSwitchover} {
 		counter(c.failovers, d.failovers[cause], cause)
 	}
 	if p := d.lastFailover; p != nil {

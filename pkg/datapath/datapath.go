@@ -29,6 +29,9 @@ const (
 	RoleNone    = gatewayRoleROLE_NONE
 	RoleStandby = gatewayRoleROLE_STANDBY
 	RoleActive  = gatewayRoleROLE_ACTIVE
+	// RoleDraining takes no more input but still lets the guest's
+	// outputs out under the Output Rule: a planned switchover.
+	RoleDraining = gatewayRoleROLE_DRAINING
 
 	// OwnerPassthrough in OwnerRecord.Flags turns output commit off: the
 	// guest's outputs leave at once (input is still logged).

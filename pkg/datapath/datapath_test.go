@@ -170,6 +170,7 @@ func TestUplinkIngress(t *testing.T) {
 		{"standby: arp for the vm", vip.RoleStandby, arpRequest(vmIP), xdpDrop, []datapath.Counter{datapath.CounterRxStandby}},
 		{"standby: other traffic", vip.RoleStandby, udpTo(otherMAC, 100), xdpPass, nil},
 		{"no role: frame to the vm", vip.RoleNone, udpTo(vmMAC, 100), xdpPass, nil},
+		{"draining: frame to the vm", vip.RoleDraining, udpTo(vmMAC, 100), xdpDrop, []datapath.Counter{datapath.CounterRxStandby}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l.publish(t, tc.role, false)
@@ -298,6 +299,11 @@ func TestGuestEgress(t *testing.T) {
 	t.Run("no role suppresses output", func(t *testing.T) {
 		l.publish(t, vip.RoleNone, false)
 		l.run(t, prog, frame, xdpDrop, datapath.CounterTxSuppressed)
+	})
+	t.Run("draining still lets output out", func(t *testing.T) {
+		l.publish(t, vip.RoleDraining, false)
+		l.d.SetAcked(l.d.Head())
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
 	})
 	t.Run("nothing pending goes straight out", func(t *testing.T) {
 		l.publish(t, vip.RoleActive, false)

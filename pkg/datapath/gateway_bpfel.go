@@ -96,9 +96,10 @@ type gatewayOwnerRecord struct {
 type gatewayRole uint32
 
 const (
-	gatewayRoleROLE_NONE    gatewayRole = 0
-	gatewayRoleROLE_STANDBY gatewayRole = 1
-	gatewayRoleROLE_ACTIVE  gatewayRole = 2
+	gatewayRoleROLE_NONE     gatewayRole = 0
+	gatewayRoleROLE_STANDBY  gatewayRole = 1
+	gatewayRoleROLE_ACTIVE   gatewayRole = 2
+	gatewayRoleROLE_DRAINING gatewayRole = 3
 )
 
 // Names of all BPF objects in the ELF.

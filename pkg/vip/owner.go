@@ -19,9 +19,10 @@ import (
 type Role = datapath.Role
 
 const (
-	RoleNone    = datapath.RoleNone
-	RoleStandby = datapath.RoleStandby
-	RoleActive  = datapath.RoleActive
+	RoleNone     = datapath.RoleNone
+	RoleStandby  = datapath.RoleStandby
+	RoleActive   = datapath.RoleActive
+	RoleDraining = datapath.RoleDraining
 )
 
 // RoleName is the role's name as shown to users and in metrics.
@@ -33,6 +34,8 @@ func RoleName(r Role) string {
 		return "standby"
 	case RoleActive:
 		return "active"
+	case RoleDraining:
+		return "draining"
 	}
 	return fmt.Sprintf("role(%d)", uint32(r))
 }
