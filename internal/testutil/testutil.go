@@ -6,7 +6,9 @@ import (
 	"os"
 	"runtime"
 	"testing"
+	"time"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -48,4 +50,23 @@ func InNewNetns(tb testing.TB) netns.NsHandle {
 		runtime.UnlockOSThread()
 	})
 	return ns
+}
+
+// WaitLinksUp waits until each named link is operationally up: a veth drops
+// what it is given before its carrier comes on.
+func WaitLinksUp(tb testing.TB, names ...string) {
+	tb.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for _, name := range names {
+		for {
+			l, err := netlink.LinkByName(name)
+			if err == nil && l.Attrs().OperState == netlink.OperUp {
+				break
+			}
+			if time.Now().After(deadline) {
+				tb.Fatalf("link %s not up after 5s", name)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 }

@@ -62,6 +62,7 @@ func newHost(t *testing.T, capacity int) *host {
 			t.Fatal(err)
 		}
 	}
+	testutil.WaitLinksUp(t, "up0", "peer0")
 	uplink, _ := net.InterfaceByName("up0")
 	peer, _ := net.InterfaceByName("peer0")
 	tapIf, _ := net.InterfaceByName("tap0")

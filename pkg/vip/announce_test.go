@@ -40,6 +40,7 @@ func TestAnnounceSendsTheBurst(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	testutil.WaitLinksUp(t, "up0", "peer0")
 	up, _ := net.InterfaceByName("up0")
 	peer, _ := net.InterfaceByName("peer0")
 	listener, err := packet.Listen(peer, packet.Raw, 0x0806, nil)
