@@ -200,3 +200,37 @@ func TestSwitchoverUnderLoadLosesNothing(t *testing.T) {
 	gap := check(t, acked, at)
 	t.Logf("switchover client gap %.1fms", float64(gap)/float64(time.Millisecond))
 }
+
+// After a failover the survivor runs alone; re-protection builds a new
+// secondary from its VM's state at a log position, without stopping the
+// VM. The new pair must then survive a second failover with every
+// acknowledged write.
+func TestReprotectionThenASecondFailoverLosesNothing(t *testing.T) {
+	labUp(t)
+	w := startWriter(t, 30*time.Millisecond)
+	waitWrites(t, w, 300)
+
+	first := crashHost(t, lab.NSPrimary)
+	waitWrites(t, w, w.Acked()+200)
+	out := ftgw(t, "lab", "reprotect", "--dir", labDir)
+	t.Log(strings.TrimSpace(out))
+	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
+	if b["state"] != "protected" || a["state"] != "standby" {
+		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+	}
+	if b["unprotected_seconds"].(float64) <= 0 {
+		t.Errorf("the unprotected window was not measured: %v", b["unprotected_seconds"])
+	}
+	waitWrites(t, w, w.Acked()+300)
+
+	second := crashHost(t, lab.NSSecondary)
+	waitWrites(t, w, w.Acked()+300)
+	acked := w.Stop()
+	a = hostStatus(t, lab.NSPrimary)
+	if a["state"] != "unprotected" || a["epoch"].(float64) != 3 {
+		t.Fatalf("after the second failover %s is %v at epoch %v, want unprotected at 3", lab.NSPrimary, a["state"], a["epoch"])
+	}
+	check(t, acked, first)
+	gap := check(t, acked, second)
+	t.Logf("second failover client gap %.1fms", float64(gap)/float64(time.Millisecond))
+}

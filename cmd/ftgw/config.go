@@ -48,6 +48,11 @@ type Config struct {
 	LogRingBytes int `yaml:"log_ring_bytes"`
 	// StateDir holds the guest's control socket.
 	StateDir string `yaml:"state_dir"`
+	// Restore and StartPosition build a new secondary for a primary that
+	// runs alone: its VM starts from Restore, a snapshot of the primary's
+	// taken at log position StartPosition, and follows the log from there.
+	Restore       string `yaml:"restore"`
+	StartPosition uint64 `yaml:"start_position"`
 }
 
 // VMConfig is one protected VM.
@@ -125,6 +130,9 @@ func (c *Config) validate() error {
 		}
 	default:
 		bad("role", "%q: want %q or %q", c.Role, rolePrimary, roleSecondary)
+	}
+	if c.Restore != "" && c.Role != roleSecondary {
+		bad("restore", "only a secondary starts from a snapshot")
 	}
 	if c.Uplink == "" {
 		bad("uplink", "missing")

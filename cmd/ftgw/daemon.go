@@ -39,18 +39,27 @@ type daemon struct {
 	engine Engine
 
 	// Primary side.
-	hold      *outputcommit.HoldQueue
-	primary   *lockstep.Primary
-	ackClock  ackClock
-	shipDelay lockedHistogram
+	hold       *outputcommit.HoldQueue
+	primaryPtr atomic.Pointer[lockstep.Primary] // replaced on re-protection
+	ackClock   ackClock
+	shipDelay  lockedHistogram
 	// Secondary side.
 	secondary *lockstep.Secondary
 	feeder    *guestFeeder
 
+	// inputBase is the guest's input count that log position 0 of the log
+	// this host follows corresponds to: the guest has reached position
+	// InputsConsumed() - inputBase. It moves when a secondary goes live
+	// (its own log starts at 0) or starts from a snapshot.
+	inputBase atomic.Uint64
+	lastRead  atomic.Uint64 // the last log position readLog took from the ring
+
 	// Failover.
 	arb         arbiter.Arbiter
 	stopChannel context.CancelFunc // ends the log channel's Run
-	shipping    atomic.Bool        // the log goes to the secondary (protected)
+	runCtx      context.Context    // and group: for what starts after start-up
+	group       *errgroup.Group
+	shipping    atomic.Bool // the log goes to the secondary (protected)
 
 	mu               sync.Mutex
 	hostState        hostState
@@ -69,13 +78,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
+	d.runCtx, d.group = ctx, g
 	channelCtx, stopChannel := context.WithCancel(ctx)
 	d.stopChannel = stopChannel
-	defer stopChannel()
+	defer func() { d.channelStop() }()
 	switch d.state() {
 	case stateProtected:
 		g.Go(func() error { return d.hold.Run(ctx) })
-		g.Go(func() error { return d.primary.Run(channelCtx) })
+		g.Go(func() error { return d.primary().Run(channelCtx) })
 	case stateStandby:
 		g.Go(func() error { return d.secondary.Run(channelCtx) })
 	}
@@ -152,7 +162,16 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		}
 	}
 
-	d.engine = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.log)
+	d.engine = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.cfg.Restore, d.log)
+	if d.cfg.Restore != "" {
+		// The snapshot's frame count is where this guest starts; log
+		// positions after StartPosition come on top of it.
+		consumed, err := snapshotFrames(d.cfg.Restore)
+		if err != nil {
+			return err
+		}
+		d.inputBase.Store(consumed - d.cfg.StartPosition)
+	}
 	if err := d.engine.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
@@ -172,7 +191,7 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		return err
 	}
 	d.setState(stateProtected)
-	return d.newPrimary()
+	return d.newPrimary(d.cfg.Peer.Address, 0)
 }
 
 func (d *daemon) publish(role vip.Role, epoch uint64) error {
@@ -203,13 +222,19 @@ func (d *daemon) setOutputMode(mode string) error {
 	return d.owner.Publish(rec)
 }
 
-func (d *daemon) newPrimary() error {
+// primary is the log channel to the secondary, or nil on a host that has
+// none.
+func (d *daemon) primary() *lockstep.Primary { return d.primaryPtr.Load() }
+
+// newPrimary makes the log channel to a secondary at addr that holds the log
+// up to startHead.
+func (d *daemon) newPrimary(addr string, startHead uint64) error {
 	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
 	if err != nil {
 		return err
 	}
-	d.primary, err = lockstep.NewPrimary(lockstep.PrimaryConfig{
-		Addr: d.cfg.Peer.Address, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch,
+	p, err := lockstep.NewPrimary(lockstep.PrimaryConfig{
+		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
 		OnAck: func(pos uint64) {
 			// The fast path first, so frames stamped <= pos that arrive
@@ -219,7 +244,11 @@ func (d *daemon) newPrimary() error {
 			d.ackClock.ack(pos)
 		},
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	d.primaryPtr.Store(p)
+	return nil
 }
 
 // readLog takes the log from the kernel ring on every host: a protected
@@ -227,13 +256,14 @@ func (d *daemon) newPrimary() error {
 // make room in the ring for new input).
 func (d *daemon) readLog(ctx context.Context) error {
 	return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
+		d.lastRead.Store(e.Position)
 		if !d.shipping.Load() {
 			return nil
 		}
 		d.shipDelay.observe(datapath.MonotonicNs() - e.LoggedNs)
 		// Before the append: its ack can be back before it returns.
 		d.ackClock.append(e.Position)
-		if err := d.primary.QueueFrame(e.Position, e.Frame); err != nil {
+		if err := d.primary().QueueFrame(e.Position, e.Frame); err != nil {
 			// The frame has reached the guest already; a log that
 			// cannot carry it would let the secondary diverge
 			// silently, so stop instead.
@@ -242,7 +272,7 @@ func (d *daemon) readLog(ctx context.Context) error {
 		return nil
 	}, func() error {
 		if d.shipping.Load() {
-			d.primary.Flush()
+			d.primary().Flush()
 		}
 		return nil
 	})
@@ -256,7 +286,8 @@ func (d *daemon) newSecondary() error {
 	d.secondary, err = lockstep.NewSecondary(lockstep.SecondaryConfig{
 		Listen: d.cfg.Peer.Listen, TLS: tlsCfg, VM: d.vm.Name,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
-		OnFrame: func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) },
+		OnFrame:       func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) },
+		StartPosition: d.cfg.StartPosition,
 	})
 	return err
 }
@@ -296,6 +327,8 @@ type Status struct {
 	RTTMicros float64 `json:"log_rtt_us"`
 	// LastFailover is the last failover this host took part in.
 	LastFailover *failoverPhases `json:"last_failover,omitempty"`
+	// UnprotectedSeconds is how long this host has served the VM alone.
+	UnprotectedSeconds float64 `json:"unprotected_seconds"`
 }
 
 func (d *daemon) status() Status {
@@ -304,14 +337,15 @@ func (d *daemon) status() Status {
 	d.mu.Lock()
 	s.LastFailover = d.lastFailover
 	d.mu.Unlock()
+	s.UnprotectedSeconds = d.unprotectedFor().Seconds()
 	if d.hold != nil {
 		s.Held = d.hold.Stats().Held
 	}
-	if d.primary != nil {
-		s.Connected = d.primary.Connected()
-		s.RTTMicros = float64(d.primary.RTT()) / float64(time.Microsecond)
-	}
-	if d.secondary != nil {
+	// A promoted secondary keeps its stopped channel: show the live one.
+	if p := d.primary(); p != nil && s.State != stateStandby.String() {
+		s.Connected = p.Connected()
+		s.RTTMicros = float64(p.RTT()) / float64(time.Microsecond)
+	} else if d.secondary != nil {
 		// A standby follows its primary's epoch.
 		s.Epoch = max(s.Epoch, d.secondary.PeerEpoch())
 		s.Received = d.secondary.Received()
@@ -352,6 +386,7 @@ func (d *daemon) serveControl(ctx context.Context) error {
 		d.log.Info("output mode", "mode", r.FormValue("mode"))
 	})
 	d.serveSwitchover(mux)
+	d.serveReprotect(mux)
 	path := controlPath(d.cfg.StateDir)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)

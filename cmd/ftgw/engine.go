@@ -31,6 +31,7 @@ type Engine interface {
 type syntheticEngine struct {
 	vm      VMConfig
 	control string
+	restore string // a snapshot to start from, or ""
 	log     *slog.Logger
 
 	cmd  *exec.Cmd
@@ -39,8 +40,8 @@ type syntheticEngine struct {
 	stop sync.Once
 }
 
-func newSyntheticEngine(vm VMConfig, control string, log *slog.Logger) *syntheticEngine {
-	return &syntheticEngine{vm: vm, control: control, log: log, done: make(chan struct{})}
+func newSyntheticEngine(vm VMConfig, control, restore string, log *slog.Logger) *syntheticEngine {
+	return &syntheticEngine{vm: vm, control: control, restore: restore, log: log, done: make(chan struct{})}
 }
 
 func (e *syntheticEngine) Start() error {
@@ -48,7 +49,11 @@ func (e *syntheticEngine) Start() error {
 	if err != nil {
 		return err
 	}
-	e.cmd = exec.Command(self, "guest", "--tap", e.vm.Tap, "--ip", e.vm.IP, "--mac", e.vm.MAC, "--control", e.control)
+	args := []string{"guest", "--tap", e.vm.Tap, "--ip", e.vm.IP, "--mac", e.vm.MAC, "--control", e.control}
+	if e.restore != "" {
+		args = append(args, "--restore", e.restore)
+	}
+	e.cmd = exec.Command(self, args...)
 	e.cmd.Stdout, e.cmd.Stderr = os.Stderr, os.Stderr
 	// If the daemon dies, so does its VM, as a QEMU child would.
 	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

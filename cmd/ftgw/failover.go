@@ -44,6 +44,16 @@ type failoverPhases struct {
 	GoLive      time.Duration `json:"go_live_ns"`     // owner switch and first announcement
 }
 
+// channelStop ends the log channel's Run: the peer is gone or replaced.
+func (d *daemon) channelStop() {
+	d.mu.Lock()
+	stop := d.stopChannel
+	d.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
 func (d *daemon) state() hostState {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -60,7 +70,14 @@ func (d *daemon) setState(s hostState) {
 		d.unprotectedTotal += time.Since(d.unprotectedSince)
 	}
 	d.hostState = s
-	d.shipping.Store(s == stateProtected)
+	// Only a primary with a secondary ships the log: a protected one, or
+	// an unprotected one building a new secondary (startReprotect).
+	switch s {
+	case stateProtected:
+		d.shipping.Store(true)
+	case stateStandby, statePassive:
+		d.shipping.Store(false)
+	}
 }
 
 // unprotectedFor is the total time this host served the VM alone.
@@ -93,8 +110,8 @@ func (d *daemon) watch(ctx context.Context) error {
 		}
 		switch d.state() {
 		case stateProtected:
-			if d.primary.Stats().Connects > 0 {
-				if silent := d.primary.SinceHeard(); silent > d.cfg.FailureTimeout {
+			if d.primary().Stats().Connects > 0 {
+				if silent := d.primary().SinceHeard(); silent > d.cfg.FailureTimeout {
 					d.secondaryLost(ctx, silent)
 				}
 			}
@@ -133,7 +150,7 @@ func (d *daemon) claim(ctx context.Context, known uint64) (won bool, epoch uint6
 func (d *daemon) secondaryLost(ctx context.Context, silent time.Duration) {
 	known := d.owner.Current().Epoch
 	d.log.Warn("secondary failed", "silent", silent, "epoch", known)
-	d.stopChannel()
+	d.channelStop()
 	won, epoch, arbitration := d.claim(ctx, known)
 	phases := failoverPhases{Cause: causeSecondaryLost, Won: won, Epoch: epoch, Detection: silent, Arbitration: arbitration}
 	start := time.Now()
@@ -149,6 +166,7 @@ func (d *daemon) secondaryLost(ctx context.Context, silent time.Duration) {
 			d.log.Error("go on unprotected", "err", err)
 		}
 		// What was held can go: no one else serves the VM.
+		d.shipping.Store(false)
 		d.hold.SetPassthrough(true)
 		d.setState(stateUnprotected)
 	}
@@ -163,7 +181,7 @@ func (d *daemon) secondaryLost(ctx context.Context, silent time.Duration) {
 func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 	known := d.secondary.PeerEpoch()
 	d.log.Warn("primary failed", "silent", silent, "epoch", known, "received", d.secondary.Received())
-	d.stopChannel()
+	d.channelStop()
 	won, epoch, arbitration := d.claim(ctx, known)
 	phases := failoverPhases{Cause: causePrimaryLost, Won: won, Epoch: epoch, Detection: silent, Arbitration: arbitration}
 	start := time.Now()
@@ -177,6 +195,10 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 		d.recordFailover(phases)
 		return
 	}
+	// This host's own log starts at 0; the guest has taken in every frame
+	// received (delivered before acknowledged; the tap keeps their order
+	// ahead of anything logged from now on).
+	d.inputBase.Add(d.secondary.Received())
 	// The commit point: one map update and this host serves the VM.
 	if err := d.publishUnprotected(epoch); err != nil {
 		d.log.Error("go live", "err", err)

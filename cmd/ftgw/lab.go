@@ -27,6 +27,9 @@ const labUsage = `Usage:
       a primary daemon in ftgw-a and a secondary in ftgw-b
   ftgw lab down [--dir DIR]      stop the daemons and remove the lab
   ftgw lab status [--dir DIR]    roles, log positions and guest states
+  ftgw lab reprotect [--dir DIR]
+      after a failover: a new secondary on the other host, built from the
+      survivor's VM at a log position, without stopping the VM
   ftgw lab traffic [--requests N]
       key-value writes from ftgw-c to the VM, then the commit latency
 `
@@ -60,7 +63,9 @@ func labCommand(ctx context.Context, args []string) error {
 	case "status":
 		return labStatus(os.Stdout, *dir)
 	case "traffic":
-		return labTraffic(ctx, os.Stdout, *requests)
+		return labTraffic(ctx, os.Stdout, *dir, *requests)
+	case "reprotect":
+		return labReprotect(ctx, append([]string{"--dir", *dir}, fs.Args()...))
 	}
 	fmt.Fprint(os.Stderr, labUsage)
 	return flag.ErrHelp

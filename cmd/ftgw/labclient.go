@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -165,7 +166,7 @@ func commitLatency(families map[string]*dto.MetricFamily, path string) *dto.Hist
 	return m.GetHistogram()
 }
 
-func labTraffic(ctx context.Context, w io.Writer, requests int) error {
+func labTraffic(ctx context.Context, w io.Writer, dir string, requests int) error {
 	c, err := kvClient(time.Second)
 	if err != nil {
 		return err
@@ -176,18 +177,32 @@ func labTraffic(ctx context.Context, w io.Writer, requests int) error {
 	fmt.Fprintf(w, "%d PUTs from %s to %s:%d answered, %d failed; round trip p50 %s p99 %s p99.9 %s\n",
 		len(lat), lab.NSClient, lab.VMIP, lab.KVPort, failed, micros(p[0]), micros(p[1]), micros(p[2]))
 
-	families, err := lab.Scrape(lab.NSPrimary)
+	serving, err := servingHost(dir)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "output commit latency on %s (ftgw_output_commit_latency_seconds):\n", lab.NSPrimary)
+	families, err := lab.Scrape(serving)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "output commit latency on %s (ftgw_output_commit_latency_seconds):\n", serving)
 	for _, path := range []string{"held", "fast"} {
 		h := commitLatency(families, path)
 		if h == nil {
-			return fmt.Errorf("no %s commit latency in %s's metrics", path, lab.NSPrimary)
+			return fmt.Errorf("no %s commit latency in %s's metrics", path, serving)
 		}
 		fmt.Fprintf(w, "  %-4s frames %6d  p50 %s  p99 %s\n", path, h.GetSampleCount(),
 			micros(histogramQuantile(h, 0.5)), micros(histogramQuantile(h, 0.99)))
 	}
 	return nil
+}
+
+// servingHost is the lab host whose VM is active now.
+func servingHost(dir string) (string, error) {
+	for _, host := range lab.Hosts[:2] {
+		if s, err := daemonStatus(dir, host.NS); err == nil && s.Role == "active" {
+			return host.NS, nil
+		}
+	}
+	return "", errors.New("no lab host serves the VM")
 }

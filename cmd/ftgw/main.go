@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -99,6 +100,7 @@ func guestCommand(ctx context.Context, args []string) error {
 	ipFlag := fs.String("ip", "", "the guest's IPv4 address")
 	macFlag := fs.String("mac", "", "the guest's MAC address")
 	control := fs.String("control", "", "unix socket answering STATE (optional)")
+	restore := fs.String("restore", "", "start from this snapshot (a JSON STATE) instead of empty")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -113,5 +115,16 @@ func guestCommand(ctx context.Context, args []string) error {
 	if *tapName == "" {
 		return errors.New("--tap is required")
 	}
-	return guest.Run(ctx, guest.Config{Tap: *tapName, IP: ip, MAC: mac, Control: *control}, newLogger(false))
+	cfg := guest.Config{Tap: *tapName, IP: ip, MAC: mac, Control: *control}
+	if *restore != "" {
+		raw, err := os.ReadFile(*restore)
+		if err != nil {
+			return fmt.Errorf("--restore: %w", err)
+		}
+		cfg.Restore = new(guest.State)
+		if err := json.Unmarshal(raw, cfg.Restore); err != nil {
+			return fmt.Errorf("--restore %s: %w", *restore, err)
+		}
+	}
+	return guest.Run(ctx, cfg, newLogger(false))
 }

@@ -110,10 +110,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.acked, float64(d.dp.Acked()))
 
 	var ls *lockstep.Stats
-	if d.primary != nil {
-		st := d.primary.Stats()
+	if d.primary() != nil {
+		st := d.primary().Stats()
 		ls = &st
-		gauge(c.rtt, d.primary.RTT().Seconds())
+		gauge(c.rtt, d.primary().RTT().Seconds())
 		ch <- constHistogram(c.ackLatency, d.ackClock.histogram(), vm)
 		ch <- constHistogram(c.shipDelay, d.shipDelay.snapshot(), vm)
 	}

@@ -58,7 +58,7 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	var stable int
 	err = waitUntil(ctx, 5*time.Second, "the guest's last outputs to leave", func() (bool, error) {
 		head = d.dp.Head()
-		consumed, err := d.engine.InputsConsumed()
+		consumed, err := d.consumedPosition()
 		if err != nil {
 			return false, err
 		}
@@ -79,7 +79,7 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 		return 0, 0, err
 	}
 	d.setState(statePassive)
-	d.stopChannel()
+	d.channelStop()
 	d.log.Info("handed over", "epoch", epoch, "head", head)
 	return epoch, head, nil
 }
@@ -92,14 +92,15 @@ func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhas
 	}
 	start := time.Now()
 	err := waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
-		consumed, err := d.engine.InputsConsumed()
+		consumed, err := d.consumedPosition()
 		return d.secondary.Received() >= head && consumed >= head, err
 	})
 	if err != nil {
 		return phases, err
 	}
 	phases.Detection = time.Since(start) // here: catching up with the log
-	d.stopChannel()
+	d.channelStop()
+	d.inputBase.Add(d.secondary.Received())
 	won, newEpoch, arbitration := d.claim(ctx, epoch)
 	phases.Won, phases.Epoch, phases.Arbitration = won, newEpoch, arbitration
 	if !won {

@@ -93,6 +93,17 @@ func New(ip netip.Addr, mac net.HardwareAddr) *Guest {
 	return g
 }
 
+// Restore makes g the guest whose state st is: a copy built from a snapshot
+// of another guest continues exactly as that guest would. State holds all
+// there is (the IPv4 ID of replies comes from Replies).
+func (g *Guest) Restore(st State) {
+	g.kv = make(map[string]string, len(st.Keys))
+	for k, v := range st.Keys {
+		g.kv[k] = v
+	}
+	g.puts, g.frames, g.ignored, g.replies = st.Puts, st.Frames, st.Ignored, st.Replies
+}
+
 // HandleFrame consumes one Ethernet frame and returns the frames the guest
 // sends in response (at most one today). Malformed or uninteresting frames
 // are counted and ignored. frame is not retained or modified; replies are

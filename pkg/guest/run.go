@@ -26,6 +26,9 @@ type Config struct {
 	IP      netip.Addr       // the guest's IPv4 address
 	MAC     net.HardwareAddr // the guest's unicast MAC
 	Control string           // unix socket path for STATE queries; "" for none
+	// Restore, if set, is where the guest starts: a snapshot of another
+	// guest (its STATE) at a log position.
+	Restore *State
 }
 
 // Run acts as the VM behind cfg.Tap until ctx is done, then returns nil.
@@ -91,6 +94,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 
 	g := New(ip, cfg.MAC)
+	if cfg.Restore != nil {
+		g.Restore(*cfg.Restore)
+	}
 	logger.Info("guest running", "tap", t.Name(), "ip", ip, "mac", cfg.MAC.String(), "control", cfg.Control)
 	stopped := func() error {
 		st := g.State()

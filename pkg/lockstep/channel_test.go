@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 )
@@ -629,5 +630,34 @@ func TestQueuedFramesGoOutOnFlush(t *testing.T) {
 	frames.check(t, n)
 	if sent := p.Stats().RecordsSent[KindRXFrame]; sent != n {
 		t.Errorf("sent %d RXFrame records, want %d", sent, n)
+	}
+}
+
+// Re-protection: a secondary built from a snapshot at position 40 joins a
+// primary whose log starts there, and gets frames from 41 on.
+func TestPairStartsAtASnapshotPosition(t *testing.T) {
+	pki := newPKI(t)
+	var got []uint64
+	var mu sync.Mutex
+	s := startSecondary(t, pki, SecondaryConfig{StartPosition: 40, OnFrame: func(pos uint64, frame []byte) error {
+		mu.Lock()
+		got = append(got, pos)
+		mu.Unlock()
+		return nil
+	}})
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{StartHead: 40})
+	if p.Head() != 40 || p.Acked() != 40 || s.Received() != 40 {
+		t.Fatalf("start: head %d acked %d received %d, want 40", p.Head(), p.Acked(), s.Received())
+	}
+	if err := p.AppendFrame(40, frameFor(40)); !errors.Is(err, ErrOutOfOrder) {
+		t.Errorf("append at the start head: %v, want ErrOutOfOrder", err)
+	}
+	run(t, p.Run)
+	appendFrames(t, p, 41, 60)
+	waitFor(t, "ack 60", func() bool { return p.Acked() == 60 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 20 || got[0] != 41 || got[19] != 60 {
+		t.Errorf("secondary got positions %v, want 41..60", got)
 	}
 }

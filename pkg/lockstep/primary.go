@@ -19,6 +19,10 @@ type PrimaryConfig struct {
 	TLS   *tls.Config // from ClientTLS; ServerName defaults to Addr's host
 	VM    string      // protected VM; both ends must agree
 	Epoch uint64      // stamped on every record
+	// StartHead is the log position a new secondary already holds (its
+	// guest was built from a snapshot taken there): the first frame
+	// appended is StartHead+1. Zero for a pair that starts together.
+	StartHead uint64
 
 	Heartbeat time.Duration // default DefaultHeartbeat
 	// Timeout declares the link dead when nothing arrives for this long; it
@@ -102,6 +106,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		log:   cfg.Logger.With("component", "lockstep", "role", "primary", "vm", cfg.VM, "secondary", cfg.Addr),
 		hello: helloPayload(cfg.VM),
 		wake:  make(chan struct{}, 1),
+		head:  cfg.StartHead,
+		acked: cfg.StartHead,
 	}, nil
 }
 

@@ -26,6 +26,9 @@ type SecondaryConfig struct {
 	// frame is only valid during the call. An error closes the connection
 	// without acknowledging the frame, so the primary sends it again.
 	OnFrame func(pos uint64, frame []byte) error
+	// StartPosition is the log position this secondary's VM was built at
+	// (from a snapshot): it asks for frames from StartPosition+1 on.
+	StartPosition uint64
 
 	Logger   *slog.Logger // default slog.Default()
 	Listener net.Listener // optional (tests); plain TCP, TLS is added here
@@ -76,12 +79,14 @@ func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
 			return nil, fmt.Errorf("new secondary: %w", err)
 		}
 	}
-	return &Secondary{
+	s := &Secondary{
 		cfg:   cfg,
 		ln:    ln,
 		log:   cfg.Logger.With("component", "lockstep", "role", "secondary", "vm", cfg.VM),
 		hello: helloPayload(cfg.VM),
-	}, nil
+	}
+	s.received.Store(cfg.StartPosition)
+	return s, nil
 }
 
 // Addr is the listening address.
