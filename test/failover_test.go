@@ -64,6 +64,14 @@ func crashHost(t *testing.T, ns string) time.Time {
 // hostStatus reads a daemon's status, with the last failover's phases.
 func hostStatus(t *testing.T, ns string) map[string]any {
 	t.Helper()
+	s, err := tryHostStatus(ns)
+	if err != nil {
+		t.Fatalf("status of %s: %v", ns, err)
+	}
+	return s
+}
+
+func tryHostStatus(ns string) (map[string]any, error) {
 	sock := filepath.Join(labDir, ns, "control.sock")
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -73,14 +81,11 @@ func hostStatus(t *testing.T, ns string) map[string]any {
 	}}
 	resp, err := client.Get("http://ftgw/status")
 	if err != nil {
-		t.Fatalf("status of %s: %v", ns, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	var s map[string]any
-	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
-		t.Fatalf("status of %s: %v", ns, err)
-	}
-	return s
+	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
 
 func waitWrites(t *testing.T, w *lab.Writer, n int) {
@@ -233,4 +238,67 @@ func TestReprotectionThenASecondFailoverLosesNothing(t *testing.T) {
 	check(t, acked, first)
 	gap := check(t, acked, second)
 	t.Logf("second failover client gap %.1fms", float64(gap)/float64(time.Millisecond))
+}
+
+// The old primary, restarted after a failover with its old configuration,
+// finds in the arbiter that it lost the epoch and stays passive: no
+// failback by surprise. It can then be made the new secondary.
+func TestRestartedOldPrimaryStaysPassiveThenBecomesSecondary(t *testing.T) {
+	labUp(t)
+	w := startWriter(t, 30*time.Millisecond)
+	waitWrites(t, w, 200)
+	crashed := crashHost(t, lab.NSPrimary)
+	waitWrites(t, w, w.Acked()+200)
+
+	// The failover in the survivor's metrics.
+	families := scrape(t, lab.NSSecondary)
+	if n := value(t, families, "ftgw_failovers_total", map[string]string{"cause": "primary_lost"}); n != 1 {
+		t.Errorf("ftgw_failovers_total{cause=primary_lost} = %v, want 1", n)
+	}
+	if v := value(t, families, "ftgw_state", map[string]string{"state": "unprotected"}); v != 1 {
+		t.Errorf("ftgw_state{state=unprotected} = %v, want 1", v)
+	}
+	if v := value(t, families, "ftgw_epoch", nil); v != 2 {
+		t.Errorf("ftgw_epoch = %v, want 2", v)
+	}
+	if v := value(t, families, "ftgw_unprotected_seconds_total", nil); v <= 0 {
+		t.Errorf("ftgw_unprotected_seconds_total = %v, want > 0", v)
+	}
+	for _, phase := range []string{"detection", "arbitration", "go_live"} {
+		if v := value(t, families, "ftgw_last_failover_seconds", map[string]string{"phase": phase}); v <= 0 {
+			t.Errorf("ftgw_last_failover_seconds{phase=%s} = %v", phase, v)
+		}
+	}
+
+	// Restart the old primary as it was.
+	restart := exec.Command("ip", "netns", "exec", lab.NSPrimary, ftgwBin, "run", "--config", filepath.Join(labDir, lab.NSPrimary, "ftgw.yaml"))
+	restart.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := restart.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go restart.Wait()
+	var a map[string]any
+	waitFor(t, 10*time.Second, "the restarted old primary to answer", func() bool {
+		var err error
+		a, err = tryHostStatus(lab.NSPrimary)
+		return err == nil
+	})
+	if a["state"] != "passive" || a["role"] != "standby" || a["epoch"].(float64) != 2 {
+		t.Fatalf("restarted old primary: state %v role %v epoch %v, want passive standby at epoch 2", a["state"], a["role"], a["epoch"])
+	}
+	waitWrites(t, w, w.Acked()+200) // ftgw-b still serves
+
+	out := ftgw(t, "lab", "reprotect", "--dir", labDir)
+	t.Log(strings.TrimSpace(out))
+	waitWrites(t, w, w.Acked()+200)
+	acked := w.Stop()
+	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
+	if a["state"] != "standby" || b["state"] != "protected" {
+		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+	}
+	primary, secondary := waitReplicated(t)
+	if primary.Digest != secondary.Digest {
+		t.Error("the new secondary's VM differs from the primary's")
+	}
+	check(t, acked, crashed)
 }
