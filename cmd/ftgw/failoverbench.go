@@ -17,20 +17,36 @@ import (
 	"github.com/ftgw/ftgw/internal/lab"
 )
 
-// A fault the failover benchmark injects.
+// A fault the failover benchmark injects, on the pair as it stands.
 type fault struct {
-	name   string
-	winner string // the host that must end up serving
-	inject func(dir string) error
+	name string
+	// inject hits the pair whose protected primary and standby are in the
+	// given namespaces, and returns the host that must end up serving
+	// ("" if either may).
+	inject func(dir, primary, secondary string) (winner string, err error)
 }
 
 var faults = []fault{
-	{"primary host crash", lab.NSSecondary, func(string) error { return killAll(lab.NSPrimary) }},
-	{"primary daemon kill", lab.NSSecondary, func(dir string) error { return killDaemon(dir, lab.NSPrimary) }},
-	{"secondary host crash", lab.NSPrimary, func(string) error { return killAll(lab.NSSecondary) }},
-	{"replication link cut", "", func(string) error {
-		return exec.Command("ip", "-n", lab.NSSecondary, "link", "set", lab.ReplLink, "down").Run()
+	{"primary host crash", func(dir, primary, secondary string) (string, error) {
+		return secondary, killAll(primary)
 	}},
+	{"primary daemon kill", func(dir, primary, secondary string) (string, error) {
+		return secondary, killDaemon(dir, primary)
+	}},
+	{"secondary host crash", func(dir, primary, secondary string) (string, error) {
+		return primary, killAll(secondary)
+	}},
+	{"replication link cut", func(dir, primary, secondary string) (string, error) {
+		return "", setReplLink(false)
+	}},
+}
+
+func setReplLink(up bool) error {
+	state := map[bool]string{true: "up", false: "down"}[up]
+	if out, err := exec.Command("ip", "-n", lab.NSSecondary, "link", "set", lab.ReplLink, state).CombinedOutput(); err != nil {
+		return fmt.Errorf("set %s %s: %v: %s", lab.ReplLink, state, err, out)
+	}
+	return nil
 }
 
 func killAll(ns string) error {
@@ -56,26 +72,37 @@ func killDaemon(dir, ns string) error {
 }
 
 type failoverRun struct {
-	fault  string
-	winner string
-	phases failoverPhases
-	check  lab.CheckResult
-	err    error
+	fault       string
+	winner      string
+	phases      failoverPhases
+	check       lab.CheckResult
+	reprotect   time.Duration // building the new secondary
+	unprotected time.Duration // from the fault until protected again
+	err         error
 }
 
-// failoverBench runs n failovers, each on a freshly built lab under a write
-// load: a random fault, then the checker. The lab is rebuilt each time
-// because a pair that failed over runs unprotected until re-protection.
+// failoverBench runs n failovers on one lab under a write load: a random
+// fault on the pair as it stands, the checker, then re-protection, so each
+// run starts from a protected pair whose roles the previous runs decided.
+// A run that fails to complete leaves the lab rebuilt for the next.
 func failoverBench(ctx context.Context, w io.Writer, dir string, n int, seed uint64, failureTimeout time.Duration) error {
 	if n < 1 {
 		return errors.New("--failover wants at least 1 run")
 	}
 	rng := rand.New(rand.NewPCG(seed, seed))
-	fmt.Fprintf(w, "ftgw bench --failover %d (seed %d, failure timeout %s): a fresh lab per run, a write load, a random fault, the checker\n", n, seed, failureTimeout)
+	fmt.Fprintf(w, "ftgw bench --failover %d (seed %d, failure timeout %s): one lab, a write load, a random fault, the checker, re-protection\n", n, seed, failureTimeout)
+	rebuild := func() error {
+		labDown(dir)
+		return labUp(ctx, dir, 10*time.Millisecond, failureTimeout, 4096)
+	}
+	if err := rebuild(); err != nil {
+		return err
+	}
+	defer labDown(dir)
 	var runs []failoverRun
 	for i := 0; i < n && ctx.Err() == nil; i++ {
 		f := faults[rng.IntN(len(faults))]
-		r := runFailover(ctx, dir, f, failureTimeout)
+		r := runFailover(ctx, dir, f, i)
 		runs = append(runs, r)
 		status := "ok"
 		switch {
@@ -84,22 +111,57 @@ func failoverBench(ctx context.Context, w io.Writer, dir string, n int, seed uin
 		case !r.check.OK():
 			status = "CHECKER FAILED"
 		}
-		fmt.Fprintf(w, "%3d %-22s -> %-7s detection %6.1fms arbitration %5.2fms go-live %5.2fms  %s: %s\n", i+1, f.name, r.winner,
-			ms(r.phases.Detection), ms(r.phases.Arbitration), ms(r.phases.GoLive), r.check, status)
+		fmt.Fprintf(w, "%3d %-22s -> %-7s detection %5.1fms arbitration %5.2fms go-live %5.2fms | %s | re-protected in %4.0fms, unprotected %4.0fms: %s\n",
+			i+1, f.name, r.winner, ms(r.phases.Detection), ms(r.phases.Arbitration), ms(r.phases.GoLive), r.check,
+			ms(r.reprotect), ms(r.unprotected), status)
+		if r.err != nil || !r.check.OK() {
+			// Keep what the daemons said before the lab goes.
+			for _, host := range lab.Hosts[:2] {
+				fmt.Fprintf(w, "    %s log:\n%s\n", host.NS, indent(tail(filepath.Join(hostDir(dir, host.NS), "ftgw.log"), 25)))
+			}
+			for _, lost := range r.check.Lost {
+				fmt.Fprintf(w, "    lost: %s=%s (OK %d at %s)\n", lost.Key, lost.Value, lost.Count, lost.At.Format("15:04:05.000000"))
+			}
+		}
+		if r.err != nil {
+			if err := rebuild(); err != nil {
+				return err
+			}
+		}
 	}
 	return printFailoverTable(w, runs)
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func runFailover(ctx context.Context, dir string, f fault, failureTimeout time.Duration) (r failoverRun) {
+// roles finds the protected primary and the standby.
+func roles(dir string) (primary, secondary string, err error) {
+	for _, host := range lab.Hosts[:2] {
+		s, err := daemonStatus(dir, host.NS)
+		if err != nil {
+			return "", "", fmt.Errorf("%s: %w", host.NS, err)
+		}
+		switch s.State {
+		case stateProtected.String():
+			primary = host.NS
+		case stateStandby.String():
+			secondary = host.NS
+		}
+	}
+	if primary == "" || secondary == "" {
+		return "", "", errors.New("the lab has no protected pair")
+	}
+	return primary, secondary, nil
+}
+
+func runFailover(ctx context.Context, dir string, f fault, run int) (r failoverRun) {
 	r.fault = f.name
-	labDown(dir)
-	if r.err = labUp(ctx, dir, 10*time.Millisecond, failureTimeout, 4096); r.err != nil {
+	primary, secondary, err := roles(dir)
+	if err != nil {
+		r.err = err
 		return r
 	}
-	defer labDown(dir)
-	wr, err := lab.StartWriter("w", 30*time.Millisecond, 100_000, 30*time.Second)
+	wr, err := lab.StartWriter(fmt.Sprintf("r%d-", run), 30*time.Millisecond, 100_000, 30*time.Second)
 	if err != nil {
 		r.err = err
 		return r
@@ -109,7 +171,9 @@ func runFailover(ctx context.Context, dir string, f fault, failureTimeout time.D
 		return r
 	}
 	at := time.Now()
-	if r.err = f.inject(dir); r.err != nil {
+	want, err := f.inject(dir, primary, secondary)
+	if err != nil {
+		r.err = err
 		return r
 	}
 	if r.err = wr.WaitAcked(wr.Acked()+200, 10*time.Second); r.err != nil {
@@ -117,7 +181,7 @@ func runFailover(ctx context.Context, dir string, f fault, failureTimeout time.D
 	}
 	acked := wr.Stop()
 	// Who serves now, and how its failover went.
-	for _, ns := range []string{lab.NSPrimary, lab.NSSecondary} {
+	for _, ns := range []string{primary, secondary} {
 		s, err := daemonStatus(dir, ns)
 		if err != nil || s.State != stateUnprotected.String() {
 			continue
@@ -127,29 +191,40 @@ func runFailover(ctx context.Context, dir string, f fault, failureTimeout time.D
 			r.phases = *s.LastFailover
 		}
 	}
-	if r.winner == "" || (f.winner != "" && r.winner != f.winner) {
-		r.err = fmt.Errorf("serving host %q, want %q", r.winner, f.winner)
+	if r.winner == "" || (want != "" && r.winner != want) {
+		r.err = fmt.Errorf("serving host %q, want %q", r.winner, want)
 		return r
 	}
-	r.check, r.err = lab.Check(acked, at)
+	if r.check, r.err = lab.Check(acked, at); r.err != nil {
+		return r
+	}
+	if f.name == "replication link cut" {
+		if r.err = setReplLink(true); r.err != nil {
+			return r
+		}
+	}
+	rp, err := reprotect(ctx, dir)
+	r.reprotect, r.unprotected, r.err = rp.took, time.Since(at), err
 	return r
 }
 
 func printFailoverTable(w io.Writer, runs []failoverRun) error {
 	var failures, errs int
 	byFault := map[string]int{}
-	var det, arb, live, gap []time.Duration
+	var det, arb, live, gap, rep, unp []time.Duration
 	for _, r := range runs {
 		byFault[r.fault]++
+		// A loss counts even when a later step (re-protection) failed.
+		if !r.check.OK() {
+			failures++
+		}
 		if r.err != nil {
 			errs++
 			continue
 		}
-		if !r.check.OK() {
-			failures++
-		}
 		det, arb = append(det, r.phases.Detection), append(arb, r.phases.Arbitration)
 		live, gap = append(live, r.phases.GoLive), append(gap, r.check.Gap)
+		rep, unp = append(rep, r.reprotect), append(unp, r.unprotected)
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
@@ -165,7 +240,7 @@ func printFailoverTable(w io.Writer, runs []failoverRun) error {
 	for _, p := range []struct {
 		name string
 		d    []time.Duration
-	}{{"detection", det}, {"arbitration", arb}, {"go-live", live}, {"client gap", gap}} {
+	}{{"detection", det}, {"arbitration", arb}, {"go-live", live}, {"client gap", gap}, {"re-protection", rep}, {"unprotected window", unp}} {
 		q := percentiles(p.d, 50, 99, 100)
 		fmt.Fprintf(tw, "%s\t%.2fms\t%.2fms\t%.2fms\t\n", p.name, ms(q[0]), ms(q[1]), ms(q[2]))
 	}
@@ -175,3 +250,5 @@ func printFailoverTable(w io.Writer, runs []failoverRun) error {
 	}
 	return nil
 }
+
+func indent(s string) string { return "      " + strings.ReplaceAll(s, "\n", "\n      ") }

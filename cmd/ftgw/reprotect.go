@@ -174,57 +174,72 @@ func labReprotect(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	r, err := reprotect(ctx, *dir)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("re-protected: %s follows %s from log position %d (epoch %d) after %s; %s served the VM alone for %.3fs in all\n",
+		r.secondary, r.survivor, r.position, r.epoch, r.took.Round(100*time.Microsecond), r.survivor, r.unprotected)
+	return nil
+}
+
+type reprotection struct {
+	survivor, secondary string
+	position, epoch     uint64
+	took                time.Duration
+	unprotected         float64 // seconds the survivor has served alone, in all
+}
+
+func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	var survivor, other lab.Host
 	for i, host := range lab.Hosts[:2] {
-		if s, err := daemonStatus(*dir, host.NS); err == nil && s.State == stateUnprotected.String() {
+		if s, err := daemonStatus(dir, host.NS); err == nil && s.State == stateUnprotected.String() {
 			survivor, other = host, lab.Hosts[1-i]
 		}
 	}
 	if survivor.NS == "" {
-		return errors.New("no lab host serves the VM alone: nothing to re-protect")
+		return r, errors.New("no lab host serves the VM alone: nothing to re-protect")
 	}
+	r.survivor, r.secondary = survivor.NS, other.NS
 	// Whatever is left of the other host's daemon and VM goes.
 	if err := killAll(other.NS); err != nil {
-		return err
+		return r, err
 	}
 	time.Sleep(100 * time.Millisecond)
 
 	start := time.Now()
 	peer := net.JoinHostPort(other.Repl.Addr().String(), strconv.Itoa(lab.LogPort))
-	raw, err := controlPost(*dir, survivor.NS, "/reprotect", url.Values{"peer": {peer}})
+	raw, err := controlPost(dir, survivor.NS, "/reprotect", url.Values{"peer": {peer}})
 	if err != nil {
-		return err
+		return r, err
 	}
 	var snap snapshotReply
 	if err := json.Unmarshal([]byte(raw), &snap); err != nil {
-		return fmt.Errorf("reprotect reply: %w", err)
+		return r, fmt.Errorf("reprotect reply: %w", err)
 	}
-	cfg, err := loadConfig(filepath.Join(hostDir(*dir, other.NS), "ftgw.yaml"))
+	r.position, r.epoch = snap.Position, snap.Epoch
+	cfg, err := loadConfig(filepath.Join(hostDir(dir, other.NS), "ftgw.yaml"))
 	if err != nil {
-		return err
+		return r, err
 	}
 	state, err := json.Marshal(snap.State)
 	if err != nil {
-		return err
+		return r, err
 	}
-	cfg.Restore = filepath.Join(hostDir(*dir, other.NS), "snapshot.json")
+	cfg.Restore = filepath.Join(hostDir(dir, other.NS), "snapshot.json")
 	if err := os.WriteFile(cfg.Restore, state, 0o600); err != nil {
-		return err
+		return r, err
 	}
 	cfg.Role, cfg.StartPosition = roleSecondary, snap.Position
 	cfg.Peer.Listen, cfg.Peer.Address = peer, ""
-	if err := startDaemon(ctx, *dir, other.NS, cfg); err != nil {
-		return err
+	if err := startDaemon(ctx, dir, other.NS, cfg); err != nil {
+		return r, err
 	}
 	var s Status
 	err = waitUntil(ctx, 10*time.Second, "the pair to be protected", func() (bool, error) {
-		s, err = daemonStatus(*dir, survivor.NS)
+		s, err = daemonStatus(dir, survivor.NS)
 		return s.State == stateProtected.String(), err
 	})
-	if err != nil {
-		return err
-	}
-	fmt.Printf("re-protected: %s follows %s from log position %d (epoch %d) after %s; %s served the VM alone for %.3fs in all\n",
-		other.NS, survivor.NS, snap.Position, snap.Epoch, time.Since(start).Round(100*time.Microsecond), survivor.NS, s.UnprotectedSeconds)
-	return nil
+	r.took, r.unprotected = time.Since(start), s.UnprotectedSeconds
+	return r, err
 }
