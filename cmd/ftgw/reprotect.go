@@ -68,9 +68,12 @@ func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply
 	if err := d.owner.Publish(paused); err != nil {
 		return reply, err
 	}
+	resumed := false
 	defer func() {
-		if err := d.owner.Publish(rec); err != nil {
-			d.log.Error("resume input", "err", err)
+		if !resumed {
+			if err := d.owner.Publish(rec); err != nil {
+				d.log.Error("resume input", "err", err)
+			}
 		}
 	}()
 	var stable int
@@ -119,30 +122,49 @@ func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply
 	// Everything logged from here on is queued for the new secondary; the
 	// head sat still at Position, so nothing falls between.
 	d.shipping.Store(true)
+	// The Output Rule holds again from here, before the secondary is even
+	// up: every output of input after the snapshot waits for its ack. Were
+	// they released now, a new secondary that took over before it caught
+	// up would lack inputs whose outputs clients already saw.
+	d.dp.SetAcked(max(d.dp.Acked(), reply.Position))
+	d.hold.SetPassthrough(false)
+	rec.Role, rec.Passthrough = vip.RoleActive, false
+	if err := d.owner.Publish(rec); err != nil {
+		return reply, err
+	}
+	resumed = true
 	d.group.Go(func() error { return d.primary().Run(channelCtx) })
 	d.group.Go(func() error { return d.awaitProtection(channelCtx, reply.Position) })
 	d.log.Info("re-protecting", "secondary", peer, "position", reply.Position, "epoch", reply.Epoch)
 	return reply, nil
 }
 
-// awaitProtection turns the Output Rule back on once the new secondary holds
-// the log up to the snapshot: from then on its copy of the VM can take over.
+// reprotectTimeout bounds how long output may wait for a new secondary
+// that does not come.
+const reprotectTimeout = 10 * time.Second
+
+// awaitProtection declares the pair protected once the new secondary holds
+// the log up to the snapshot: from then on its copy of the VM can take over,
+// and losing it is a failure to handle. A secondary that never joins is given
+// up on: what waited for it is released and the survivor serves alone again.
 func (d *daemon) awaitProtection(ctx context.Context, position uint64) error {
+	deadline := time.Now().Add(reprotectTimeout)
 	for ctx.Err() == nil {
 		p := d.primary()
 		if p.Connected() && p.Acked() >= position {
-			// The secondary's first ack, of the position it starts at,
-			// is no news to the channel and reaches no OnAck.
-			d.dp.SetAcked(max(d.dp.Acked(), p.Acked()))
-			rec := d.owner.Current()
-			rec.Role, rec.Passthrough = vip.RoleActive, false
-			if err := d.owner.Publish(rec); err != nil {
-				return err
-			}
-			d.hold.SetPassthrough(false)
 			unprotected := d.unprotectedFor()
 			d.setState(stateProtected)
 			d.log.Info("re-protected", "position", position, "unprotected_total", unprotected)
+			return nil
+		}
+		if time.Now().After(deadline) {
+			d.log.Error("re-protection abandoned: the new secondary did not join", "after", reprotectTimeout)
+			d.channelStop()
+			d.shipping.Store(false)
+			d.hold.SetPassthrough(true)
+			if err := d.publishUnprotected(d.owner.Current().Epoch); err != nil {
+				return err
+			}
 			return nil
 		}
 		time.Sleep(time.Millisecond)
