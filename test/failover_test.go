@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,18 +44,12 @@ func check(t *testing.T, acked []lab.AckedWrite, fault time.Time) time.Duration 
 	return res.Gap
 }
 
-// crashHost kills every process of a lab host at once, as a host crash.
+// crashHost crashes a lab host and returns when.
 func crashHost(t *testing.T, ns string) time.Time {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "pids", ns).Output()
-	if err != nil {
-		t.Fatal(err)
-	}
 	at := time.Now()
-	for _, f := range strings.Fields(string(out)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
+	if err := lab.Crash(ns); err != nil {
+		t.Fatal(err)
 	}
 	return at
 }

@@ -348,12 +348,8 @@ func signalSecondary(t *testing.T, sig syscall.Signal) {
 
 func setReplLink(t *testing.T, up bool) {
 	t.Helper()
-	state := "down"
-	if up {
-		state = "up"
-	}
-	if out, err := exec.Command("ip", "-n", lab.NSSecondary, "link", "set", lab.ReplLink, state).CombinedOutput(); err != nil {
-		t.Fatalf("set replication link %s: %v\n%s", state, err, out)
+	if err := lab.SetReplLink(up); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -53,6 +53,10 @@ func (e *syntheticEngine) Start() error {
 	if e.restore != "" {
 		args = append(args, "--restore", e.restore)
 	}
+	// A dead guest's socket would pass for this one's.
+	if err := os.Remove(e.control); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale guest socket: %w", err)
+	}
 	e.cmd = exec.Command(self, args...)
 	e.cmd.Stdout, e.cmd.Stderr = os.Stderr, os.Stderr
 	// If the daemon dies, so does its VM, as a QEMU child would.
@@ -67,7 +71,10 @@ func (e *syntheticEngine) Start() error {
 	return e.waitReady()
 }
 
-// waitReady waits for the guest's control socket: from then on it reads its tap.
+// waitReady waits until the guest answers on its control socket. It opens
+// its tap and restores its snapshot before it answers: until then, frames
+// for it would be dropped (a tap with no reader drops) and the log and the
+// guest would part ways.
 func (e *syntheticEngine) waitReady() error {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -76,10 +83,10 @@ func (e *syntheticEngine) waitReady() error {
 			return fmt.Errorf("guest exited at start: %w", e.err)
 		default:
 		}
-		if _, err := os.Stat(e.control); err == nil {
+		if _, err := guest.QueryState(e.control); err == nil {
 			return nil
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	return errors.New("guest not ready after 10s")
 }

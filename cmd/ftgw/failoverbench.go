@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -28,38 +26,17 @@ type fault struct {
 
 var faults = []fault{
 	{"primary host crash", func(dir, primary, secondary string) (string, error) {
-		return secondary, killAll(primary)
+		return secondary, lab.Crash(primary)
 	}},
 	{"primary daemon kill", func(dir, primary, secondary string) (string, error) {
 		return secondary, killDaemon(dir, primary)
 	}},
 	{"secondary host crash", func(dir, primary, secondary string) (string, error) {
-		return primary, killAll(secondary)
+		return primary, lab.Crash(secondary)
 	}},
 	{"replication link cut", func(dir, primary, secondary string) (string, error) {
-		return "", setReplLink(false)
+		return "", lab.SetReplLink(false)
 	}},
-}
-
-func setReplLink(up bool) error {
-	state := map[bool]string{true: "up", false: "down"}[up]
-	if out, err := exec.Command("ip", "-n", lab.NSSecondary, "link", "set", lab.ReplLink, state).CombinedOutput(); err != nil {
-		return fmt.Errorf("set %s %s: %v: %s", lab.ReplLink, state, err, out)
-	}
-	return nil
-}
-
-func killAll(ns string) error {
-	out, err := exec.Command("ip", "netns", "pids", ns).Output()
-	if err != nil {
-		return err
-	}
-	for _, f := range strings.Fields(string(out)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	return nil
 }
 
 // killDaemon kills only the daemon; its VM dies with it, as a QEMU child would.
@@ -199,7 +176,7 @@ func runFailover(ctx context.Context, dir string, f fault, run int) (r failoverR
 		return r
 	}
 	if f.name == "replication link cut" {
-		if r.err = setReplLink(true); r.err != nil {
+		if r.err = lab.SetReplLink(true); r.err != nil {
 			return r
 		}
 	}

@@ -198,12 +198,7 @@ func labDown(dir string) error {
 	}
 	// Whatever else still runs in the lab (a test's client, a stray guest).
 	for _, ns := range lab.Namespaces() {
-		out, _ := exec.Command("ip", "netns", "pids", ns).Output()
-		for _, f := range strings.Fields(string(out)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
+		lab.Crash(ns) // a namespace that is gone has nothing left to kill
 	}
 	errs = append(errs, lab.Remove(), os.RemoveAll(dir))
 	return errors.Join(errs...)

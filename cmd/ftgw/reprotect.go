@@ -224,7 +224,7 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	}
 	r.survivor, r.secondary = survivor.NS, other.NS
 	// Whatever is left of the other host's daemon and VM goes.
-	if err := killAll(other.NS); err != nil {
+	if err := lab.Crash(other.NS); err != nil {
 		return r, err
 	}
 	time.Sleep(100 * time.Millisecond)

@@ -12,6 +12,9 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -289,4 +292,28 @@ func Remove() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Crash kills every process of a lab host at once, as a host crash.
+func Crash(ns string) error {
+	out, err := exec.Command("ip", "netns", "pids", ns).Output()
+	if err != nil {
+		return fmt.Errorf("list processes of %s: %w", ns, err)
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return nil
+}
+
+// SetReplLink brings the replication link between the hosts up or down
+// (down: both hosts alive, each cut off from the other).
+func SetReplLink(up bool) error {
+	state := map[bool]string{true: "up", false: "down"}[up]
+	if out, err := exec.Command("ip", "-n", NSSecondary, "link", "set", ReplLink, state).CombinedOutput(); err != nil {
+		return fmt.Errorf("set %s %s: %v: %s", ReplLink, state, err, out)
+	}
+	return nil
 }
