@@ -109,15 +109,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.head, float64(d.dp.Head()))
 	gauge(c.acked, float64(d.dp.Acked()))
 
+	// The live log channel: a promoted secondary keeps its stopped one.
 	var ls *lockstep.Stats
-	if d.primary() != nil {
-		st := d.primary().Stats()
+	if p := d.primary(); p != nil && d.state() != stateStandby {
+		st := p.Stats()
 		ls = &st
-		gauge(c.rtt, d.primary().RTT().Seconds())
+		gauge(c.rtt, p.RTT().Seconds())
 		ch <- constHistogram(c.ackLatency, d.ackClock.histogram(), vm)
 		ch <- constHistogram(c.shipDelay, d.shipDelay.snapshot(), vm)
-	}
-	if d.secondary != nil {
+	} else if d.secondary != nil {
 		st := d.secondary.Stats()
 		ls = &st
 	}

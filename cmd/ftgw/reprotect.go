@@ -133,7 +133,8 @@ func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply
 		return reply, err
 	}
 	resumed = true
-	d.group.Go(func() error { return d.primary().Run(channelCtx) })
+	channel := d.primary()
+	d.group.Go(func() error { return channel.Run(channelCtx) })
 	d.group.Go(func() error { return d.awaitProtection(channelCtx, reply.Position) })
 	d.log.Info("re-protecting", "secondary", peer, "position", reply.Position, "epoch", reply.Epoch)
 	return reply, nil
