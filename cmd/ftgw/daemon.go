@@ -236,6 +236,7 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 	p, err := lockstep.NewPrimary(lockstep.PrimaryConfig{
 		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
+		OnFenced: d.fence,
 		OnAck: func(pos uint64) {
 			// The fast path first, so frames stamped <= pos that arrive
 			// after the queue drains go straight out.

@@ -228,6 +228,16 @@ func (d *daemon) announce(ctx context.Context) {
 	}
 }
 
+// fence stops this host serving at once: its secondary follows a newer
+// epoch, so another host won the VM while this one was cut off or frozen.
+func (d *daemon) fence(epoch uint64) {
+	if err := d.publish(vip.RoleStandby, epoch); err != nil {
+		d.log.Error("fence", "err", err)
+	}
+	d.setState(statePassive)
+	d.channelStop()
+}
+
 func (d *daemon) publishUnprotected(epoch uint64) error {
 	return d.owner.Publish(vip.Record{Epoch: epoch, Role: vip.RoleActive, IP: d.vm.addr(), MAC: d.vm.hwAddr(), Passthrough: true})
 }

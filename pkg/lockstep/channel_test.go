@@ -661,3 +661,33 @@ func TestPairStartsAtASnapshotPosition(t *testing.T) {
 		t.Errorf("secondary got positions %v, want 41..60", got)
 	}
 }
+
+// A primary that lost a failover (older epoch) is refused by a secondary
+// that follows the newer one, and learns it is fenced.
+func TestStalePrimaryIsFenced(t *testing.T) {
+	pki := newPKI(t)
+	s := startSecondary(t, pki, SecondaryConfig{})
+	current := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{Epoch: 3})
+	run(t, current.Run)
+	waitFor(t, "current primary connected", current.Connected)
+
+	fenced := make(chan uint64, 1)
+	stale := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{Epoch: 2, OnFenced: func(e uint64) { fenced <- e }})
+	run(t, stale.Run)
+	select {
+	case e := <-fenced:
+		if e != 3 {
+			t.Errorf("fenced by epoch %d, want 3", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the stale primary was not fenced: its errors %v, the secondary's %v", stale.Stats().Errors, s.Stats().Errors)
+	}
+	waitFor(t, "stale_epoch counted on both sides", func() bool {
+		return s.Stats().Errors[ReasonStaleEpoch] > 0 && stale.Stats().Errors[ReasonStaleEpoch] > 0
+	})
+	if !current.Connected() {
+		t.Error("the stale primary displaced the current one")
+	}
+	appendFrames(t, current, 1, 10)
+	waitFor(t, "the current primary still streams", func() bool { return current.Acked() == 10 })
+}

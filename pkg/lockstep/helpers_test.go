@@ -89,7 +89,9 @@ func newTestPrimary(t testing.TB, pki testPKI, addr string, cfg PrimaryConfig) *
 	cfg.Addr = addr
 	cfg.TLS = pki.client
 	cfg.VM = testVM
-	cfg.Epoch = 1
+	if cfg.Epoch == 0 {
+		cfg.Epoch = 1
+	}
 	cfg.Logger = testLogger(t)
 	p, err := NewPrimary(cfg)
 	if err != nil {

@@ -19,6 +19,10 @@ type PrimaryConfig struct {
 	TLS   *tls.Config // from ClientTLS; ServerName defaults to Addr's host
 	VM    string      // protected VM; both ends must agree
 	Epoch uint64      // stamped on every record
+	// OnFenced is called, once, when a secondary answers with an epoch
+	// newer than Epoch: another host won the VM while this one was away.
+	// The primary must stop releasing output at once.
+	OnFenced func(epoch uint64)
 	// StartHead is the log position a new secondary already holds (its
 	// guest was built from a snapshot taken there): the first frame
 	// appended is StartHead+1. Zero for a pair that starts together.
@@ -68,6 +72,7 @@ type Primary struct {
 
 	connected atomic.Bool
 	rtt       atomic.Int64
+	fenced    sync.Once
 }
 
 // NewPrimary checks cfg and fills in defaults. Nothing is dialed before Run.
@@ -312,6 +317,15 @@ func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (uint64, erro
 	}
 	if err := checkHello(r.Payload, p.cfg.VM); err != nil {
 		return 0, err
+	}
+	if r.Epoch > p.cfg.Epoch {
+		p.fenced.Do(func() {
+			p.log.Error("fenced: the secondary follows a newer epoch", "epoch", p.cfg.Epoch, "newer", r.Epoch)
+			if p.cfg.OnFenced != nil {
+				p.cfg.OnFenced(r.Epoch)
+			}
+		})
+		return 0, fmt.Errorf("check hello: secondary follows epoch %d, ours is %d: %w", r.Epoch, p.cfg.Epoch, ErrStaleEpoch)
 	}
 	p.mu.Lock()
 	head, acked := p.head, p.acked // head may have moved since our Hello

@@ -73,6 +73,10 @@ var (
 	ErrUnexpected    = errors.New("unexpected record")
 	ErrAuth          = errors.New("authentication failed")
 	ErrBacklogFull   = errors.New("unacked backlog full")
+	// ErrStaleEpoch: a primary whose epoch is older than one its peer has
+	// already followed lost a failover it may not know about. It must not
+	// release anything on its own again (fencing).
+	ErrStaleEpoch = errors.New("stale epoch")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

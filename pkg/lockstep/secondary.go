@@ -26,6 +26,10 @@ type SecondaryConfig struct {
 	// frame is only valid during the call. An error closes the connection
 	// without acknowledging the frame, so the primary sends it again.
 	OnFrame func(pos uint64, frame []byte) error
+	// Epoch is the newest epoch this secondary knows at start (that of the
+	// primary whose VM it was built from); a primary with an older one is
+	// refused and told.
+	Epoch uint64
 	// StartPosition is the log position this secondary's VM was built at
 	// (from a snapshot): it asks for frames from StartPosition+1 on.
 	StartPosition uint64
@@ -86,6 +90,7 @@ func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
 		hello: helloPayload(cfg.VM),
 	}
 	s.received.Store(cfg.StartPosition)
+	s.peerEpoch.Store(cfg.Epoch)
 	return s, nil
 }
 
@@ -274,6 +279,16 @@ func (s *Secondary) greet(ctx context.Context, raw net.Conn, fc *closer) (*incom
 		l.unlock()
 		return nil, err
 	}
+	if known := s.peerEpoch.Load(); r.Epoch < known {
+		// A primary that lost a failover: tell it the epoch it lost to.
+		l := newLink(conn, fc, s.cfg.Timeout, &s.stats, known)
+		l.lock()
+		if l.write(Record{Kind: KindHello, Position: s.received.Load(), Epoch: known, Payload: s.hello}) == nil {
+			l.flush()
+		}
+		l.unlock()
+		return nil, fmt.Errorf("check hello: primary at epoch %d, following %d: %w", r.Epoch, known, ErrStaleEpoch)
+	}
 	return &incoming{
 		conn:  conn,
 		fc:    fc,
@@ -290,7 +305,9 @@ func (s *Secondary) session(in *incoming) error {
 	fc := in.fc
 	defer fc.fail(nil)
 	l := newLink(in.conn, in.fc, s.cfg.Timeout, &s.stats, in.epoch)
-	s.peerEpoch.Store(in.epoch)
+	if in.epoch > s.peerEpoch.Load() {
+		s.peerEpoch.Store(in.epoch)
+	}
 	received := s.received.Load()
 
 	// Our Hello tells the primary where to resume; the Ack that follows is

@@ -27,6 +27,7 @@ const (
 	ReasonIO          // network error, timeout (also in the TLS handshake), or the peer closed the connection
 	ReasonBacklogFull // AppendFrame refused: MaxUnacked bytes already wait for an ack
 	ReasonDeliver     // SecondaryConfig.OnFrame returned an error
+	ReasonStaleEpoch  // the peer's epoch is older than one already seen: it lost a failover
 	ReasonLen         // number of reasons; not a reason
 )
 
@@ -46,6 +47,7 @@ var reasonNames = [ReasonLen]string{
 	ReasonIO:            "io",
 	ReasonBacklogFull:   "backlog_full",
 	ReasonDeliver:       "deliver",
+	ReasonStaleEpoch:    "stale_epoch",
 }
 
 func (r ErrReason) String() string {
@@ -66,6 +68,7 @@ func reasonOf(err error) ErrReason {
 		reason ErrReason
 	}{
 		{ErrAuth, ReasonAuth},
+		{ErrStaleEpoch, ReasonStaleEpoch},
 		{errDeliver, ReasonDeliver},
 		{ErrBadMagic, ReasonBadMagic},
 		{ErrChecksum, ReasonChecksum},
