@@ -316,18 +316,14 @@ func printBreakdown(w io.Writer) error {
 // waitLogDrained waits until the secondary has acknowledged everything the
 // primary logged.
 func waitLogDrained(ctx context.Context, dir string) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		s, err := daemonStatus(dir, lab.NSPrimary)
-		if err != nil {
-			return err
-		}
-		if s.Acked == s.Head {
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("log not drained: head %d, acked %d", s.Head, s.Acked)
-		}
-		time.Sleep(5 * time.Millisecond)
+	var s Status
+	err := waitUntil(ctx, 30*time.Second, "the log to drain", func() (bool, error) {
+		var err error
+		s, err = daemonStatus(dir, lab.NSPrimary)
+		return s.Acked == s.Head, err
+	})
+	if err != nil {
+		return fmt.Errorf("%w: head %d, acked %d", err, s.Head, s.Acked)
 	}
+	return nil
 }

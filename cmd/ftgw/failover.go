@@ -155,12 +155,9 @@ func (d *daemon) secondaryLost(ctx context.Context, silent time.Duration) {
 	phases := failoverPhases{Cause: causeSecondaryLost, Won: won, Epoch: epoch, Detection: silent, Arbitration: arbitration}
 	start := time.Now()
 	if !won {
-		// Fenced: the standby role drops every output from now on; held
-		// frames were never acknowledged and are never sent.
-		if err := d.publish(vip.RoleStandby, epoch); err != nil {
-			d.log.Error("fence", "err", err)
-		}
-		d.setState(statePassive)
+		// The standby role drops every output from now on; held frames
+		// were never acknowledged and are never sent.
+		d.fence(epoch)
 	} else {
 		if err := d.publishUnprotected(epoch); err != nil {
 			d.log.Error("go on unprotected", "err", err)
@@ -187,10 +184,7 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 	start := time.Now()
 	if !won {
 		// The primary went on alone: this copy is behind it now.
-		if err := d.publish(vip.RoleStandby, epoch); err != nil {
-			d.log.Error("record the epoch", "err", err)
-		}
-		d.setState(statePassive)
+		d.fence(epoch)
 		phases.GoLive = time.Since(start)
 		d.recordFailover(phases)
 		return
@@ -228,8 +222,8 @@ func (d *daemon) announce(ctx context.Context) {
 	}
 }
 
-// fence stops this host serving at once: its secondary follows a newer
-// epoch, so another host won the VM while this one was cut off or frozen.
+// fence stops this host serving at once because another host holds a newer
+// epoch: it won the arbiter, or a secondary follows it.
 func (d *daemon) fence(epoch uint64) {
 	if err := d.publish(vip.RoleStandby, epoch); err != nil {
 		d.log.Error("fence", "err", err)
