@@ -301,6 +301,13 @@ int serialize_input(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 
+	/* QEMU records the frame in its replay log when the guest takes it;
+	 * the order of delivery is still this CPU's. */
+	if (own->flags & OWNER_F_ENGINE_LOGS) {
+		count(COUNTER_RX_ENGINE_LOGS, len);
+		return bpf_redirect_map(&to_guest, 0, XDP_DROP);
+	}
+
 	struct log_state *st = log_state();
 	if (!st)
 		return XDP_ABORTED;

@@ -22,6 +22,9 @@ enum role {
 /* Owner flags. */
 #define OWNER_F_PASSTHROUGH 1 /* output commit off: outputs leave at once (benchmarks) */
 #define OWNER_F_HOLD_ALL 2    /* every output goes through the hold queue (benchmarks) */
+#define OWNER_F_ENGINE_LOGS 4 /* the VM engine logs its own input (QEMU's replay log):
+			       * input is delivered in order but not put in the log ring,
+			       * and the head is written by the engine, not by serialize_input */
 
 /* The one record every program reads to decide what a frame is and where it
  * goes. It is never modified in place: the daemon publishes a new inner map
@@ -38,7 +41,8 @@ struct owner_record {
 /* Positions shared with the daemon through a memory-mapped array, each on its
  * own cache line because each has one writer on a different CPU. */
 struct log_state {
-	__u64 head;     /* written by serialize_input: the last position logged */
+	__u64 head;     /* the last position logged: written by serialize_input, or by the
+			 * engine (OWNER_F_ENGINE_LOGS) */
 	__u8 _pad0[56];
 	__u64 acked;    /* written by the daemon: the secondary has every position <= acked */
 	__u8 _pad1[56];
@@ -77,6 +81,7 @@ struct counter_value {
  * COUNTER__LEN last. */
 enum counter {
 	COUNTER_RX_LOGGED,         /* input for the VM, logged and delivered */
+	COUNTER_RX_ENGINE_LOGS,    /* input for the VM, delivered to an engine that logs it */
 	COUNTER_RX_LOG_FULL,       /* input dropped: no room in the log ring */
 	COUNTER_RX_TOO_LONG,       /* input dropped: larger than MAX_FRAME */
 	COUNTER_RX_STANDBY,        /* input dropped: this host is not active */

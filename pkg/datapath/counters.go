@@ -10,6 +10,7 @@ import (
 // bpf/gateway.h; TestCounterNames keeps them in step.
 var counterNames = [...]string{
 	gatewayCounterCOUNTER_RX_LOGGED:         "rx_logged",
+	gatewayCounterCOUNTER_RX_ENGINE_LOGS:    "rx_engine_logs",
 	gatewayCounterCOUNTER_RX_LOG_FULL:       "rx_log_full",
 	gatewayCounterCOUNTER_RX_TOO_LONG:       "rx_too_long",
 	gatewayCounterCOUNTER_RX_STANDBY:        "rx_standby",
@@ -26,6 +27,7 @@ var counterNames = [...]string{
 // Counter values.
 const (
 	CounterRxLogged       = gatewayCounterCOUNTER_RX_LOGGED
+	CounterRxEngineLogs   = gatewayCounterCOUNTER_RX_ENGINE_LOGS
 	CounterRxLogFull      = gatewayCounterCOUNTER_RX_LOG_FULL
 	CounterRxTooLong      = gatewayCounterCOUNTER_RX_TOO_LONG
 	CounterRxStandby      = gatewayCounterCOUNTER_RX_STANDBY

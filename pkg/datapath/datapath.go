@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync/atomic"
 	"unsafe"
 
@@ -39,6 +40,10 @@ const (
 	// OwnerHoldAll sends every output through the hold queue, acked or
 	// not, to measure the hold-and-release path.
 	OwnerHoldAll = 2
+	// OwnerEngineLogs says the VM engine logs its own input (QEMU's replay
+	// log): input is delivered in order but not logged, and the engine
+	// writes the head (see StateMapFD).
+	OwnerEngineLogs = 4
 
 	// MaxFrame is the largest frame the log carries (MAX_FRAME in gateway.h).
 	MaxFrame = 9216
@@ -213,8 +218,24 @@ func (d *Datapath) Close() error {
 	return errors.Join(errs...)
 }
 
-// Head is the last log position the serializer assigned.
+// Head is the last log position: the serializer's, or the engine's under
+// OwnerEngineLogs.
 func (d *Datapath) Head() uint64 { return atomic.LoadUint64(&d.state.Head) }
+
+// SetHead sets the head for an engine that logs its own input, before it
+// starts writing it.
+func (d *Datapath) SetHead(pos uint64) { atomic.StoreUint64(&d.state.Head, pos) }
+
+// StateFile returns a new descriptor of the memory-mapped log state, for a VM
+// engine that writes the head itself (OwnerEngineLogs): QEMU's preloaded
+// library maps it. The caller closes it.
+func (d *Datapath) StateFile() (*os.File, error) {
+	fd, err := unix.FcntlInt(uintptr(d.objs.State.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup log state map: %w", err)
+	}
+	return os.NewFile(uintptr(fd), "ftgw-log-state"), nil
+}
 
 // Acked is the position up to which the secondary has the log.
 func (d *Datapath) Acked() uint64 { return atomic.LoadUint64(&d.state.Acked) }

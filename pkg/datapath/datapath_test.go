@@ -270,6 +270,35 @@ func TestSerializeInputStandbyDropsWithoutLogging(t *testing.T) {
 	}
 }
 
+// QEMU logs its own input: the serializer only delivers, and the head is the
+// engine's to write.
+func TestSerializeInputLeavesEngineLoggedInputToTheEngine(t *testing.T) {
+	l, prog := serializer(t, datapath.DefaultConfig)
+	if err := l.owner.Publish(vip.Record{Epoch: 1, Role: vip.RoleActive, IP: vmIP, MAC: vmMAC, EngineLogs: true}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := ringbuf.NewReader(l.d.LogRing())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	l.d.SetHead(4096)
+	l.run(t, prog, udpTo(vmMAC, 100), xdpRedirect, datapath.CounterRxEngineLogs)
+	if l.d.Head() != 4096 {
+		t.Errorf("head %d, want the engine's 4096", l.d.Head())
+	}
+	if r.AvailableBytes() != 0 {
+		t.Errorf("%d bytes in the log ring, want none", r.AvailableBytes())
+	}
+
+	// The engine's head stamps the guest's output like the serializer's.
+	egress := l.d.Programs()["guest_egress"]
+	l.d.SetAcked(4095)
+	l.run(t, egress, udpTo(clientMAC, 100), xdpDrop, datapath.CounterTxNoHoldSocket)
+	l.d.SetAcked(4096)
+	l.run(t, egress, udpTo(clientMAC, 100), xdpRedirect, datapath.CounterTxFast)
+}
+
 func TestSerializeInputDropsWhenLogIsFull(t *testing.T) {
 	cfg := datapath.DefaultConfig
 	cfg.LogRingBytes = os.Getpagesize()

@@ -26,18 +26,19 @@ type gatewayCounter uint32
 
 const (
 	gatewayCounterCOUNTER_RX_LOGGED         gatewayCounter = 0
-	gatewayCounterCOUNTER_RX_LOG_FULL       gatewayCounter = 1
-	gatewayCounterCOUNTER_RX_TOO_LONG       gatewayCounter = 2
-	gatewayCounterCOUNTER_RX_STANDBY        gatewayCounter = 3
-	gatewayCounterCOUNTER_RX_MALFORMED      gatewayCounter = 4
-	gatewayCounterCOUNTER_TX_FAST           gatewayCounter = 5
-	gatewayCounterCOUNTER_TX_HELD           gatewayCounter = 6
-	gatewayCounterCOUNTER_TX_HOLD_FULL      gatewayCounter = 7
-	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET gatewayCounter = 8
-	gatewayCounterCOUNTER_TX_SUPPRESSED     gatewayCounter = 9
-	gatewayCounterCOUNTER_TX_MALFORMED      gatewayCounter = 10
-	gatewayCounterCOUNTER_TX_META_FAILED    gatewayCounter = 11
-	gatewayCounterCOUNTER__LEN              gatewayCounter = 12
+	gatewayCounterCOUNTER_RX_ENGINE_LOGS    gatewayCounter = 1
+	gatewayCounterCOUNTER_RX_LOG_FULL       gatewayCounter = 2
+	gatewayCounterCOUNTER_RX_TOO_LONG       gatewayCounter = 3
+	gatewayCounterCOUNTER_RX_STANDBY        gatewayCounter = 4
+	gatewayCounterCOUNTER_RX_MALFORMED      gatewayCounter = 5
+	gatewayCounterCOUNTER_TX_FAST           gatewayCounter = 6
+	gatewayCounterCOUNTER_TX_HELD           gatewayCounter = 7
+	gatewayCounterCOUNTER_TX_HOLD_FULL      gatewayCounter = 8
+	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET gatewayCounter = 9
+	gatewayCounterCOUNTER_TX_SUPPRESSED     gatewayCounter = 10
+	gatewayCounterCOUNTER_TX_MALFORMED      gatewayCounter = 11
+	gatewayCounterCOUNTER_TX_META_FAILED    gatewayCounter = 12
+	gatewayCounterCOUNTER__LEN              gatewayCounter = 13
 )
 
 type gatewayCounterValue struct {

@@ -50,6 +50,9 @@ type Record struct {
 	Passthrough bool
 	// HoldAll sends every output through the hold queue (benchmarks).
 	HoldAll bool
+	// EngineLogs: the VM engine logs its own input, as QEMU's replay log
+	// does, and writes the log head itself.
+	EngineLogs bool
 }
 
 func (r Record) encode() (datapath.OwnerRecord, error) {
@@ -71,6 +74,9 @@ func (r Record) encode() (datapath.OwnerRecord, error) {
 	}
 	if r.HoldAll {
 		out.Flags |= datapath.OwnerHoldAll
+	}
+	if r.EngineLogs {
+		out.Flags |= datapath.OwnerEngineLogs
 	}
 	return out, nil
 }
