@@ -1,8 +1,11 @@
 package lockstep
 
 import (
+	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"path/filepath"
 	"sync"
@@ -666,7 +669,7 @@ func TestPairStartsAtASnapshotPosition(t *testing.T) {
 // that follows the newer one, and learns it is fenced.
 func TestStalePrimaryIsFenced(t *testing.T) {
 	pki := newPKI(t)
-	s := startSecondary(t, pki, SecondaryConfig{})
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: func(uint64, []byte) error { return nil }})
 	current := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{Epoch: 3})
 	run(t, current.Run)
 	waitFor(t, "current primary connected", current.Connected)
@@ -690,4 +693,55 @@ func TestStalePrimaryIsFenced(t *testing.T) {
 	}
 	appendFrames(t, current, 1, 10)
 	waitFor(t, "the current primary still streams", func() bool { return current.Acked() == 10 })
+}
+
+// A replay log crosses in chunks that the secondary gets back in order, also
+// across a reconnect, so their concatenation is the primary's log.
+func TestLogChunksArriveWholeAndInOrder(t *testing.T) {
+	pki := newPKI(t)
+	var mu sync.Mutex
+	var got []byte
+	var nextPos uint64 = 1
+	s := startSecondary(t, pki, SecondaryConfig{OnLog: func(pos uint64, chunk []byte) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if pos != nextPos {
+			return fmt.Errorf("chunk %d, want %d", pos, nextPos)
+		}
+		nextPos++
+		got = append(got, chunk...)
+		return nil
+	}})
+	px := startProxy(t, s.Addr().String())
+	p := newTestPrimary(t, pki, px.addr(), PrimaryConfig{})
+	run(t, p.Run)
+
+	var want []byte
+	rng := rand.New(rand.NewPCG(1, 2))
+	for pos := uint64(1); pos <= 200; pos++ {
+		chunk := make([]byte, 1+rng.IntN(MaxPayload))
+		for i := range chunk {
+			chunk[i] = byte(rng.Uint32())
+		}
+		want = append(want, chunk...)
+		if err := p.QueueLog(pos, chunk); err != nil {
+			t.Fatal(err)
+		}
+		p.Flush()
+		if pos == 100 {
+			px.kill()
+		}
+	}
+	waitFor(t, "acks up to 200", func() bool { return p.Acked() == 200 })
+	mu.Lock()
+	defer mu.Unlock()
+	if !bytes.Equal(got, want) {
+		t.Errorf("secondary got %d log bytes, primary logged %d; equal: false", len(got), len(want))
+	}
+	if err := p.QueueLog(201, make([]byte, MaxPayload+1)); !errors.Is(err, ErrTooLong) {
+		t.Errorf("over-long chunk: %v, want ErrTooLong", err)
+	}
+	if sent := p.Stats().RecordsSent[KindQEMULog]; sent < 200 {
+		t.Errorf("%d qemu_log records sent, want at least 200", sent)
+	}
 }

@@ -61,6 +61,12 @@
 // ErrOutOfOrder); positions it already has, which a resend can overlap, are
 // skipped and counted as Stats.Duplicates.
 //
+// QEMULog (primary → secondary): position as for RXFrame, payload = the
+// next chunk of the VM engine's own log (QEMU's replay log, which carries the
+// VM's input itself), at most MaxPayload bytes. A primary sends either
+// RXFrames or QEMULogs; the secondary hands chunks to OnLog in position
+// order and refuses a kind it has no handler for.
+//
 // Ack (secondary → primary): position = highest contiguous position
 // received. The secondary sends one after each batch, i.e. when its
 // bufio.Reader has nothing more buffered, if the position moved. On the

@@ -133,12 +133,12 @@ func (l *link) flush() error {
 	return nil
 }
 
-// sendEncoded writes already-encoded records of one kind with one flush.
-func (l *link) sendEncoded(k Kind, recs [][]byte) error {
+// sendEncoded writes already-encoded records with one flush.
+func (l *link) sendEncoded(recs [][]byte) error {
 	l.lock()
 	defer l.unlock()
 	for _, b := range recs {
-		if err := l.writeEncoded(k, b); err != nil {
+		if err := l.writeEncoded(Kind(b[4]), b); err != nil {
 			return err
 		}
 	}

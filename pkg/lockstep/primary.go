@@ -59,7 +59,7 @@ type Primary struct {
 	mu           sync.Mutex
 	head         uint64
 	acked        uint64
-	unacked      [][]byte // encoded RXFrame records for positions acked+1 .. head
+	unacked      [][]byte // encoded RXFrame or QEMULog records for positions acked+1 .. head
 	unackedBytes int
 
 	// The connection's RXFrame sender: the writer goroutine, or the caller
@@ -133,21 +133,32 @@ func (p *Primary) AppendFrame(pos uint64, frame []byte) error {
 // caller that has more frames at hand, so a burst goes out in one write. The
 // last frame of the burst must be followed by Flush (or be an AppendFrame).
 func (p *Primary) QueueFrame(pos uint64, frame []byte) error {
-	if len(frame) > MaxFrame {
-		err := fmt.Errorf("append frame %d: over-long frame of %d bytes, max %d: %w", pos, len(frame), MaxFrame, ErrTooLong)
+	return p.queue(KindRXFrame, pos, frame, MaxFrame)
+}
+
+// QueueLog logs one chunk of the VM engine's own log (QEMU's replay log) at
+// pos, which must be Head()+1, like QueueFrame. The secondary receives the
+// chunks in position order and concatenates them.
+func (p *Primary) QueueLog(pos uint64, chunk []byte) error {
+	return p.queue(KindQEMULog, pos, chunk, MaxPayload)
+}
+
+func (p *Primary) queue(kind Kind, pos uint64, payload []byte, maxLen int) error {
+	if len(payload) > maxLen {
+		err := fmt.Errorf("append %s %d: over-long payload of %d bytes, max %d: %w", kind, pos, len(payload), maxLen, ErrTooLong)
 		p.stats.fail(err)
 		return err
 	}
 	// Encode before locking; the copy is also what keeps the caller's buffer
 	// free for reuse.
-	rec := AppendRecord(make([]byte, 0, HeaderLen+len(frame)), Record{Kind: KindRXFrame, Position: pos, Epoch: p.cfg.Epoch, Payload: frame})
+	rec := AppendRecord(make([]byte, 0, HeaderLen+len(payload)), Record{Kind: kind, Position: pos, Epoch: p.cfg.Epoch, Payload: payload})
 	p.mu.Lock()
 	var err error
 	switch {
 	case pos != p.head+1:
-		err = fmt.Errorf("append frame %d: head is %d: %w", pos, p.head, ErrOutOfOrder)
+		err = fmt.Errorf("append %s %d: head is %d: %w", kind, pos, p.head, ErrOutOfOrder)
 	case p.unackedBytes+len(rec) > p.cfg.MaxUnacked:
-		err = fmt.Errorf("append frame %d: %d bytes wait for an ack, max %d: %w", pos, p.unackedBytes, p.cfg.MaxUnacked, ErrBacklogFull)
+		err = fmt.Errorf("append %s %d: %d bytes wait for an ack, max %d: %w", kind, pos, p.unackedBytes, p.cfg.MaxUnacked, ErrBacklogFull)
 	default:
 		p.unacked = append(p.unacked, rec)
 		p.unackedBytes += len(rec)
@@ -192,7 +203,7 @@ func (p *Primary) sendPendingLocked() error {
 		if len(p.sendBatch) == 0 {
 			return nil
 		}
-		err := p.sendLink.sendEncoded(KindRXFrame, p.sendBatch)
+		err := p.sendLink.sendEncoded(p.sendBatch)
 		clear(p.sendBatch) // drop references so acked records can be freed
 		if err != nil {
 			return err

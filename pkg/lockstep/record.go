@@ -29,7 +29,7 @@ const (
 	KindRXFrame                   // primary → secondary: one logged frame
 	KindHeartbeat                 // both directions: liveness and RTT
 	KindAck                       // secondary → primary: highest contiguous position
-	KindQEMULog                   // reserved for the VM's replay log; decoded but not yet used
+	KindQEMULog                   // primary → secondary: a chunk of the VM engine's replay log
 	KindLen                       // number of kinds + 1; not a kind
 )
 

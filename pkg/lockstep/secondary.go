@@ -26,6 +26,10 @@ type SecondaryConfig struct {
 	// frame is only valid during the call. An error closes the connection
 	// without acknowledging the frame, so the primary sends it again.
 	OnFrame func(pos uint64, frame []byte) error
+	// OnLog gets each chunk of the VM engine's log (QEMULog records) the
+	// same way. A primary logs either frames or chunks; a kind without a
+	// handler is refused (ErrUnexpected).
+	OnLog func(pos uint64, chunk []byte) error
 	// Epoch is the newest epoch this secondary knows at start (that of the
 	// primary whose VM it was built from); a primary with an older one is
 	// refused and told.
@@ -384,10 +388,12 @@ func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 		s.stats.received(r)
 		switch r.Kind {
 		case KindRXFrame:
-			err = s.deliver(r)
+			err = s.deliver(r, s.cfg.OnFrame)
+		case KindQEMULog:
+			err = s.deliver(r, s.cfg.OnLog)
 		case KindHeartbeat:
 			err = l.onHeartbeat(r, &s.rtt)
-		default: // a second Hello, an Ack, or QEMULog (not used yet)
+		default: // a second Hello, or an Ack
 			err = fmt.Errorf("handle record: %s from primary: %w", r.Kind, ErrUnexpected)
 		}
 		if err != nil {
@@ -401,7 +407,10 @@ func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 	}
 }
 
-func (s *Secondary) deliver(r Record) error {
+func (s *Secondary) deliver(r Record, handle func(pos uint64, payload []byte) error) error {
+	if handle == nil {
+		return fmt.Errorf("handle record: %s, which this secondary does not take: %w", r.Kind, ErrUnexpected)
+	}
 	have := s.received.Load()
 	switch {
 	case r.Position <= have:
@@ -411,10 +420,8 @@ func (s *Secondary) deliver(r Record) error {
 	case r.Position != have+1:
 		return fmt.Errorf("receive frame %d: expected %d: %w", r.Position, have+1, ErrOutOfOrder)
 	}
-	if s.cfg.OnFrame != nil {
-		if err := s.cfg.OnFrame(r.Position, r.Payload); err != nil {
-			return fmt.Errorf("deliver frame %d: %w: %w", r.Position, errDeliver, err)
-		}
+	if err := handle(r.Position, r.Payload); err != nil {
+		return fmt.Errorf("deliver %s %d: %w: %w", r.Kind, r.Position, errDeliver, err)
 	}
 	s.received.Store(r.Position)
 	return nil
