@@ -4,15 +4,22 @@ GO ?= go
 FTGW := bin/ftgw
 GENERATED := pkg/datapath/gateway_bpfel.go pkg/datapath/gateway_bpfel.o
 
-.PHONY: all setup build generate check-generated vet test demo lab-down clean
+.PHONY: all setup build guest generate check-generated vet test demo lab-down clean
 
 all: build
 
 setup:
 	./scripts/setup.sh
 
+# ftgw and, beside it, the library the recording QEMU runs with (preload/).
 build:
 	$(GO) build -o $(FTGW) ./cmd/ftgw
+	$(CC) -O2 -Wall -Wextra -shared -fPIC -o bin/ftgw-rr.so preload/ftgw-rr.c -ldl
+
+# The Linux guest image: Debian's cloud kernel and an initramfs whose /init is
+# cmd/ftgw-init, in build/guest/. Up-to-date steps are skipped.
+guest:
+	./scripts/build-guest.sh
 
 # Rebuilds the BPF objects with clang through bpf2go; they are committed so
 # that `go build` needs no clang.
@@ -30,7 +37,7 @@ vet:
 
 # Every test: unit, BPF (prog.Run) and end-to-end across namespaces. The
 # end-to-end tests share the lab's fixed names, so packages run one at a time.
-test: setup check-generated vet
+test: setup check-generated vet guest
 	$(GO) test -p 1 -count=1 ./...
 
 # The two-host lab with traffic, then its commit latency and state.

@@ -41,11 +41,17 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	ftgwBin, labDir = filepath.Join(tmp, "ftgw"), filepath.Join(tmp, "lab")
-	build := exec.Command("go", "build", "-o", ftgwBin, "../cmd/ftgw")
-	build.Stdout, build.Stderr = os.Stdout, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Println("test: build ftgw:", err)
-		os.Exit(1)
+	// ftgw, and the library its recording QEMU runs with beside it, as
+	// `make build` places them.
+	for _, build := range []*exec.Cmd{
+		exec.Command("go", "build", "-o", ftgwBin, "../cmd/ftgw"),
+		exec.Command("cc", "-O2", "-shared", "-fPIC", "-o", filepath.Join(tmp, "ftgw-rr.so"), "../preload/ftgw-rr.c", "-ldl"),
+	} {
+		build.Stdout, build.Stderr = os.Stdout, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Println("test: build:", build.Args, err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	ftgw(nil, "lab", "down", "--dir", labDir)

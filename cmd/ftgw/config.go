@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -61,9 +62,36 @@ type VMConfig struct {
 	IP   string `yaml:"ip"`
 	MAC  string `yaml:"mac"`
 	Tap  string `yaml:"tap"`
-	// Engine runs the VM: "synthetic" (ftgw guest).
+	// Engine runs the VM: "synthetic" (ftgw guest) or "qemu" (a real VM
+	// under QEMU record/replay).
 	Engine string `yaml:"engine"`
+	// QEMU configures the "qemu" engine.
+	QEMU QEMUConfig `yaml:"qemu"`
 }
+
+// QEMUConfig is the real VM: a kernel and an initramfs (`make guest` builds
+// them), recorded on the primary and replayed on the secondary.
+type QEMUConfig struct {
+	Kernel string `yaml:"kernel"`
+	Initrd string `yaml:"initrd"`
+	// Cmdline is the guest kernel's command line; default
+	// "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=<vm ip>/24". nohz=off keeps
+	// a periodic tick: an idle guest under record/replay only takes in
+	// packets at its next timer.
+	Cmdline  string `yaml:"cmdline"`
+	MemoryMB int    `yaml:"memory_mb"`
+	// Preload is ftgw-rr.so (preload/); default: beside the ftgw binary.
+	Preload string `yaml:"preload"`
+	// MaxLag bounds how far the secondary's replay may trail the primary's
+	// execution; beyond it the primary is paused until the replay catches
+	// up. Failover takes at least as long as the lag.
+	MaxLag time.Duration `yaml:"max_lag"`
+}
+
+const (
+	engineSynthetic = "synthetic"
+	engineQEMU      = "qemu"
+)
 
 // PeerConfig is the log channel between the hosts.
 type PeerConfig struct {
@@ -191,11 +219,14 @@ func (c *Config) validate() error {
 		if vm.Tap == "" {
 			bad(field+".tap", "missing")
 		}
-		if vm.Engine == "" {
-			vm.Engine = "synthetic"
-		}
-		if vm.Engine != "synthetic" {
-			bad(field+".engine", "%q: want \"synthetic\"", vm.Engine)
+		switch vm.Engine {
+		case "":
+			vm.Engine = engineSynthetic
+		case engineSynthetic:
+		case engineQEMU:
+			errs = append(errs, vm.QEMU.validate(field+".qemu", vm.IP)...)
+		default:
+			bad(field+".engine", "%q: want %q or %q", vm.Engine, engineSynthetic, engineQEMU)
 		}
 	}
 	return errors.Join(errs...)
@@ -203,3 +234,42 @@ func (c *Config) validate() error {
 
 func (vm VMConfig) addr() netip.Addr         { return netip.MustParseAddr(vm.IP) }
 func (vm VMConfig) hwAddr() net.HardwareAddr { mac, _ := net.ParseMAC(vm.MAC); return mac }
+
+// validate fills in the defaults and names the field at fault in every error.
+func (q *QEMUConfig) validate(field, ip string) []error {
+	var errs []error
+	for _, f := range []struct {
+		name string
+		path *string
+	}{{"kernel", &q.Kernel}, {"initrd", &q.Initrd}} {
+		if *f.path == "" {
+			errs = append(errs, fmt.Errorf("%s.%s: missing (make guest builds build/guest/%s)", field, f.name, map[string]string{"kernel": "vmlinuz", "initrd": "initrd.img"}[f.name]))
+		} else if _, err := os.Stat(*f.path); err != nil {
+			errs = append(errs, fmt.Errorf("%s.%s: %v", field, f.name, err))
+		}
+	}
+	if q.Cmdline == "" {
+		q.Cmdline = "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=" + ip + "/24"
+	}
+	if q.MemoryMB == 0 {
+		q.MemoryMB = 256
+	}
+	if q.MemoryMB < 64 {
+		errs = append(errs, fmt.Errorf("%s.memory_mb: %d: want at least 64", field, q.MemoryMB))
+	}
+	if q.Preload == "" {
+		if self, err := os.Executable(); err == nil {
+			q.Preload = filepath.Join(filepath.Dir(self), preloadName)
+		}
+	}
+	if _, err := os.Stat(q.Preload); err != nil {
+		errs = append(errs, fmt.Errorf("%s.preload: %v (make build builds it)", field, err))
+	}
+	if q.MaxLag == 0 {
+		q.MaxLag = time.Second
+	}
+	if q.MaxLag < 10*time.Millisecond {
+		errs = append(errs, fmt.Errorf("%s.max_lag: %s: want at least 10ms", field, q.MaxLag))
+	}
+	return errs
+}

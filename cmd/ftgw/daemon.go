@@ -47,6 +47,12 @@ type daemon struct {
 	secondary *lockstep.Secondary
 	feeder    *guestFeeder
 
+	// The qemu engine (nil for the synthetic guest) logs the VM's input
+	// itself: the log is its replay log, shipped in chunks numbered from
+	// 1, and the data path's positions are byte offsets in it.
+	qemu   *qemuEngine
+	chunks chunkIndex
+
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
 	// InputsConsumed() - inputBase. It moves when a secondary goes live
@@ -156,12 +162,15 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		if err != nil {
 			return err
 		}
-	} else {
+	} else if d.vm.Engine == engineSynthetic {
 		if d.feeder, err = newGuestFeeder(d.tap); err != nil {
 			return err
 		}
 	}
 
+	if d.vm.Engine == engineQEMU {
+		return d.setUpQEMU(ctx)
+	}
 	d.engine = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.cfg.Restore, d.log)
 	if d.cfg.Restore != "" {
 		// The snapshot's frame count is where this guest starts; log
@@ -179,6 +188,12 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		d.setState(stateStandby)
 		return d.newSecondary()
 	}
+	return d.startPrimary(ctx)
+}
+
+// startPrimary claims the VM's epoch and serves it, protected, or stays
+// passive if another host owns it now.
+func (d *daemon) startPrimary(ctx context.Context) error {
 	epoch, passive, err := d.startEpoch(ctx)
 	if err != nil {
 		return err
@@ -195,7 +210,12 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 }
 
 func (d *daemon) publish(role vip.Role, epoch uint64) error {
-	return d.owner.Publish(vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr()})
+	return d.owner.Publish(d.ownerRecord(role, epoch))
+}
+
+// ownerRecord is the VM's record in role at epoch, with output commit on.
+func (d *daemon) ownerRecord(role vip.Role, epoch uint64) vip.Record {
+	return vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr(), EngineLogs: d.vm.Engine == engineQEMU}
 }
 
 // setOutputMode switches output commit for benchmarks: "commit" (the
@@ -238,11 +258,14 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
 		OnFenced: d.fence,
 		OnAck: func(pos uint64) {
+			d.ackClock.ack(pos)
+			if d.qemu != nil {
+				pos = d.chunks.acked(pos) // the byte offset the chunk ends at
+			}
 			// The fast path first, so frames stamped <= pos that arrive
 			// after the queue drains go straight out.
 			d.dp.SetAcked(pos)
 			d.hold.ReleaseUpTo(pos)
-			d.ackClock.ack(pos)
 		},
 	})
 	if err != nil {
@@ -256,6 +279,9 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 // primary ships it, any other active host discards it (nothing else would
 // make room in the ring for new input).
 func (d *daemon) readLog(ctx context.Context) error {
+	if d.qemu != nil {
+		return d.readQEMULog(ctx)
+	}
 	return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
 		d.lastRead.Store(e.Position)
 		if !d.shipping.Load() {
@@ -284,12 +310,18 @@ func (d *daemon) newSecondary() error {
 	if err != nil {
 		return err
 	}
-	d.secondary, err = lockstep.NewSecondary(lockstep.SecondaryConfig{
+	cfg := lockstep.SecondaryConfig{
 		Listen: d.cfg.Peer.Listen, TLS: tlsCfg, VM: d.vm.Name,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
-		OnFrame:       func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) },
 		StartPosition: d.cfg.StartPosition,
-	})
+	}
+	// The VM takes in either logged frames or QEMU's replay log.
+	if d.qemu != nil {
+		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }
+	} else {
+		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) }
+	}
+	d.secondary, err = lockstep.NewSecondary(cfg)
 	return err
 }
 
@@ -330,6 +362,17 @@ type Status struct {
 	LastFailover *failoverPhases `json:"last_failover,omitempty"`
 	// UnprotectedSeconds is how long this host has served the VM alone.
 	UnprotectedSeconds float64 `json:"unprotected_seconds"`
+	// Replay is a replaying secondary's progress (qemu engine).
+	Replay *replayProgress `json:"replay,omitempty"`
+}
+
+// replayProgress: the log has arrived up to LogIcount guest instructions,
+// and the replay has executed ReplayedIcount of them.
+type replayProgress struct {
+	LogIcount      uint64 `json:"log_icount"`
+	LogBytes       int64  `json:"log_bytes"`
+	RelayPending   int    `json:"relay_pending_bytes"`
+	ReplayedIcount uint64 `json:"replayed_icount"`
 }
 
 func (d *daemon) status() Status {
@@ -339,6 +382,9 @@ func (d *daemon) status() Status {
 	s.LastFailover = d.lastFailover
 	d.mu.Unlock()
 	s.UnprotectedSeconds = d.unprotectedFor().Seconds()
+	if d.qemu != nil {
+		s.Replay = d.qemu.progress()
+	}
 	if d.hold != nil {
 		s.Held = d.hold.Stats().Held
 	}

@@ -41,7 +41,10 @@ type failoverPhases struct {
 	Epoch       uint64        `json:"epoch"`
 	Detection   time.Duration `json:"detection_ns"`   // peer's last word to declaring it failed
 	Arbitration time.Duration `json:"arbitration_ns"` // the arbiter's test-and-set
-	GoLive      time.Duration `json:"go_live_ns"`     // owner switch and first announcement
+	// Drain is a real VM's replay of the log it had received but not yet
+	// replayed (part of GoLive).
+	Drain  time.Duration `json:"drain_ns"`
+	GoLive time.Duration `json:"go_live_ns"` // owner switch and first announcement
 }
 
 // channelStop ends the log channel's Run: the peer is gone or replaced.
@@ -189,10 +192,22 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 		d.recordFailover(phases)
 		return
 	}
-	// This host's own log starts at 0; the guest has taken in every frame
-	// received (delivered before acknowledged; the tap keeps their order
-	// ahead of anything logged from now on).
-	d.inputBase.Add(d.secondary.Received())
+	if d.qemu != nil {
+		// The replayer must first reach the end of the log and become a
+		// running VM: until then nothing serves the VM's clients.
+		drain, err := d.qemu.GoLive(ctx)
+		phases.Drain = drain
+		if err != nil {
+			d.log.Error("go live", "err", err)
+			d.fence(epoch)
+			return
+		}
+	} else {
+		// This host's own log starts at 0; the guest has taken in every
+		// frame received (delivered before acknowledged; the tap keeps
+		// their order ahead of anything logged from now on).
+		d.inputBase.Add(d.secondary.Received())
+	}
 	// The commit point: one map update and this host serves the VM.
 	if err := d.publishUnprotected(epoch); err != nil {
 		d.log.Error("go live", "err", err)
@@ -233,7 +248,9 @@ func (d *daemon) fence(epoch uint64) {
 }
 
 func (d *daemon) publishUnprotected(epoch uint64) error {
-	return d.owner.Publish(vip.Record{Epoch: epoch, Role: vip.RoleActive, IP: d.vm.addr(), MAC: d.vm.hwAddr(), Passthrough: true})
+	rec := d.ownerRecord(vip.RoleActive, epoch)
+	rec.Passthrough = true
+	return d.owner.Publish(rec)
 }
 
 func (d *daemon) recordFailover(p failoverPhases) {
@@ -242,7 +259,7 @@ func (d *daemon) recordFailover(p failoverPhases) {
 	d.failovers[p.Cause]++
 	d.mu.Unlock()
 	d.log.Warn("failover", "cause", p.Cause, "won", p.Won, "epoch", p.Epoch,
-		"detection", p.Detection, "arbitration", p.Arbitration, "go_live", p.GoLive, "state", d.state().String())
+		"detection", p.Detection, "arbitration", p.Arbitration, "drain", p.Drain, "go_live", p.GoLive, "state", d.state().String())
 }
 
 // startEpoch decides, at start, the epoch the primary serves with: a VM the

@@ -70,7 +70,8 @@ func failoverBench(ctx context.Context, w io.Writer, dir string, n int, seed uin
 	fmt.Fprintf(w, "ftgw bench --failover %d (seed %d, failure timeout %s): one lab, a write load, a random fault, the checker, re-protection\n", n, seed, failureTimeout)
 	rebuild := func() error {
 		labDown(dir)
-		return labUp(ctx, dir, 10*time.Millisecond, failureTimeout, 4096)
+		vm, _ := labVM(engineSynthetic, "")
+		return labUp(ctx, dir, vm, 10*time.Millisecond, failureTimeout, 4096)
 	}
 	if err := rebuild(); err != nil {
 		return err

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
-	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 )
 
@@ -47,12 +46,23 @@ func labCommand(ctx context.Context, args []string) error {
 	failureTimeout := fs.Duration("failure-timeout", 50*time.Millisecond, "silence after which a host's peer counts as failed")
 	holdCapacity := fs.Int("hold-capacity", 4096, "frames the primary may hold at once")
 	requests := fs.Int("requests", 1000, "requests `ftgw lab traffic` sends")
+	guestEngine := fs.String("guest", engineSynthetic, "the VM: synthetic (ftgw guest) or qemu (a real Linux VM under record/replay; builds build/guest with `make guest` when missing)")
+	guestDir := fs.String("guest-dir", "build/guest", "where `make guest` put vmlinuz and initrd.img (--guest qemu)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
+	if *guestEngine == engineQEMU && !flagSet(fs, "failure-timeout") {
+		// Two TCG VMs keep both of this machine's CPUs busy: a daemon
+		// can be descheduled for longer than the synthetic lab's 50ms.
+		*failureTimeout = time.Second
+	}
 	switch args[0] {
 	case "up":
-		if err := labUp(ctx, *dir, *heartbeat, *failureTimeout, *holdCapacity); err != nil {
+		vm, err := labVM(*guestEngine, *guestDir)
+		if err != nil {
+			return err
+		}
+		if err := labUp(ctx, *dir, vm, *heartbeat, *failureTimeout, *holdCapacity); err != nil {
 			return err
 		}
 		fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on port %d of each host\n",
@@ -73,7 +83,36 @@ func labCommand(ctx context.Context, args []string) error {
 
 func hostDir(dir, ns string) string { return filepath.Join(dir, ns) }
 
-func labUp(ctx context.Context, dir string, heartbeat, failureTimeout time.Duration, holdCapacity int) (err error) {
+// labVM is the lab's VM run by engine.
+func labVM(engine, guestDir string) (VMConfig, error) {
+	vm := VMConfig{Name: lab.VMName, IP: lab.VMIP.String(), MAC: lab.VMMAC.String(), Tap: lab.Tap, Engine: engine}
+	switch engine {
+	case engineSynthetic:
+		return vm, nil
+	case engineQEMU:
+	default:
+		return vm, fmt.Errorf("--guest %q: want %s or %s", engine, engineSynthetic, engineQEMU)
+	}
+	kernel, initrd := filepath.Join(guestDir, "vmlinuz"), filepath.Join(guestDir, "initrd.img")
+	if _, err := os.Stat(initrd); errors.Is(err, os.ErrNotExist) {
+		fmt.Fprintf(os.Stderr, "lab: %s missing: running make guest\n", initrd)
+		build := exec.Command("make", "guest")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return vm, fmt.Errorf("make guest (run it from the repository, or pass --guest-dir): %w", err)
+		}
+	}
+	var err error
+	for _, p := range []*string{&kernel, &initrd} {
+		if *p, err = filepath.Abs(*p); err != nil {
+			return vm, err
+		}
+	}
+	vm.QEMU = QEMUConfig{Kernel: kernel, Initrd: initrd}
+	return vm, nil
+}
+
+func labUp(ctx context.Context, dir string, vm VMConfig, heartbeat, failureTimeout time.Duration, holdCapacity int) (err error) {
 	if err := lab.Build(); err != nil {
 		return err
 	}
@@ -110,7 +149,7 @@ func labUp(ctx context.Context, dir string, heartbeat, failureTimeout time.Durat
 		cfg.HoldCapacity = holdCapacity
 		cfg.Metrics = fmt.Sprintf(":%d", lab.MetricsPort)
 		cfg.StateDir = hostDir(dir, host.NS)
-		cfg.VMs = []VMConfig{{Name: lab.VMName, IP: lab.VMIP.String(), MAC: lab.VMMAC.String(), Tap: lab.Tap, Engine: "synthetic"}}
+		cfg.VMs = []VMConfig{vm}
 		cfg.Peer = PeerConfig{
 			Address: net.JoinHostPort(lab.ReplSecond.Addr().String(), strconv.Itoa(lab.LogPort)),
 			CA:      filepath.Join(pki, "ca.pem"),
@@ -124,7 +163,31 @@ func labUp(ctx context.Context, dir string, heartbeat, failureTimeout time.Durat
 			return err
 		}
 	}
+	if vm.Engine == engineQEMU {
+		return waitVMServes(ctx, 3*time.Minute)
+	}
 	return nil
+}
+
+// waitVMServes waits until the VM answers a key-value request from the
+// client, through the gateway: a real VM boots for seconds after its daemon
+// is up, its boot recorded and replayed on the way.
+func waitVMServes(ctx context.Context, budget time.Duration) error {
+	c, err := kvClient(time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	deadline := time.Now().Add(budget)
+	for {
+		_, _, err := c.Get("ready")
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("the VM did not answer within %s: %w", budget, err)
+		}
+	}
 }
 
 // startDaemon writes cfg for the host and starts `ftgw run` in its namespace,
@@ -163,7 +226,12 @@ func startDaemon(ctx context.Context, dir, ns string, cfg Config) error {
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 
-	deadline := time.Now().Add(30 * time.Second)
+	// A real VM boots under TCG while recording before its daemon serves.
+	ready := 30 * time.Second
+	if cfg.VMs[0].Engine == engineQEMU {
+		ready = 3 * time.Minute
+	}
+	deadline := time.Now().Add(ready)
 	for {
 		if _, err := daemonStatus(dir, ns); err == nil {
 			return nil
@@ -176,7 +244,7 @@ func startDaemon(ctx context.Context, dir, ns string, cfg Config) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("daemon in %s not ready after 30s; its log:\n%s", ns, tail(filepath.Join(hd, "ftgw.log"), 20))
+			return fmt.Errorf("daemon in %s not ready after %s; its log:\n%s", ns, ready, tail(filepath.Join(hd, "ftgw.log"), 20))
 		}
 	}
 }
@@ -227,7 +295,7 @@ func labStatus(w io.Writer, dir string) error {
 			errs = append(errs, fmt.Errorf("%s: %w", host.NS, err))
 			continue
 		}
-		gs, err := guest.QueryState(guestControl(dir, host.NS))
+		gs, err := labGuestState(dir, host.NS)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s guest: %w", host.NS, err))
 		}
@@ -252,4 +320,11 @@ func readPid(path string) (int, error) {
 		return 0, err
 	}
 	return strconv.Atoi(strings.TrimSpace(string(raw)))
+}
+
+// flagSet reports whether the command line set the flag called name.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
 	"github.com/ftgw/ftgw/pkg/guest"
+	"github.com/ftgw/ftgw/pkg/replay"
 )
 
 // What the lab commands and the benchmark use to reach the lab's daemons,
@@ -84,6 +86,29 @@ func controlPost(dir, ns, path string, form url.Values) (string, error) {
 		return "", fmt.Errorf("%s %s: %s", ns, path, strings.TrimSpace(string(body)))
 	}
 	return strings.TrimSpace(string(body)), nil
+}
+
+// labGuestState is the state of a host's copy of the VM: the synthetic
+// guest answers on its control socket; a real VM prints it on its console
+// after every request (cmd/ftgw-init), which a replaying copy reproduces.
+func labGuestState(dir, ns string) (guest.State, error) {
+	serial := replay.SerialPath(filepath.Join(hostDir(dir, ns), lab.VMName+"-qemu"))
+	if _, err := os.Stat(serial); err != nil {
+		return guest.QueryState(guestControl(dir, ns))
+	}
+	raw, err := os.ReadFile(serial)
+	if err != nil {
+		return guest.State{}, err
+	}
+	var st guest.State
+	for _, line := range strings.Split(string(raw), "\n") {
+		var req uint64
+		var digest string
+		if n, _ := fmt.Sscanf(line, "ftgw-kv req=%d puts=%d digest=%s", &req, &st.Puts, &digest); n == 3 {
+			st.Digest = digest
+		}
+	}
+	return st, nil
 }
 
 func guestControl(dir, ns string) string {

@@ -161,6 +161,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if p := d.lastFailover; p != nil {
 		gauge(c.failoverPhase, p.Detection.Seconds(), "detection")
 		gauge(c.failoverPhase, p.Arbitration.Seconds(), "arbitration")
+		gauge(c.failoverPhase, p.Drain.Seconds(), "drain")
 		gauge(c.failoverPhase, p.GoLive.Seconds(), "go_live")
 	}
 	d.mu.Unlock()

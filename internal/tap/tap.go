@@ -71,6 +71,10 @@ func Create(name string) error {
 	return nil
 }
 
+// File is the tap's file, to hand its fd to a VM process (QEMU's
+// -netdev tap,fd=N): the child gets a duplicate.
+func (t *Tap) File() *os.File { return t.f }
+
 // Name is the interface name the kernel attached to.
 func (t *Tap) Name() string { return t.name }
 

@@ -10,17 +10,11 @@ package guest
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"slices"
-	"strconv"
-	"strings"
-	"unicode/utf8"
 )
 
 // KVPort is the UDP port of the key-value protocol.
@@ -66,8 +60,7 @@ type Guest struct {
 	ip  [4]byte
 	mac [6]byte
 
-	kv      map[string]string
-	puts    uint64
+	store   *Store // the key-value application, shared with cmd/ftgw-init
 	frames  uint64
 	ignored uint64
 	replies uint64
@@ -88,7 +81,7 @@ func New(ip netip.Addr, mac net.HardwareAddr) *Guest {
 	if len(mac) != 6 || mac[0]&1 != 0 {
 		panic(fmt.Sprintf("guest: hardware address %v is not unicast 48-bit", mac))
 	}
-	g := &Guest{ip: ip.As4(), kv: make(map[string]string)}
+	g := &Guest{ip: ip.As4(), store: NewStore()}
 	copy(g.mac[:], mac)
 	return g
 }
@@ -97,11 +90,12 @@ func New(ip netip.Addr, mac net.HardwareAddr) *Guest {
 // of another guest continues exactly as that guest would. State holds all
 // there is (the IPv4 ID of replies comes from Replies).
 func (g *Guest) Restore(st State) {
-	g.kv = make(map[string]string, len(st.Keys))
+	kv := make(map[string]string, len(st.Keys))
 	for k, v := range st.Keys {
-		g.kv[k] = v
+		kv[k] = v
 	}
-	g.puts, g.frames, g.ignored, g.replies = st.Puts, st.Frames, st.Ignored, st.Replies
+	g.store = &Store{kv: kv, puts: st.Puts}
+	g.frames, g.ignored, g.replies = st.Frames, st.Ignored, st.Replies
 }
 
 // HandleFrame consumes one Ethernet frame and returns the frames the guest
@@ -123,37 +117,13 @@ func (g *Guest) HandleFrame(frame []byte) (replies [][]byte) {
 // State returns a snapshot; the caller owns its Keys map.
 func (g *Guest) State() State {
 	return State{
-		Puts:    g.puts,
-		Keys:    maps.Clone(g.kv),
+		Puts:    g.store.Puts(),
+		Keys:    g.store.Keys(),
 		Frames:  g.frames,
 		Ignored: g.ignored,
 		Replies: g.replies,
-		Digest:  digest(g.puts, g.kv),
+		Digest:  g.store.Digest(),
 	}
-}
-
-// digest hashes puts and the key/value pairs in key order, each string
-// length-prefixed so that no two stores share an encoding.
-func digest(puts uint64, kv map[string]string) string {
-	h := sha256.New()
-	var b [8]byte
-	writeUint := func(n uint64) {
-		binary.BigEndian.PutUint64(b[:], n)
-		h.Write(b[:])
-	}
-	writeUint(puts)
-	keys := make([]string, 0, len(kv))
-	for k := range kv {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		writeUint(uint64(len(k)))
-		h.Write([]byte(k))
-		writeUint(uint64(len(kv[k])))
-		h.Write([]byte(kv[k]))
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 // handle returns the reply to frame, or nil and the reason it was dropped.
@@ -301,7 +271,7 @@ func (g *Guest) handleUDP(srcMAC []byte, src [4]byte, p []byte) ([]byte, string)
 		return nil, "UDP source port 0"
 	}
 
-	resp := g.apply(string(p[udpHdrLen:]))
+	resp := g.store.Apply(string(p[udpHdrLen:]))
 	seg := make([]byte, udpHdrLen+len(resp))
 	binary.BigEndian.PutUint16(seg[0:2], KVPort)
 	binary.BigEndian.PutUint16(seg[2:4], sport)
@@ -313,40 +283,6 @@ func (g *Guest) handleUDP(srcMAC []byte, src [4]byte, p []byte) ([]byte, string)
 	}
 	binary.BigEndian.PutUint16(seg[6:8], cs)
 	return g.ipv4Reply(srcMAC, src, protoUDP, seg), ""
-}
-
-// apply executes one KV request and returns the response text.
-func (g *Guest) apply(req string) string {
-	req = strings.TrimSuffix(req, "\n")
-	req = strings.TrimSuffix(req, "\r")
-	if req == "" {
-		return "ERR empty request"
-	}
-	// State is reported as JSON, which cannot carry arbitrary bytes.
-	if !utf8.ValidString(req) {
-		return "ERR request is not UTF-8"
-	}
-	cmd, rest, _ := strings.Cut(req, " ")
-	switch cmd {
-	case "PUT":
-		key, value, ok := strings.Cut(rest, " ")
-		if !ok || key == "" {
-			return "ERR usage: PUT <key> <value>"
-		}
-		g.kv[key] = value
-		g.puts++
-		return "OK " + strconv.FormatUint(g.puts, 10)
-	case "GET":
-		if rest == "" || strings.Contains(rest, " ") {
-			return "ERR usage: GET <key>"
-		}
-		if v, ok := g.kv[rest]; ok {
-			return "VALUE " + v
-		}
-		return "NOTFOUND"
-	default:
-		return "ERR unknown command"
-	}
 }
 
 // ipv4Reply wraps payload in IPv4 and Ethernet headers addressed to dstMAC

@@ -1,0 +1,308 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ftgw/ftgw/internal/tap"
+	"github.com/ftgw/ftgw/pkg/datapath"
+	"github.com/ftgw/ftgw/pkg/replay"
+)
+
+// preloadName is the library QEMU records with (preload/ftgw-rr.c).
+const preloadName = "ftgw-rr.so"
+
+// goLiveSnapshot is the tag of the VM state a promoted secondary saves from
+// its replay and restarts from.
+const goLiveSnapshot = "ftgw-golive"
+
+// qemuEngine runs the protected VM under QEMU record/replay.
+//
+// On the primary QEMU records; its replay log, which carries the VM's input
+// itself, comes out of Logs and the daemon ships it. On the secondary QEMU
+// replays what the log channel delivers (Feed) through a Relay, held by
+// replay-break just short of what has arrived. Going live (GoLive) replays
+// to the end of the log, saves the VM and restarts it as a recorder: QEMU
+// cannot leave replay mode in place.
+type qemuEngine struct {
+	vm  VMConfig
+	dir string
+	dp  *datapath.Datapath
+	log *slog.Logger
+
+	// Logs carries each recorder's log stream, in order: one at start on
+	// a primary, one after go-live on a promoted secondary.
+	logs chan io.Reader
+
+	mu      sync.Mutex
+	qemu    *replay.QEMU
+	relay   *replay.Relay
+	follow  context.CancelFunc // ends the replay controller
+	swapped chan struct{}      // closed and replaced when qemu changes
+
+	replayedIcount atomic.Uint64 // the replayer's icount, last read
+	done           chan struct{} // closed when the engine ends
+	err            error
+	end            sync.Once
+	stopping       atomic.Bool
+}
+
+func newQEMUEngine(vm VMConfig, stateDir string, dp *datapath.Datapath, log *slog.Logger) *qemuEngine {
+	return &qemuEngine{
+		vm: vm, dir: filepath.Join(stateDir, vm.Name+"-qemu"), dp: dp, log: log.With("engine", "qemu"),
+		logs: make(chan io.Reader, 2), swapped: make(chan struct{}), done: make(chan struct{}),
+	}
+}
+
+func (e *qemuEngine) machine() replay.Machine {
+	return replay.Machine{
+		Kernel: e.vm.QEMU.Kernel, Initrd: e.vm.QEMU.Initrd, Cmdline: e.vm.QEMU.Cmdline,
+		MemoryMB: e.vm.QEMU.MemoryMB, MAC: e.vm.hwAddr(),
+	}
+}
+
+// StartRecord boots the VM as a recorder. It does not wait for the guest:
+// the boot's log must be read (and shipped) meanwhile, or QEMU blocks on its
+// full pipe.
+func (e *qemuEngine) StartRecord(ctx context.Context) error {
+	return e.startRecorder(ctx, "", 0)
+}
+
+// startRecorder starts a recording QEMU from boot or from a snapshot, with
+// the log's positions continuing at base.
+func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base uint64) error {
+	t, err := tap.Open(e.vm.Tap)
+	if err != nil {
+		return err
+	}
+	defer t.Close() // QEMU holds its own copy
+	state, err := e.dp.StateFile()
+	if err != nil {
+		return err
+	}
+	defer state.Close()
+	q, err := replay.Start(ctx, replay.Config{
+		Machine: e.machine(), Mode: replay.Record, Dir: e.dir, Tap: t.File(),
+		Preload: e.vm.QEMU.Preload, State: state, LogBase: base, LoadVM: loadvm,
+	})
+	if err != nil {
+		return err
+	}
+	e.setQEMU(q)
+	e.logs <- q.Log()
+	e.log.Info("recording", "pid", q.Pid(), "loadvm", loadvm, "log_base", base)
+	return nil
+}
+
+// StartReplay starts the replayer; it runs as the log arrives through Feed.
+func (e *qemuEngine) StartReplay(ctx context.Context) error {
+	if err := os.MkdirAll(e.dir, 0o755); err != nil {
+		return err
+	}
+	fifo := filepath.Join(e.dir, "replay.fifo")
+	os.Remove(fifo)
+	if err := replay.MakeFIFO(fifo); err != nil {
+		return err
+	}
+	t, err := tap.Open(e.vm.Tap)
+	if err != nil {
+		return err
+	}
+	// QEMU opens the FIFO first thing, and opens QMP only once the log
+	// flows: it starts in the background while the relay opens the FIFO.
+	type started struct {
+		q   *replay.QEMU
+		err error
+	}
+	ready := make(chan started, 1)
+	qctx, cancel := context.WithCancel(ctx)
+	go func() {
+		defer t.Close()
+		q, err := replay.Start(qctx, replay.Config{Machine: e.machine(), Mode: replay.Replay, Dir: e.dir, Tap: t.File(), LogFIFO: fifo})
+		ready <- started{q, err}
+	}()
+	octx, ocancel := context.WithTimeout(ctx, 30*time.Second)
+	w, err := replay.OpenFIFOWriter(octx, fifo)
+	ocancel()
+	if err != nil {
+		cancel()
+		return err
+	}
+	relay := replay.NewRelay(w, replay.StreamFraming)
+	e.mu.Lock()
+	e.relay = relay
+	e.mu.Unlock()
+	go func() {
+		s := <-ready
+		if s.err != nil {
+			if !e.stopping.Load() {
+				e.finish(fmt.Errorf("start replay: %w", s.err))
+			}
+			return
+		}
+		e.setQEMU(s.q)
+		e.log.Info("replaying", "pid", s.q.Pid())
+		fctx, fcancel := context.WithCancel(qctx)
+		e.mu.Lock()
+		e.follow = func() { fcancel(); cancel() }
+		e.mu.Unlock()
+		if err := s.q.Follow(fctx, relay, e.replayedIcount.Store); err != nil && fctx.Err() == nil {
+			e.finish(fmt.Errorf("replay: %w", err))
+		}
+	}()
+	return nil
+}
+
+// Feed takes the next chunk of the primary's log.
+func (e *qemuEngine) Feed(chunk []byte) error {
+	e.mu.Lock()
+	r := e.relay
+	e.mu.Unlock()
+	if r == nil {
+		return errors.New("feed replay: no replayer")
+	}
+	_, err := r.Write(chunk)
+	return err
+}
+
+// GoLive turns the replaying secondary into the VM: it replays the log it
+// received to its end, saves the VM there and restarts it recording from
+// that state. It returns how long the replay of the remaining log took.
+func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error) {
+	start := time.Now()
+	e.mu.Lock()
+	q, relay, stopFollow := e.qemu, e.relay, e.follow
+	e.mu.Unlock()
+	if q == nil || relay == nil {
+		return 0, errors.New("go live: the replayer never started")
+	}
+	if stopFollow != nil {
+		stopFollow()
+	}
+	// Everything received is whole events in the FIFO or already read.
+	if err := q.ReplayToEnd(ctx, relay); err != nil {
+		return 0, fmt.Errorf("go live: %w", err)
+	}
+	drain = time.Since(start)
+	if err := q.SaveVM(goLiveSnapshot); err != nil {
+		return drain, fmt.Errorf("go live: %w", err)
+	}
+	relay.Close()
+	e.swapping(func() { q.Stop() })
+	if err := e.startRecorder(ctx, goLiveSnapshot, e.dp.Head()); err != nil {
+		return drain, fmt.Errorf("go live: %w", err)
+	}
+	e.mu.Lock()
+	e.relay = nil
+	q = e.qemu
+	e.mu.Unlock()
+	// The guest's NIC announces itself, as after a live migration.
+	if err := q.Execute("announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 3, "step": 100}, nil); err != nil {
+		e.log.Warn("announce-self", "err", err)
+	}
+	return drain, nil
+}
+
+// setQEMU makes q the engine's QEMU and watches it: its exit ends the engine
+// unless the engine is stopping or replacing it.
+func (e *qemuEngine) setQEMU(q *replay.QEMU) {
+	e.mu.Lock()
+	e.qemu = q
+	swapped := e.swapped
+	e.mu.Unlock()
+	go func() {
+		select {
+		case <-q.Done():
+			if !e.stopping.Load() {
+				e.finish(fmt.Errorf("qemu exited: %v", q.Wait()))
+			}
+		case <-swapped:
+		}
+	}()
+}
+
+// swapping runs fn, which ends the current QEMU, without ending the engine.
+func (e *qemuEngine) swapping(fn func()) {
+	e.mu.Lock()
+	close(e.swapped)
+	e.swapped = make(chan struct{})
+	e.mu.Unlock()
+	fn()
+}
+
+// progress is the replay's progress, or nil when this engine does not
+// replay.
+func (e *qemuEngine) progress() *replayProgress {
+	e.mu.Lock()
+	relay := e.relay
+	e.mu.Unlock()
+	if relay == nil {
+		return nil
+	}
+	fwd := relay.Forwarded()
+	return &replayProgress{LogIcount: fwd.Icount, LogBytes: fwd.Bytes, RelayPending: relay.Pending(), ReplayedIcount: e.replayedIcount.Load()}
+}
+
+// ReplayLag is how far the replay trails the log received, in guest
+// instructions: the part of the primary's execution the secondary would
+// still have to replay before it could go live.
+func (e *qemuEngine) ReplayLag() (instructions uint64, ok bool) {
+	e.mu.Lock()
+	relay := e.relay
+	e.mu.Unlock()
+	if relay == nil {
+		return 0, false
+	}
+	fwd, done := relay.Forwarded().Icount, e.replayedIcount.Load()
+	if fwd < done {
+		return 0, true
+	}
+	return fwd - done, true
+}
+
+func (e *qemuEngine) finish(err error) {
+	e.end.Do(func() {
+		e.err = err
+		close(e.done)
+	})
+}
+
+// Start is unused: the daemon starts a QEMU engine by its role.
+func (e *qemuEngine) Start() error { return errors.New("qemu engine: use StartRecord or StartReplay") }
+
+func (e *qemuEngine) Wait() error {
+	<-e.done
+	return e.err
+}
+
+func (e *qemuEngine) Stop() error {
+	e.stopping.Store(true)
+	e.mu.Lock()
+	q, relay, follow := e.qemu, e.relay, e.follow
+	e.mu.Unlock()
+	if follow != nil {
+		follow()
+	}
+	if relay != nil {
+		relay.Close()
+	}
+	if q != nil {
+		q.Stop()
+	}
+	e.finish(nil)
+	return nil
+}
+
+// InputsConsumed has no meaning for a VM that logs its own input: the log
+// position a QEMU has reached is its icount, not a frame count.
+func (e *qemuEngine) InputsConsumed() (uint64, error) {
+	return 0, errors.New("the qemu engine does not count input frames")
+}

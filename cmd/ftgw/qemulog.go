@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+
+	"github.com/ftgw/ftgw/pkg/lockstep"
+)
+
+// setUpQEMU starts the real VM: recording on a primary (whose epoch it then
+// claims), replaying on a secondary.
+func (d *daemon) setUpQEMU(ctx context.Context) error {
+	if d.cfg.Restore != "" {
+		return errors.New("restore: a qemu secondary is built from the primary's log, not from a snapshot file")
+	}
+	d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
+	d.engine = d.qemu
+	if d.cfg.Role == roleSecondary {
+		if err := d.qemu.StartReplay(ctx); err != nil {
+			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+		}
+		d.setState(stateStandby)
+		return d.newSecondary()
+	}
+	// Output commit is on from the VM's first instruction: the role stays
+	// standby (outputs dropped) until startPrimary publishes it active.
+	if err := d.qemu.StartRecord(ctx); err != nil {
+		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+	}
+	return d.startPrimary(ctx)
+}
+
+// readQEMULog ships each recorder's replay log as it comes out of QEMU, in
+// chunks of whatever the pipe holds: a protected primary ships them, any
+// other host only drains the pipe so that QEMU never blocks on it.
+func (d *daemon) readQEMULog(ctx context.Context) error {
+	buf := make([]byte, lockstep.MaxPayload)
+	for {
+		var stream io.Reader
+		select {
+		case <-ctx.Done():
+			return nil
+		case stream = <-d.qemu.logs:
+		}
+		for {
+			n, err := stream.Read(buf)
+			if n > 0 {
+				if err := d.shipChunk(buf[:n]); err != nil {
+					return err
+				}
+			}
+			if err != nil {
+				// EOF or a closed pipe: that QEMU is gone; the engine
+				// reports why, and a go-live sends the next stream.
+				if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) {
+					d.log.Warn("read replay log", "err", err)
+				}
+				break
+			}
+		}
+	}
+}
+
+func (d *daemon) shipChunk(chunk []byte) error {
+	end := d.lastRead.Add(uint64(len(chunk)))
+	if !d.shipping.Load() {
+		return nil
+	}
+	pos := d.chunks.add(end)
+	d.ackClock.append(pos)
+	if err := d.primary().QueueLog(pos, chunk); err != nil {
+		// QEMU has gone on past this log; a secondary that misses it
+		// would diverge silently, so stop instead.
+		return fmt.Errorf("append replay log chunk %d: %w", pos, err)
+	}
+	d.primary().Flush()
+	return nil
+}
+
+// chunkIndex maps the log channel's positions (one per chunk of replay log)
+// to the byte offsets the chunks end at, which is what the data path's
+// stamps are, for the chunks not yet acknowledged.
+type chunkIndex struct {
+	mu   sync.Mutex
+	next uint64   // position of ends[0]
+	ends []uint64 // byte offset after each unacknowledged chunk
+	last uint64   // byte offset after the last acknowledged chunk
+}
+
+// add records a chunk ending at byte offset end and returns its position.
+func (c *chunkIndex) add(end uint64) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.next == 0 {
+		c.next = 1
+	}
+	c.ends = append(c.ends, end)
+	return c.next + uint64(len(c.ends)) - 1
+}
+
+// acked forgets the chunks up to position pos and returns the byte offset
+// the log is acknowledged to.
+func (c *chunkIndex) acked(pos uint64) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pos >= c.next && c.next != 0 {
+		n := min(pos-c.next+1, uint64(len(c.ends)))
+		if n > 0 {
+			c.last = c.ends[n-1]
+			c.ends = c.ends[:copy(c.ends, c.ends[n:])]
+			c.next += n
+		}
+	}
+	return c.last
+}

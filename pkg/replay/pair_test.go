@@ -1,0 +1,304 @@
+package replay
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ftgw/ftgw/internal/tap"
+	"github.com/ftgw/ftgw/internal/testutil"
+	"github.com/ftgw/ftgw/pkg/guest"
+)
+
+var pairMAC = net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}
+
+// logState stands in for the gateway's memory-mapped log state: the
+// preloaded library writes the head (the first u64) into it.
+type logState struct {
+	f   *os.File
+	mem []byte
+}
+
+func newLogState(t *testing.T) *logState {
+	fd, err := unix.MemfdCreate("ftgw-log-state", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "ftgw-log-state")
+	if err := f.Truncate(4096); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(fd, 0, 4096, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(mem); f.Close() })
+	return &logState{f: f, mem: mem}
+}
+
+func (s *logState) head() uint64 { return binary.LittleEndian.Uint64(s.mem[0:8]) }
+
+// capturedLog keeps everything the recorder wrote and feeds the relay up to
+// a limit the test moves.
+type capturedLog struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	data  []byte
+	limit int // feed the relay up to here; -1: everything
+	fed   int
+	eof   bool
+}
+
+func (c *capturedLog) read(t *testing.T, r interface{ Read([]byte) (int, error) }) {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := r.Read(buf)
+		c.mu.Lock()
+		c.data = append(c.data, buf[:n]...)
+		c.eof = err != nil
+		c.cond.Broadcast()
+		c.mu.Unlock()
+		if err != nil {
+			return
+		}
+	}
+}
+
+// feed writes the log to relay in random chunks, as the network would
+// deliver it, never past the limit.
+func (c *capturedLog) feed(relay *Relay, rng *rand.Rand) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		end := len(c.data)
+		if c.limit >= 0 {
+			end = min(end, c.limit)
+		}
+		for c.fed < end {
+			n := min(end-c.fed, 1+rng.IntN(6000))
+			chunk := append([]byte(nil), c.data[c.fed:c.fed+n]...)
+			c.fed += n
+			c.mu.Unlock()
+			relay.Write(chunk)
+			c.mu.Lock()
+		}
+		if c.eof && c.fed == len(c.data) {
+			return
+		}
+		c.cond.Wait()
+	}
+}
+
+func (c *capturedLog) setLimit(n int) {
+	c.mu.Lock()
+	c.limit = n
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// TestStreamedReplayFollowsAndCoversEveryReply runs the real guest as a
+// record/replay pair: the replayer follows the recorder's log as it is
+// written, in chunks, while the recorder runs. Then the Output Rule at its
+// source: a reply the client has seen must be reproduced by replaying only
+// the log that was flushed before the reply left QEMU (the head the
+// preloaded library published), nothing after it.
+func TestStreamedReplayFollowsAndCoversEveryReply(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs two VMs under TCG")
+	}
+	testutil.RequireRoot(t)
+	testutil.RequireQEMU(t)
+	kernel, initrd := testutil.GuestImage(t)
+	preload := testutil.Preload(t)
+	testutil.InNewNetns(t)
+
+	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
+	secondaryTap := openTap(t, "rr1", "")
+	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
+		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
+	state := newLogState(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+
+	recDir, repDir := filepath.Join(t.TempDir(), "rec"), filepath.Join(t.TempDir(), "rep")
+	rec, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: recDir, Tap: primaryTap.File(),
+		Preload: preload, State: state.f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rec.Stop() })
+	captured := &capturedLog{limit: -1}
+	captured.cond = sync.NewCond(&captured.mu)
+	go captured.read(t, rec.Log())
+
+	fifo := filepath.Join(repDir, "log.fifo")
+	os.MkdirAll(repDir, 0o755)
+	if err := MakeFIFO(fifo); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan *QEMU, 1)
+	go func() {
+		q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: repDir, Tap: secondaryTap.File(), LogFIFO: fifo})
+		if err != nil {
+			t.Error(err)
+		}
+		started <- q
+	}()
+	w, err := OpenFIFOWriter(ctx, fifo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := NewRelay(w, StreamFraming)
+	defer relay.Close()
+	go captured.feed(relay, rand.New(rand.NewPCG(1, 2)))
+	rep := <-started
+	if rep == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { rep.Stop() })
+	followCtx, stopFollowing := context.WithCancel(ctx)
+	following := make(chan error, 1)
+	go func() { following <- rep.Follow(followCtx, relay, nil) }()
+
+	bootCtx, bootCancel := context.WithTimeout(ctx, 90*time.Second)
+	defer bootCancel()
+	if err := WaitSerial(bootCtx, recDir, "ftgw-init ready"); err != nil {
+		b, _ := os.ReadFile(SerialPath(recDir))
+		t.Fatalf("%v; head %d; console:\n%s", err, state.head(), tailLines(string(b), 10))
+	}
+	// The replayer boots the same guest from the log while the recorder
+	// runs on.
+	if err := WaitSerial(ctx, repDir, "ftgw-init ready"); err != nil {
+		t.Fatal(err)
+	}
+	if !isRunning(t, rec) {
+		t.Error("the recorder stopped while the replayer caught up")
+	}
+
+	client, err := guest.Dial("192.0.2.1:7000", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	const puts = 20
+	for i := 1; i < puts; i++ {
+		if n, err := client.Put(fmt.Sprintf("k%d", i%7), fmt.Sprint(i)); err != nil || n != uint64(i) {
+			t.Fatalf("put %d: %d, %v", i, n, err)
+		}
+	}
+
+	// The last reply: stop feeding the replayer first, then cut its log at
+	// the head the library published before the reply reached the tap.
+	captured.mu.Lock()
+	captured.limit = captured.fed
+	captured.mu.Unlock()
+	if n, err := client.Put("last", "write"); err != nil || n != puts {
+		t.Fatalf("put %d: %d, %v", puts, n, err)
+	}
+	head := state.head()
+	captured.mu.Lock()
+	logged := len(captured.data)
+	captured.mu.Unlock()
+	t.Logf("head when the last reply arrived: %d bytes of log (%d read so far)", head, logged)
+	captured.setLimit(int(head))
+	waitFor(t, "the relay to take the log up to the head", func() bool {
+		return relay.Pending() == 0 && captured.fedUpTo() == int(head)
+	})
+	stopFollowing()
+	if err := <-following; err != nil {
+		t.Fatalf("follow: %v", err)
+	}
+	if err := rep.ReplayToEnd(ctx, relay); err != nil {
+		t.Fatal(err)
+	}
+
+	recSerial := readFile(t, SerialPath(recDir))
+	repSerial := readFile(t, SerialPath(repDir))
+	lastLine := fmt.Sprintf("ftgw-kv req=%d puts=%d ", puts, puts)
+	if !strings.Contains(recSerial, lastLine) {
+		t.Fatalf("recorder's console lacks %q:\n%s", lastLine, recSerial)
+	}
+	if !strings.Contains(repSerial, lastLine) {
+		t.Errorf("replaying the log up to the reply's head does not reach the write it acknowledged (%q):\n%s", lastLine, tailLines(repSerial, 5))
+	}
+	// Same execution: the replay's console is the recording's, up to
+	// where the replay stopped.
+	if !strings.HasPrefix(recSerial, repSerial) {
+		t.Errorf("the consoles differ:\nrecorder:\n%s\nreplayer:\n%s", tailLines(recSerial, 5), tailLines(repSerial, 5))
+	}
+}
+
+func (c *capturedLog) fedUpTo() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.fed
+}
+
+func openTap(t *testing.T, name, addr string) *tap.Tap {
+	t.Helper()
+	tp, err := tap.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.Close() })
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if addr != "" {
+		a, err := netlink.ParseAddr(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.AddrAdd(link, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		t.Fatal(err)
+	}
+	return tp
+}
+
+func isRunning(t *testing.T, q *QEMU) bool {
+	st, err := q.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Running
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}

@@ -1,0 +1,393 @@
+package replay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mode is QEMU's record/replay mode.
+type Mode string
+
+const (
+	// Record runs the VM and writes every nondeterministic input to the
+	// replay log: the primary.
+	Record Mode = "record"
+	// Replay re-executes the VM from a replay log: the secondary.
+	Replay Mode = "replay"
+)
+
+// IcountShift is QEMU's -icount shift: each guest instruction advances the
+// virtual clock by 2^IcountShift ns. Record and replay must agree.
+const IcountShift = 5
+
+// DefaultBinary is the QEMU that runs the VM.
+const DefaultBinary = "qemu-system-x86_64"
+
+// Machine is the VM: what it boots and how it is wired. The recorder and the
+// replayer must be given the same Machine, or the replay diverges.
+type Machine struct {
+	Binary   string // default DefaultBinary
+	Kernel   string
+	Initrd   string
+	Cmdline  string
+	MemoryMB int // default 256
+	MAC      net.HardwareAddr
+}
+
+// Config starts one QEMU.
+type Config struct {
+	Machine Machine
+	Mode    Mode
+	// Dir holds the QMP socket, the serial console log and the image that
+	// takes VM snapshots (savevm/loadvm).
+	Dir string
+	// Tap is the VM's tap. QEMU gets a duplicate of it.
+	Tap *os.File
+
+	// Record mode: the replay log goes through the preloaded library
+	// (preload/ftgw-rr.c) to a pipe, read from Log.
+	Preload string   // path of ftgw-rr.so
+	State   *os.File // the gateway's log state map (datapath.StateFile)
+	LogBase uint64   // the log position the log starts at
+	// LoadVM starts the VM from this snapshot in Dir's image instead of
+	// booting it: go-live and re-protection.
+	LoadVM string
+
+	// Replay mode: the replay log, a FIFO fed by a Relay.
+	LogFIFO string
+
+	Stderr io.Writer // QEMU's own messages; default os.Stderr
+}
+
+// QEMU is one running QEMU process.
+type QEMU struct {
+	cfg Config
+	cmd *exec.Cmd
+	qmp *SocketMonitor
+	log *os.File // record: the read end of the replay log pipe
+
+	done chan struct{}
+	err  error // valid after done
+	stop sync.Once
+}
+
+// SerialPath is where a QEMU started in dir writes its serial console.
+func SerialPath(dir string) string { return filepath.Join(dir, "serial.log") }
+
+// QMPPath is QEMU's QMP socket in dir.
+func QMPPath(dir string) string { return filepath.Join(dir, "qmp.sock") }
+
+// VMStatePath is the qcow2 image in dir that holds VM snapshots. It is
+// attached to no device: it only stores the state savevm writes.
+func VMStatePath(dir string) string { return filepath.Join(dir, "vmstate.qcow2") }
+
+// logPath is the rrfile name the recorder opens; the preloaded library
+// recognises it and sends the log to the pipe instead.
+const logPath = "ftgw:replay-log"
+
+// Fds passed to QEMU: ExtraFiles[i] becomes fd 3+i.
+const (
+	tapFd   = 3
+	logFd   = 4
+	stateFd = 5
+)
+
+// args is QEMU's command line. Everything that shapes the guest's execution
+// is the same in both modes; only the rr option and the log differ.
+func (c Config) args() []string {
+	m := c.Machine
+	mem := m.MemoryMB
+	if mem == 0 {
+		mem = 256
+	}
+	rr := "rr=record,rrfile=" + logPath
+	if c.Mode == Replay {
+		rr = "rr=replay,rrfile=" + c.LogFIFO
+	}
+	args := []string{
+		"-M", "q35", "-nodefaults", "-no-user-config", "-display", "none",
+		"-m", strconv.Itoa(mem),
+		// One vCPU: record/replay refuses more.
+		"-smp", "1",
+		"-icount", fmt.Sprintf("shift=%d,sleep=on,%s", IcountShift, rr),
+		"-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Cmdline,
+		"-chardev", "file,id=serial0,path=" + SerialPath(c.Dir),
+		"-serial", "chardev:serial0",
+		"-qmp", "unix:" + QMPPath(c.Dir) + ",server=on,wait=off",
+		"-drive", "if=none,id=vmstate,format=qcow2,file=" + VMStatePath(c.Dir),
+		"-netdev", fmt.Sprintf("tap,id=net0,fd=%d", tapFd),
+		// filter-replay puts the frames the guest receives in the log;
+		// on replay it feeds them from the log and drops everything.
+		"-object", "filter-replay,id=replay0,netdev=net0",
+		// tx=timer: transmits happen at timer checkpoints, which the log
+		// orders; the default bottom-half path did not replay reliably in
+		// 7.2. No option ROM: nothing boots from the network.
+		"-device", fmt.Sprintf("virtio-net-pci,netdev=net0,mac=%s,tx=timer,romfile=", m.MAC),
+	}
+	if c.LoadVM != "" {
+		args = append(args, "-loadvm", c.LoadVM)
+	}
+	if c.Mode == Replay {
+		// Paused until the engine has set the first replay-break.
+		args = append(args, "-S")
+	}
+	return args
+}
+
+// Start starts QEMU and connects to its QMP socket. A replayer only opens
+// QMP once its log has started to arrive (it reads the first event while
+// starting up), so for Replay keep feeding the log FIFO meanwhile: Start
+// waits for QMP until ctx ends. A recorder gets 30 seconds.
+func Start(ctx context.Context, cfg Config) (*QEMU, error) {
+	if cfg.Machine.Binary == "" {
+		cfg.Machine.Binary = DefaultBinary
+	}
+	if cfg.Stderr == nil {
+		cfg.Stderr = os.Stderr
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	for _, p := range []string{QMPPath(cfg.Dir), SerialPath(cfg.Dir)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+	}
+	if _, err := os.Stat(VMStatePath(cfg.Dir)); errors.Is(err, os.ErrNotExist) {
+		if err := CreateVMStateImage(VMStatePath(cfg.Dir)); err != nil {
+			return nil, err
+		}
+	}
+
+	q := &QEMU{cfg: cfg, done: make(chan struct{})}
+	q.cmd = exec.Command(cfg.Machine.Binary, cfg.args()...)
+	q.cmd.Stdout, q.cmd.Stderr = cfg.Stderr, cfg.Stderr
+	// The VM dies with the daemon that protects it: an orphan would go on
+	// sending outputs nobody holds.
+	q.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	q.cmd.ExtraFiles = []*os.File{cfg.Tap}
+
+	var logWrite *os.File
+	switch cfg.Mode {
+	case Record:
+		if cfg.Preload == "" || cfg.State == nil {
+			return nil, errors.New("start qemu: record mode needs the preload library and the log state")
+		}
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		// A larger pipe lets QEMU run on while the daemon is descheduled.
+		unix.FcntlInt(r.Fd(), unix.F_SETPIPE_SZ, 1<<20)
+		q.log, logWrite = r, w
+		q.cmd.ExtraFiles = append(q.cmd.ExtraFiles, w, cfg.State)
+		q.cmd.Env = append(os.Environ(),
+			"LD_PRELOAD="+cfg.Preload,
+			"FTGW_LOG_PATH="+logPath,
+			fmt.Sprintf("FTGW_TAP_FD=%d", tapFd),
+			fmt.Sprintf("FTGW_LOG_FD=%d", logFd),
+			fmt.Sprintf("FTGW_STATE_FD=%d", stateFd),
+			fmt.Sprintf("FTGW_LOG_BASE=%d", cfg.LogBase),
+		)
+	case Replay:
+		if cfg.LogFIFO == "" {
+			return nil, errors.New("start qemu: replay mode needs the log FIFO")
+		}
+	default:
+		return nil, fmt.Errorf("start qemu: mode %q", cfg.Mode)
+	}
+
+	err := q.cmd.Start()
+	if logWrite != nil {
+		logWrite.Close() // QEMU has its copy; EOF on the read end means QEMU is gone
+	}
+	if err != nil {
+		if q.log != nil {
+			q.log.Close()
+		}
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	go func() {
+		q.err = q.cmd.Wait()
+		close(q.done)
+	}()
+	if cfg.Mode == Record {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+	}
+	if err := q.connect(ctx); err != nil {
+		q.Stop()
+		return nil, err
+	}
+	if cfg.Mode == Record {
+		if err := q.checkPreloaded(); err != nil {
+			q.Stop()
+			return nil, err
+		}
+	}
+	return q, nil
+}
+
+// CreateVMStateImage makes the small qcow2 image that holds VM snapshots.
+func CreateVMStateImage(path string) error {
+	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", path, "64M").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("create vm state image: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// connect waits for QEMU's QMP socket.
+func (q *QEMU) connect(ctx context.Context) error {
+	for {
+		mon, err := NewSocketMonitor("unix", QMPPath(q.cfg.Dir), 10*time.Second)
+		if err == nil {
+			if err = mon.Connect(); err == nil {
+				q.qmp = mon
+				return nil
+			}
+		}
+		select {
+		case <-q.done:
+			return fmt.Errorf("qemu exited at start: %v", q.err)
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("connect to qemu's qmp: %w (%w)", err, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// checkPreloaded makes sure the library that closes the Output Rule hole is
+// in QEMU: without it, outputs would be stamped with a log position that may
+// not cover them.
+func (q *QEMU) checkPreloaded() error {
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", q.cmd.Process.Pid))
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(string(maps), filepath.Base(q.cfg.Preload)) {
+		return fmt.Errorf("qemu runs without %s: the replay log would not be flushed before outputs", q.cfg.Preload)
+	}
+	return nil
+}
+
+// Log is the recorder's replay log stream: event bytes only, without QEMU's
+// file header. It ends when QEMU exits.
+func (q *QEMU) Log() io.Reader { return q.log }
+
+// Monitor is QEMU's QMP connection.
+func (q *QEMU) Monitor() *SocketMonitor { return q.qmp }
+
+// Pid is QEMU's process ID.
+func (q *QEMU) Pid() int { return q.cmd.Process.Pid }
+
+// Done is closed when QEMU has exited.
+func (q *QEMU) Done() <-chan struct{} { return q.done }
+
+// Wait returns QEMU's exit status once it has exited.
+func (q *QEMU) Wait() error {
+	<-q.done
+	return q.err
+}
+
+// Stop ends QEMU: quit over QMP, then SIGKILL if it lingers.
+func (q *QEMU) Stop() error {
+	q.stop.Do(func() {
+		if q.qmp != nil {
+			q.qmp.Run([]byte(`{"execute":"quit"}`))
+		}
+		select {
+		case <-q.done:
+		case <-time.After(3 * time.Second):
+			q.cmd.Process.Kill()
+			<-q.done
+		}
+		if q.qmp != nil {
+			q.qmp.Disconnect()
+		}
+		if q.log != nil {
+			q.log.Close()
+		}
+	})
+	return nil
+}
+
+// Execute runs one QMP command and decodes its return value into out (which
+// may be nil).
+func (q *QEMU) Execute(command string, args any, out any) error {
+	cmd := Command{Execute: command, Args: args}
+	b, err := json.Marshal(cmd)
+	if err != nil {
+		return err
+	}
+	ret, err := q.qmp.Run(b)
+	if err != nil {
+		return fmt.Errorf("qmp %s: %w", command, err)
+	}
+	if out != nil {
+		if err := json.Unmarshal(ret, out); err != nil {
+			return fmt.Errorf("qmp %s: decode %s: %w", command, ret, err)
+		}
+	}
+	return nil
+}
+
+// ReplayInfo is QMP query-replay's answer.
+type ReplayInfo struct {
+	Mode   string `json:"mode"`
+	Icount uint64 `json:"icount"`
+}
+
+// Icount is how many guest instructions the VM has executed (recorded or
+// replayed).
+func (q *QEMU) Icount() (uint64, error) {
+	var info ReplayInfo
+	err := q.Execute("query-replay", nil, &info)
+	return info.Icount, err
+}
+
+// Status is QMP query-status's answer.
+type Status struct {
+	Running bool   `json:"running"`
+	Status  string `json:"status"`
+}
+
+// Status reports whether the VM runs.
+func (q *QEMU) Status() (Status, error) {
+	var st Status
+	err := q.Execute("query-status", nil, &st)
+	return st, err
+}
+
+// WaitSerial waits until the serial console log contains want.
+func WaitSerial(ctx context.Context, dir, want string) error {
+	for {
+		b, _ := os.ReadFile(SerialPath(dir))
+		if strings.Contains(string(b), want) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("serial console: %q not seen: %w", want, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,306 @@
+package replay
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Relay feeds a replaying QEMU (rr=replay, rrfile=FIFO) from a recorder's
+// log stream that arrives in chunks cut anywhere (as read from the network).
+//
+// QEMU 7.2's replayer exits ("error reading the replay data") when its
+// read hits end of file, and one that has caught up blocks inside a read
+// while holding the replay lock, freezing its QMP. So the relay hands the
+// replayer only whole events, and says how far they go (Forwarded) so the
+// engine can hold the replayer with QMP replay-break at the forwarded
+// icount minus one and cont it as more arrives: a replayer held there never
+// reads past what it was given (see the format notes in replaylog.go).
+//
+// Write never blocks on the replayer: whole events are appended to an
+// in-memory backlog that one goroutine writes to the FIFO, and nothing is
+// dropped. A replayer that falls behind therefore costs memory, not a stall
+// of the stream from the primary; the engine watches Pending and gives up
+// on a secondary whose backlog grows past what it will hold.
+//
+// The backlog is written in pieces of about relayPiece bytes cut at event
+// boundaries, and Forwarded moves as each piece is written. One write of
+// the whole backlog would deadlock: larger than the room in the FIFO, it
+// would wait for the replayer to read, while the replayer, held at a break
+// set from Forwarded, which only moves once the write returns, reads
+// nothing. With pieces, everything in the FIFO is counted, so a break set
+// from Forwarded lets the replayer drain the FIFO and make room for the
+// next piece. That needs the FIFO to hold the events that follow the last
+// INSTRUCTION event written (a replayer held one instruction before it
+// leaves them unread) plus a piece: a few KiB in practice, and
+// OpenFIFOWriter makes the pipe FIFOSize bytes.
+type Relay struct {
+	w       io.Writer
+	writeMu sync.Mutex  // serialises Write; guards scan, held, heldAt
+	scan    *LogScanner // delimits the events
+	held    []byte      // log bytes from offset heldAt not yet whole events
+	heldAt  int64
+
+	mu      sync.Mutex
+	cond    *sync.Cond // signalled when the backlog grows or shrinks, on close or failure
+	queue   []segment  // whole events not yet handed to w
+	backlog int        // bytes in queue or being written
+	fwd     Position   // what w has taken
+	err     error      // the first scan or write error
+	closing bool
+	done    chan struct{} // closed when the writer goroutine exits
+}
+
+// relayPiece is the size the backlog is written in (a pipe's atomic write
+// size); a piece holds at least one whole event, so it can be larger.
+const relayPiece = 4096
+
+// segment is whole events and the icount at their end.
+type segment struct {
+	data   []byte
+	icount uint64
+	header bool // the version header, not counted in Forwarded
+}
+
+// Position is how far a log has been forwarded: Bytes of events (the
+// version header not counted) and the icount at their end.
+type Position struct {
+	Bytes  int64
+	Icount uint64
+}
+
+// NewRelay starts relaying a log framed as f to w. The version header goes
+// to w first, so w sees what a replayer reading a FIFO expects.
+func NewRelay(w io.Writer, f Framing) *Relay {
+	r := &Relay{
+		w:       w,
+		scan:    NewLogScanner(f),
+		queue:   []segment{{data: bytes.Clone(StreamHeader), header: true}},
+		backlog: len(StreamHeader),
+		done:    make(chan struct{}),
+	}
+	r.cond = sync.NewCond(&r.mu)
+	go r.writeLoop()
+	return r
+}
+
+// Write takes the next chunk of the log. It returns an error, and the relay
+// stops, if the log is malformed or w failed.
+func (r *Relay) Write(chunk []byte) (int, error) {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	r.mu.Lock()
+	err, closing := r.err, r.closing
+	r.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	if closing {
+		return 0, errors.New("relay write: relay closed")
+	}
+	// Scanned a piece at a time so that the backlog has an event boundary,
+	// a point Forwarded can stop at, at least every relayPiece bytes.
+	for p := chunk; len(p) > 0; {
+		n := min(len(p), relayPiece)
+		if err := r.take(p[:n]); err != nil {
+			r.fail(err)
+			return 0, err
+		}
+		p = p[n:]
+	}
+	return len(chunk), nil
+}
+
+// take scans p and queues the events it completes.
+func (r *Relay) take(p []byte) error {
+	if _, err := r.scan.Write(p); err != nil {
+		return fmt.Errorf("relay scan: %w", err)
+	}
+	// held keeps the bytes from heldAt on that are not yet whole events;
+	// those the scanner now reports complete are queued, minus a file
+	// header.
+	r.held = append(r.held, p...)
+	end := r.scan.Complete()
+	from := max(r.heldAt, r.scan.DataStart())
+	if end <= from {
+		return nil
+	}
+	seg := segment{data: bytes.Clone(r.held[from-r.heldAt : end-r.heldAt]), icount: r.scan.Icount()}
+	r.held = r.held[:copy(r.held, r.held[end-r.heldAt:])]
+	r.heldAt = end
+	r.mu.Lock()
+	r.queue = append(r.queue, seg)
+	r.backlog += len(seg.data)
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	return nil
+}
+
+// Forwarded is how much of the log w has taken: whole events only.
+func (r *Relay) Forwarded() Position {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.fwd
+}
+
+// Pending is how many bytes w has not taken yet, those being written
+// included: the replayer's backlog.
+func (r *Relay) Pending() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.backlog
+}
+
+// Ended says whether the log's END event has been received.
+func (r *Relay) Ended() bool {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	return r.scan.Ended()
+}
+
+// Err is the error that stopped the relay, if any.
+func (r *Relay) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+// WaitForwarded waits until w has taken events up to icount at least, the
+// relay fails, or ctx ends.
+func (r *Relay) WaitForwarded(ctx context.Context, icount uint64) (Position, error) {
+	stop := context.AfterFunc(ctx, func() {
+		r.mu.Lock()
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	})
+	defer stop()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for r.fwd.Icount < icount {
+		if r.err != nil {
+			return r.fwd, r.err
+		}
+		if err := ctx.Err(); err != nil {
+			return r.fwd, err
+		}
+		r.cond.Wait()
+	}
+	return r.fwd, nil
+}
+
+// Close stops the relay once the backlog is written and returns the
+// relay's error, if any. It does not close w; if w can block for good (a
+// replayer that stopped reading), close w first to make Close return.
+func (r *Relay) Close() error {
+	r.mu.Lock()
+	r.closing = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	<-r.done
+	return r.Err()
+}
+
+func (r *Relay) fail(err error) {
+	r.mu.Lock()
+	if r.err == nil {
+		r.err = err
+	}
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+// writeLoop writes the backlog to w a piece at a time, small segments
+// coalesced, and advances Forwarded as each piece is written.
+func (r *Relay) writeLoop() {
+	defer close(r.done)
+	var piece []byte
+	for {
+		r.mu.Lock()
+		for len(r.queue) == 0 && !r.closing && r.err == nil {
+			r.cond.Wait()
+		}
+		if r.err != nil || len(r.queue) == 0 {
+			r.mu.Unlock()
+			return
+		}
+		queue := r.queue
+		r.queue = nil
+		r.mu.Unlock()
+
+		for len(queue) > 0 {
+			piece = piece[:0]
+			var events int64 // bytes of events in piece
+			var icount uint64
+			for len(queue) > 0 && (len(piece) == 0 || len(piece)+len(queue[0].data) <= relayPiece) {
+				seg := queue[0]
+				queue = queue[1:]
+				piece = append(piece, seg.data...)
+				if !seg.header {
+					events += int64(len(seg.data))
+					icount = seg.icount
+				}
+			}
+			if _, err := r.w.Write(piece); err != nil {
+				r.fail(fmt.Errorf("relay write: %w", err))
+				return
+			}
+			r.mu.Lock()
+			r.backlog -= len(piece)
+			if events > 0 {
+				r.fwd.Bytes += events
+				r.fwd.Icount = icount
+			}
+			r.cond.Broadcast()
+			r.mu.Unlock()
+		}
+	}
+}
+
+// MakeFIFO creates a FIFO at path for the replayer to read its log from.
+func MakeFIFO(path string) error {
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		return fmt.Errorf("make fifo %s: %w", path, err)
+	}
+	return nil
+}
+
+// FIFOSize is the pipe size OpenFIFOWriter sets: room for the events a
+// held replayer leaves unread (see Relay), with a wide margin.
+const FIFOSize = 1 << 20
+
+// OpenFIFOWriter opens the FIFO at path for writing once a reader (the
+// replaying QEMU) has it open, polling until then or until ctx ends, and
+// makes the pipe FIFOSize bytes.
+//
+// A plain O_WRONLY open would block the thread with no way to give up;
+// O_NONBLOCK fails with ENXIO while there is no reader instead. The file
+// stays non-blocking, which lets Go's poller park a writer goroutine on a
+// full pipe rather than a thread. O_RDWR would never wait, but the relay
+// would then be a reader itself and never see EPIPE when the replayer dies.
+func OpenFIFOWriter(ctx context.Context, path string) (*os.File, error) {
+	for {
+		fd, err := unix.Open(path, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err == nil {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETPIPE_SZ, FIFOSize); err != nil {
+				unix.Close(fd)
+				return nil, fmt.Errorf("set fifo %s size to %d: %w", path, FIFOSize, err)
+			}
+			return os.NewFile(uintptr(fd), path), nil
+		}
+		if !errors.Is(err, unix.ENXIO) {
+			return nil, fmt.Errorf("open fifo %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("open fifo %s: no reader: %w", path, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,216 @@
+/* ftgw-rr.so: preloaded into the primary's QEMU (LD_PRELOAD) to close the
+ * Output Rule hole of QEMU's record/replay log.
+ *
+ * QEMU writes its replay log through stdio and never flushes it: the last few
+ * KiB of log, the part that produced a transmit, may sit in QEMU's buffer
+ * while the frame is already on the wire. The gateway stamps each transmit
+ * with the log head, so the head must cover every log byte QEMU wrote before
+ * the frame. This library makes that so:
+ *
+ *   - The replay log file (FTGW_LOG_PATH, QEMU's rrfile) is opened as a
+ *     stdio cookie stream whose bytes go to the daemon's pipe (FTGW_LOG_FD).
+ *     After each write reaches the pipe, the byte count is stored in the
+ *     gateway's memory-mapped log state (FTGW_STATE_FD) as the head.
+ *   - Before QEMU writes a frame to the VM's tap (FTGW_TAP_FD), the log is
+ *     flushed. The frame's XDP stamp, read in the same syscall afterwards,
+ *     therefore covers every log byte recorded before it.
+ *
+ * Positions are byte offsets in the stream of replay events, after QEMU's
+ * file header (which QEMU writes last, at exit, and which is not sent),
+ * starting at FTGW_LOG_BASE (default 0) so that a VM restarted from a
+ * snapshot continues its host's positions.
+ *
+ * Without FTGW_LOG_PATH in the environment the library does nothing.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "../bpf/gateway.h"
+
+static const char *log_path;
+static int log_fd = -1;
+static int tap_fd = -1;
+static struct log_state *state;
+
+static FILE *replay_log;
+/* The stream as QEMU sees it: a file whose event data starts where its first
+ * seek put it. Bytes written at the end of the data are sent; a rewrite of
+ * earlier bytes (the header, at exit) is dropped. */
+static int64_t data_start = -1; /* file offset of the first event byte */
+static int64_t file_pos;
+static uint64_t sent;           /* event bytes in the pipe */
+static uint64_t base;           /* FTGW_LOG_BASE */
+
+static ssize_t (*real_write)(int, const void *, size_t);
+static ssize_t (*real_writev)(int, const struct iovec *, int);
+static FILE *(*real_fopen64)(const char *, const char *);
+static FILE *(*real_fopen)(const char *, const char *);
+
+static void die(const char *what)
+{
+	fprintf(stderr, "ftgw-rr: %s: %s\n", what, strerror(errno));
+	abort();
+}
+
+static int env_fd(const char *name)
+{
+	const char *v = getenv(name);
+	if (!v)
+		return -1;
+	return atoi(v);
+}
+
+/* Other libraries' constructors may write before ours runs. */
+static void resolve(void)
+{
+	if (real_write)
+		return;
+	real_writev = dlsym(RTLD_NEXT, "writev");
+	real_fopen64 = dlsym(RTLD_NEXT, "fopen64");
+	real_fopen = dlsym(RTLD_NEXT, "fopen");
+	__atomic_store_n(&real_write, dlsym(RTLD_NEXT, "write"), __ATOMIC_RELEASE);
+}
+
+__attribute__((constructor)) static void init(void)
+{
+	resolve();
+	log_path = getenv("FTGW_LOG_PATH");
+	if (!log_path)
+		return;
+	log_fd = env_fd("FTGW_LOG_FD");
+	tap_fd = env_fd("FTGW_TAP_FD");
+	int state_fd = env_fd("FTGW_STATE_FD");
+	const char *b = getenv("FTGW_LOG_BASE");
+	base = b ? strtoull(b, NULL, 10) : 0;
+	if (log_fd < 0 || tap_fd < 0 || state_fd < 0) {
+		errno = EINVAL;
+		die("FTGW_LOG_FD, FTGW_TAP_FD and FTGW_STATE_FD must be set");
+	}
+	long page = sysconf(_SC_PAGESIZE);
+	size_t len = (sizeof(struct log_state) + page - 1) / page * page;
+	state = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, state_fd, 0);
+	if (state == MAP_FAILED)
+		die("mmap the gateway's log state");
+	close(state_fd);
+	__atomic_store_n(&state->head, base, __ATOMIC_RELEASE);
+}
+
+static ssize_t log_write(void *cookie, const char *buf, size_t n)
+{
+	(void)cookie;
+	if (data_start < 0)
+		data_start = file_pos;
+	int64_t end = data_start + (int64_t)sent;
+	if (file_pos != end) {
+		/* Not at the end of the data: QEMU rewriting its header. */
+		file_pos += n;
+		return n;
+	}
+	for (size_t done = 0; done < n;) {
+		ssize_t w = real_write(log_fd, buf + done, n - done);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			/* The daemon is gone; QEMU must not run on unlogged. */
+			die("write the replay log to the daemon");
+		}
+		done += w;
+	}
+	sent += n;
+	file_pos += n;
+	/* Published only once the bytes are in the pipe: a stamp never
+	 * promises log the daemon cannot read. */
+	__atomic_store_n(&state->head, base + sent, __ATOMIC_RELEASE);
+	return n;
+}
+
+static int log_seek(void *cookie, off64_t *off, int whence)
+{
+	(void)cookie;
+	int64_t end = (data_start < 0 ? 0 : data_start) + (int64_t)sent;
+	int64_t to;
+	switch (whence) {
+	case SEEK_SET:
+		to = *off;
+		break;
+	case SEEK_CUR:
+		to = file_pos + *off;
+		break;
+	case SEEK_END:
+		to = end + *off;
+		break;
+	default:
+		errno = EINVAL;
+		return -1;
+	}
+	if (to < 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	/* QEMU's first seek skips the header it writes at exit: the data
+	 * starts there. */
+	if (data_start < 0 && sent == 0)
+		data_start = to;
+	file_pos = to;
+	*off = to;
+	return 0;
+}
+
+static FILE *open_log(void)
+{
+	if (replay_log) {
+		errno = EBUSY;
+		return NULL;
+	}
+	cookie_io_functions_t io = {.write = log_write, .seek = log_seek};
+	replay_log = fopencookie(NULL, "w", io);
+	return replay_log;
+}
+
+static int is_log(const char *path, const char *mode)
+{
+	return log_path && path && strcmp(path, log_path) == 0 && mode[0] == 'w';
+}
+
+FILE *fopen64(const char *path, const char *mode)
+{
+	resolve();
+	return is_log(path, mode) ? open_log() : real_fopen64(path, mode);
+}
+
+FILE *fopen(const char *path, const char *mode)
+{
+	resolve();
+	return is_log(path, mode) ? open_log() : real_fopen(path, mode);
+}
+
+/* Everything recorded so far reaches the pipe (and the head) before the
+ * frame reaches the tap. fflush takes the stream's lock, so a vCPU thread
+ * appending events meanwhile is not torn. */
+static void flush_before_tap(int fd)
+{
+	if (fd == tap_fd && replay_log && fflush(replay_log) != 0)
+		die("flush the replay log");
+}
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+	resolve();
+	flush_before_tap(fd);
+	return real_write(fd, buf, n);
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
+{
+	resolve();
+	flush_before_tap(fd);
+	return real_writev(fd, iov, iovcnt);
+}

@@ -1,0 +1,145 @@
+#!/bin/sh
+# Builds the Linux guest image: Debian's cloud kernel and an initramfs whose
+# /init is cmd/ftgw-init, with the virtio-net driver and nothing else.
+#
+#	build/guest/vmlinuz      the kernel
+#	build/guest/initrd.img   newc cpio, gzip
+#
+# Needs Go on PATH and apt; installs what else it needs (cpio, kmod, ...).
+# Each step is skipped when its output is newer than its input, so a second
+# run downloads nothing and rebuilds nothing. Run as root (apt).
+set -eu
+
+cd "$(dirname "$0")/.."
+out=build/guest
+cache=$out/cache      # the kernel package, kept across runs
+modules=$out/modules  # the driver modules and their load order, from it
+mkdir -p "$cache"
+
+say() { echo "guest: $*"; }
+
+# need <command> <package>: installs package if command is missing.
+need() {
+	command -v "$1" >/dev/null && return
+	say "installing $2"
+	[ -n "${apt_updated:-}" ] || { apt-get update -qq; apt_updated=1; }
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+
+command -v go >/dev/null || { echo "guest: go is not on PATH" >&2; exit 1; }
+need cpio cpio
+need gzip gzip
+need depmod kmod
+command -v qemu-system-x86_64 >/dev/null ||
+	say "note: qemu-system-x86_64 is missing (apt-get install qemu-system-x86); it runs the image, not builds it"
+
+# 1. The kernel package: whatever linux-image-cloud-amd64 depends on today,
+# at the version it asks for ("(= <version>)", else the candidate).
+meta=linux-image-cloud-amd64
+resolve() {
+	apt-cache show --no-all-versions "$meta" 2>/dev/null | sed -n 's/^Depends: //p' | tr ',' '\n' |
+		grep -o 'linux-image-[0-9][^ ]*-cloud-amd64\( (= [^)]*)\)\?' | head -n 1
+}
+dep=$(resolve)
+if [ -z "$dep" ]; then
+	# A fresh machine has no package lists yet.
+	apt-get update -qq
+	apt_updated=1
+	dep=$(resolve)
+fi
+[ -n "$dep" ] || { echo "guest: cannot resolve $meta with apt-cache" >&2; exit 1; }
+pkg=${dep%% *}
+version=$(echo "$dep" | sed -n 's/.*(= \(.*\))$/\1/p')
+[ -n "$version" ] ||
+	version=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -n 1)
+# apt-get download names files <name>_<version>_<arch>.deb, ':' as %3a.
+deb=$cache/${pkg}_$(echo "$version" | sed 's/:/%3a/')_amd64.deb
+if [ -f "$deb" ]; then
+	say "kernel $pkg $version (cached)"
+else
+	say "downloading $pkg $version"
+	rm -f "$cache"/*.deb
+	# apt-get download writes to the current directory; in a subshell, and
+	# as root it warns that _apt cannot write there, harmlessly.
+	(cd "$cache" && apt-get download -qq "$pkg=$version" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+	[ -f "$deb" ] || { echo "guest: download of $pkg failed" >&2; exit 1; }
+fi
+
+# 2. vmlinuz and the driver modules, from the package.
+if [ ! -f $out/vmlinuz ] || [ ! -f $modules/load-order ] ||
+	[ "$deb" -nt $out/vmlinuz ] || [ "$deb" -nt $modules/load-order ] ||
+	[ scripts/build-guest.sh -nt $modules/load-order ]; then
+	say "extracting the kernel and the virtio-net modules"
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	dpkg-deb -x "$deb" "$tmp"
+	kver=$(ls "$tmp/lib/modules")
+	# The NIC driver and its PCI transport: which are modules depends on the
+	# kernel's configuration (in this one, CONFIG_VIRTIO_PCI=m and
+	# CONFIG_VIRTIO_NET=m); built-in ones need nothing.
+	for opt in CONFIG_VIRTIO_PCI CONFIG_VIRTIO_NET; do
+		say "  $(grep "^$opt=" "$tmp/boot/config-$kver" || echo "$opt is not set")"
+	done
+	# The package has no modules.dep (its postinst runs depmod); make one,
+	# then let modprobe list the modules in load order, dependencies first.
+	depmod -b "$tmp" "$kver"
+	rm -rf $modules && mkdir -p $modules
+	# -C /dev/null: this machine's modprobe.d has no say in the guest.
+	modprobe -C /dev/null -d "$tmp" -S "$kver" --show-depends -a virtio_pci virtio_net |
+		while read -r kind path _; do
+			[ "$kind" = insmod ] || continue # "builtin <name>": nothing to load
+			name=$(basename "$path")
+			# Compressed modules are unpacked here, so that /init can hand
+			# them to finit_module as they are.
+			case $name in
+			*.ko.xz) need xz xz-utils; xz -dc "$path" >"$modules/${name%.xz}"; name=${name%.xz} ;;
+			*.ko.zst) need zstd zstd; zstd -qdc "$path" >"$modules/${name%.zst}"; name=${name%.zst} ;;
+			*.ko.gz) gzip -dc "$path" >"$modules/${name%.gz}"; name=${name%.gz} ;;
+			*) cp "$path" "$modules/$name" ;;
+			esac
+			# A module listed twice (a shared dependency) loads once.
+			grep -qx "$name" $modules/load-order.tmp 2>/dev/null || echo "$name" >>$modules/load-order.tmp
+		done
+	mv $modules/load-order.tmp $modules/load-order
+	say "  modules: $(tr '\n' ' ' <$modules/load-order)"
+	cp "$tmp/boot/vmlinuz-$kver" $out/vmlinuz
+	echo "$pkg $version" >$out/kernel-version
+	rm -rf "$tmp"
+	trap - EXIT
+fi
+
+# 3. /init. Always handed to go build, whose cache makes that cheap and
+# which alone knows its inputs; the result replaces the old binary only if
+# it differs (the build is reproducible: -trimpath, no VCS stamp), so that an
+# unchanged /init does not rebuild the initramfs.
+CGO_ENABLED=0 GOOS=linux GOARCH=amd64 go build -trimpath -buildvcs=false -ldflags='-s -w' \
+	-o $out/init.new ./cmd/ftgw-init
+if [ -f $out/init ] && cmp -s $out/init.new $out/init; then
+	rm $out/init.new
+else
+	say "built /init"
+	mv $out/init.new $out/init
+fi
+
+# 4. The initramfs: /init, the modules and their load order, mount points.
+if [ ! -f $out/initrd.img ] || [ $out/init -nt $out/initrd.img ] ||
+	[ $modules/load-order -nt $out/initrd.img ] || [ scripts/build-guest.sh -nt $out/initrd.img ]; then
+	say "packing initrd.img"
+	root=$(mktemp -d)
+	trap 'rm -rf "$root"' EXIT
+	mkdir -p "$root/dev" "$root/proc" "$root/sys" "$root/lib/modules"
+	cp $out/init "$root/init"
+	cp $modules/* "$root/lib/modules/"
+	# Fixed owners, modes and times, and gzip without a name or a date: the
+	# same inputs give the same image, byte for byte.
+	chmod -R u=rwX,go=rX "$root"
+	chmod 755 "$root/init"
+	find "$root" -exec touch -h -d @0 {} +
+	(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+		cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >$out/initrd.img.new
+	mv $out/initrd.img.new $out/initrd.img
+	rm -rf "$root"
+	trap - EXIT
+fi
+
+say "$(cat $out/kernel-version): $out/vmlinuz $(du -k $out/vmlinuz | cut -f1) KiB, $out/initrd.img $(du -k $out/initrd.img | cut -f1) KiB"
