@@ -108,6 +108,12 @@ func TestRealVMFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
 	})
 	w := startWriter(t, 500*time.Millisecond)
 	waitWrites(t, w, 100)
+	// The write load makes the replay fall behind (it runs slower than the
+	// recording); the throttle bounds how far, and so the drain.
+	families := scrape(t, lab.NSPrimary)
+	lagAtCrash := value(t, families, "ftgw_replay_lag_seconds", map[string]string{"vm": lab.VMName})
+	pauses := value(t, families, "ftgw_throttle_pauses_total", map[string]string{"vm": lab.VMName})
+	t.Logf("before the crash: replay lag %.3fs (bound 1s), throttle pauses %v", lagAtCrash, pauses)
 
 	killed := crashHost(t, lab.NSPrimary)
 	if err := w.WaitAcked(w.Acked()+50, time.Minute); err != nil {
@@ -122,6 +128,8 @@ func TestRealVMFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
 	phases, _ := status["last_failover"].(map[string]any)
 	gap := check(t, acked, killed)
 	ms := func(k string) float64 { v, _ := phases[k].(float64); return v / 1e6 }
+	lag := value(t, scrape(t, lab.NSSecondary), "ftgw_replay_lag_seconds", map[string]string{"vm": lab.VMName})
+	t.Logf("replay lag on the promoted host %.3fs", lag)
 	t.Logf("real VM failover: detection %.0fms, arbitration %.1fms, drain (replay of the received log) %.0fms, go-live %.0fms; client gap %.0fms",
 		ms("detection_ns"), ms("arbitration_ns"), ms("drain_ns"), ms("go_live_ns"), float64(gap)/float64(time.Millisecond))
 }

@@ -52,6 +52,12 @@ type daemon struct {
 	// 1, and the data path's positions are byte offsets in it.
 	qemu   *qemuEngine
 	chunks chunkIndex
+	// replayLag is how far the secondary's replay trails its log, in ns of
+	// guest time: measured on a secondary, reported to its primary, which
+	// pauses the VM (throttles) while it exceeds the bound.
+	replayLag atomic.Int64
+	throttles atomic.Uint64
+	throttled atomic.Int64 // ns the VM spent paused by the throttle
 
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
@@ -96,6 +102,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 		g.Go(func() error { return d.secondary.Run(channelCtx) })
 	}
 	g.Go(func() error { return d.readLog(ctx) })
+	if d.qemu != nil {
+		if d.state() == stateStandby {
+			g.Go(func() error { return d.reportReplayLag(ctx) })
+		} else {
+			g.Go(func() error { return d.throttle(ctx) })
+		}
+	}
 	g.Go(func() error { return d.watch(ctx) })
 	g.Go(func() error { return d.serveMetrics(ctx) })
 	g.Go(func() error { return d.serveControl(ctx) })
@@ -257,6 +270,9 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
 		OnFenced: d.fence,
+		OnProgress: func(lagNs uint64) {
+			d.replayLag.Store(int64(lagNs))
+		},
 		OnAck: func(pos uint64) {
 			d.ackClock.ack(pos)
 			if d.qemu != nil {

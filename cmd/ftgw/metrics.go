@@ -3,6 +3,7 @@ package main
 import (
 	"math"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -19,7 +20,8 @@ type collector struct {
 
 	commitLatency, ackLatency, shipDelay, held, head, acked, logBytes, logRecords, suppressed, dropped,
 	frames, channelErrors, rtt, role, epoch, collectionErrors,
-	state, failovers, failoverPhase, unprotected *prometheus.Desc
+	state, failovers, failoverPhase, unprotected,
+	replayLag, throttles, throttled *prometheus.Desc
 }
 
 func newCollector(d *daemon) *collector {
@@ -52,8 +54,12 @@ func newCollector(d *daemon) *collector {
 		failovers: desc("failovers_total",
 			"Failovers this host took part in, by cause (primary_lost, secondary_lost, switchover), whether it won the arbiter or not.", "cause"),
 		failoverPhase: desc("last_failover_seconds",
-			"Phases of the last failover: detection (peer's last word to declared failed), arbitration, go_live.", "phase"),
+			"Phases of the last failover: detection (peer's last word to declared failed), arbitration, drain (a real VM's replay of the log it had received), go_live.", "phase"),
 		unprotected: desc("unprotected_seconds_total", "Time this host served the VM with no secondary."),
+		replayLag: desc("replay_lag_seconds",
+			"Real VMs: how far the secondary's replay trails the log it has received, in guest time (measured by the secondary, reported to the primary)."),
+		throttles: desc("throttle_pauses_total", "Real VMs: times the primary paused its VM because the replay lag exceeded max_lag."),
+		throttled: desc("throttled_seconds_total", "Real VMs: time the primary's VM spent paused by the lag throttle."),
 		collectionErrors: prometheus.NewDesc("ftgw_collection_errors_total",
 			"Errors reading data-path state at scrape time.", nil, nil),
 	}
@@ -154,6 +160,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.state, v, st.String())
 	}
 	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.unprotectedFor().Seconds(), vm)
+	if d.qemu != nil {
+		ch <- prometheus.MustNewConstMetric(c.replayLag, prometheus.GaugeValue, time.Duration(d.replayLag.Load()).Seconds(), vm)
+		ch <- prometheus.MustNewConstMetric(c.throttles, prometheus.CounterValue, float64(d.throttles.Load()), vm)
+		ch <- prometheus.MustNewConstMetric(c.throttled, prometheus.CounterValue, time.Duration(d.throttled.Load()).Seconds(), vm)
+	}
 	d.mu.Lock()
 	for _, cause := range []string{causePrimaryLost, causeSecondaryLost, causeSwitchover} {
 		counter(c.failovers, d.failovers[cause], cause)

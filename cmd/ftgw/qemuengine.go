@@ -251,10 +251,25 @@ func (e *qemuEngine) progress() *replayProgress {
 	return &replayProgress{LogIcount: fwd.Icount, LogBytes: fwd.Bytes, RelayPending: relay.Pending(), ReplayedIcount: e.replayedIcount.Load()}
 }
 
-// ReplayLag is how far the replay trails the log received, in guest
-// instructions: the part of the primary's execution the secondary would
-// still have to replay before it could go live.
-func (e *qemuEngine) ReplayLag() (instructions uint64, ok bool) {
+// Pause stops (or resumes) the VM: the throttle.
+func (e *qemuEngine) Pause(pause bool) error {
+	e.mu.Lock()
+	q := e.qemu
+	e.mu.Unlock()
+	if q == nil {
+		return errors.New("no vm")
+	}
+	if pause {
+		return q.Execute("stop", nil, nil)
+	}
+	return q.Execute("cont", nil, nil)
+}
+
+// ReplayLag is how far the replay trails the log received, in guest time
+// (each instruction is 2^IcountShift ns): the part of the primary's
+// execution the secondary would still have to replay before it could go
+// live.
+func (e *qemuEngine) ReplayLag() (lag time.Duration, ok bool) {
 	e.mu.Lock()
 	relay := e.relay
 	e.mu.Unlock()
@@ -265,7 +280,7 @@ func (e *qemuEngine) ReplayLag() (instructions uint64, ok bool) {
 	if fwd < done {
 		return 0, true
 	}
-	return fwd - done, true
+	return time.Duration((fwd - done) << replay.IcountShift), true
 }
 
 func (e *qemuEngine) finish(err error) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/ftgw/ftgw/pkg/lockstep"
 )
@@ -116,4 +117,57 @@ func (c *chunkIndex) acked(pos uint64) uint64 {
 		}
 	}
 	return c.last
+}
+
+// reportReplayLag tells the primary, with every heartbeat, how far this
+// secondary's replay trails the log it has received.
+func (d *daemon) reportReplayLag(ctx context.Context) error {
+	tick := time.NewTicker(d.cfg.Heartbeat)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		if lag, ok := d.qemu.ReplayLag(); ok && d.secondary != nil {
+			d.replayLag.Store(int64(lag))
+			d.secondary.SetProgress(uint64(lag))
+		}
+	}
+}
+
+// throttle pauses the primary's VM while its secondary's replay trails by
+// more than max_lag, and lets it run again once the lag is half that: a
+// secondary that falls behind without bound would take as long to go live.
+func (d *daemon) throttle(ctx context.Context) error {
+	maxLag := d.vm.QEMU.MaxLag
+	tick := time.NewTicker(max(d.cfg.Heartbeat/2, time.Millisecond))
+	defer tick.Stop()
+	var pausedAt time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		lag := time.Duration(d.replayLag.Load())
+		paused := !pausedAt.IsZero()
+		switch {
+		case !paused && d.shipping.Load() && lag > maxLag:
+			if err := d.qemu.Pause(true); err != nil {
+				d.log.Warn("throttle: pause the vm", "err", err)
+				continue
+			}
+			pausedAt = time.Now()
+			d.throttles.Add(1)
+		case paused && (lag < maxLag/2 || !d.shipping.Load()):
+			if err := d.qemu.Pause(false); err != nil {
+				d.log.Warn("throttle: resume the vm", "err", err)
+				continue
+			}
+			d.throttled.Add(int64(time.Since(pausedAt)))
+			pausedAt = time.Time{}
+		}
+	}
 }

@@ -26,7 +26,7 @@
 // Every record is a 32-byte header and a payload, all big-endian:
 //
 //	off  0  u32  magic 0x4654474c ("FTGL")
-//	off  4  u8   kind: 1 Hello, 2 RXFrame, 3 Heartbeat, 4 Ack, 5 QEMULog
+//	off  4  u8   kind: 1 Hello, 2 RXFrame, 3 Heartbeat, 4 Ack, 5 QEMULog, 6 Progress
 //	off  5  u8   flags, 0
 //	off  6  u16  reserved, 0
 //	off  8  u32  payload length, at most MaxPayload (65536)
@@ -36,7 +36,7 @@
 //
 // A reader rejects a record with a wrong magic (ErrBadMagic), a length over
 // MaxPayload before reading the payload (ErrTooLong), a CRC mismatch
-// (ErrChecksum), a kind outside 1..5 or nonzero flags/reserved bits
+// (ErrChecksum), a kind outside 1..6 or nonzero flags/reserved bits
 // (ErrUnknownKind: the sender speaks a variant we do not), or an end of
 // stream inside a record (ErrTruncated). Any protocol error closes the
 // connection, is logged and counted by reason in Stats.Errors, and the
@@ -66,6 +66,11 @@
 // VM's input itself), at most MaxPayload bytes. A primary sends either
 // RXFrames or QEMULogs; the secondary hands chunks to OnLog in position
 // order and refuses a kind it has no handler for.
+//
+// Progress (secondary → primary): position = how far the secondary's replay
+// trails the log it has received, in nanoseconds of guest time; sent with
+// each heartbeat once SetProgress was called. The primary throttles its VM
+// on it (PrimaryConfig.OnProgress).
 //
 // Ack (secondary → primary): position = highest contiguous position
 // received. The secondary sends one after each batch, i.e. when its

@@ -42,6 +42,9 @@ type PrimaryConfig struct {
 	// reader, so keep it short (a slow OnAck delays heartbeat answers and
 	// the next acks); it may call AppendFrame.
 	OnAck func(pos uint64)
+	// OnProgress gets each replay lag (ns of guest time) the secondary
+	// reports, from the same goroutine as OnAck.
+	OnProgress func(lagNs uint64)
 
 	Logger *slog.Logger // default slog.Default()
 }
@@ -421,6 +424,10 @@ func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 			err = p.ack(r.Position)
 		case KindHeartbeat:
 			err = l.onHeartbeat(r, &p.rtt)
+		case KindProgress:
+			if p.cfg.OnProgress != nil {
+				p.cfg.OnProgress(r.Position)
+			}
 		default:
 			err = fmt.Errorf("handle record: %s from secondary: %w", r.Kind, ErrUnexpected)
 		}

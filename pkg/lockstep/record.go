@@ -30,6 +30,7 @@ const (
 	KindHeartbeat                 // both directions: liveness and RTT
 	KindAck                       // secondary → primary: highest contiguous position
 	KindQEMULog                   // primary → secondary: a chunk of the VM engine's replay log
+	KindProgress                  // secondary → primary: how far its replay trails the log
 	KindLen                       // number of kinds + 1; not a kind
 )
 
@@ -39,6 +40,7 @@ var kindNames = [KindLen]string{
 	KindHeartbeat: "heartbeat",
 	KindAck:       "ack",
 	KindQEMULog:   "qemu_log",
+	KindProgress:  "progress",
 }
 
 func (k Kind) String() string {

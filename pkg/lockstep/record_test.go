@@ -21,7 +21,7 @@ func TestKindAndReasonNames(t *testing.T) {
 			t.Errorf("reason %d has no name", r)
 		}
 	}
-	if got := KindLen.String(); got != "Kind(6)" {
+	if got := KindLen.String(); got != "Kind(7)" {
 		t.Errorf("KindLen.String() = %q", got)
 	}
 }
@@ -93,7 +93,7 @@ func TestReadRecordErrors(t *testing.T) {
 			return append(b, make([]byte, 100)...) // must stay unread
 		}(), ErrTooLong, 100},
 		{"unknown kind 0", func() []byte { b := good(); b[4] = 0; return reseal(b) }(), ErrUnknownKind, 0},
-		{"unknown kind 6", func() []byte { b := good(); b[4] = 6; return reseal(b) }(), ErrUnknownKind, 0},
+		{"unknown kind after the last", func() []byte { b := good(); b[4] = byte(KindLen); return reseal(b) }(), ErrUnknownKind, 0},
 		{"nonzero flags", func() []byte { b := good(); b[5] = 1; return reseal(b) }(), ErrUnknownKind, 0},
 		{"nonzero reserved", func() []byte { b := good(); b[7] = 1; return reseal(b) }(), ErrUnknownKind, 0},
 		{"truncated header", good()[:HeaderLen-1], ErrTruncated, 0},

@@ -51,6 +51,9 @@ type Secondary struct {
 	stats counters
 
 	received  atomic.Uint64 // highest contiguous position delivered to OnFrame
+
+	progress    atomic.Uint64 // replay lag in ns, for the primary
+	hasProgress atomic.Bool
 	peerEpoch atomic.Uint64 // the epoch of the last primary admitted
 	hold      atomic.Bool
 	connected atomic.Bool
@@ -369,8 +372,31 @@ func (s *Secondary) pingLoop(l *link, done <-chan struct{}) error {
 			if err := l.ping(); err != nil {
 				return err
 			}
+			if err := s.sendProgress(l); err != nil {
+				return err
+			}
 		}
 	}
+}
+
+// SetProgress sets how far this secondary's replay trails the log it has
+// received, in nanoseconds of guest time; it goes to the primary with each
+// heartbeat from now on.
+func (s *Secondary) SetProgress(lagNs uint64) {
+	s.progress.Store(lagNs)
+	s.hasProgress.Store(true)
+}
+
+func (s *Secondary) sendProgress(l *link) error {
+	if !s.hasProgress.Load() {
+		return nil
+	}
+	l.lock()
+	defer l.unlock()
+	if err := l.write(Record{Kind: KindProgress, Position: s.progress.Load(), Epoch: l.epoch}); err != nil {
+		return err
+	}
+	return l.flush()
 }
 
 // readLoop delivers frames and acks each batch: once the bufio.Reader has

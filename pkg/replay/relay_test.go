@@ -285,7 +285,10 @@ func pumpRecording(fifo string, relay <-chan *Relay, seed uint64) *recordStream 
 			return
 		}
 		defer f.Close()
-		r := <-relay
+		r, ok := <-relay
+		if !ok {
+			return // the test ended before it had a relay
+		}
 		rng := rand.New(rand.NewPCG(seed, 1))
 		buf := make([]byte, 64<<10)
 		for {
@@ -318,8 +321,8 @@ func pumpRecording(fifo string, relay <-chan *Relay, seed uint64) *recordStream 
 // the log through a Relay into a second QEMU held by replay-break at the
 // relay's icount minus one. At every break the replayer must stand exactly
 // there and its console must be a prefix of the recorder's; at the end it
-// must replay to the recorder's last instruction and exit by itself with
-// the same console.
+// must replay to the recorder's last instruction, with the same console,
+// and exit cleanly.
 func recordFollow(t *testing.T, qemu string, rs rrSetup) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -372,37 +375,34 @@ func recordFollow(t *testing.T, qemu string, rs rrSetup) {
 	}
 	recDone := make(chan recordEnd, 1)
 	go func() {
-		end := recordEnd{err: func() error {
+		icount, err := func() (uint64, error) {
 			if err := waitConsole(ctx, rec, recConsole, m.ready); err != nil {
-				return err
+				return 0, err
 			}
 			if rs.workload != nil {
 				if err := rs.workload(ctx); err != nil {
-					return err
+					return 0, err
 				}
 			}
 			for relay.Forwarded().Bytes < rs.minLog {
 				if _, err := relay.WaitForwarded(ctx, relay.Forwarded().Icount+1); err != nil {
-					return err
+					return 0, err
 				}
 			}
 			if err := rec.exec("stop", nil, nil); err != nil {
-				return err
+				return 0, err
 			}
 			icount, err := rec.icount()
 			if err != nil {
-				return err
+				return 0, err
 			}
 			if err := rec.exec("quit", nil, nil); err != nil {
-				return err
+				return 0, err
 			}
 			<-rec.exited
-			recDone <- recordEnd{icount: icount, elapsed: time.Since(start)}
-			return nil
-		}()}
-		if end.err != nil {
-			recDone <- end
-		}
+			return icount, nil
+		}()
+		recDone <- recordEnd{icount: icount, elapsed: time.Since(start), err: err}
 	}()
 
 	var (
@@ -468,9 +468,9 @@ func recordFollow(t *testing.T, qemu string, rs rrSetup) {
 	// order the recorder's did. That order comes from the timing of the
 	// recorder's idle main loop, so the replayer may instead sit at the
 	// last instruction for good; then it is told to quit.
+	caughtUp := time.Since(recordedAt) // at the last break
 	play.run(t, "cont", nil, nil)
 	selfExit := waitExitOrIdle(ctx, t, play, recorded.icount)
-	caughtUp := time.Since(recordedAt)
 	recOut, _ := os.ReadFile(recConsole)
 	playOut, _ := os.ReadFile(playConsole)
 	if !bytes.Equal(recOut, playOut) {
@@ -503,7 +503,7 @@ func recordFollow(t *testing.T, qemu string, rs rrSetup) {
 	t.Logf("record %v: %d log bytes in %d chunks (%.0f KB/s), %d events, icount %d; %s",
 		recorded.elapsed.Round(time.Millisecond), len(data), chunks,
 		float64(len(data))/recorded.elapsed.Seconds()/1e3, s.Events(), s.Icount(), kindCounts(counts))
-	t.Logf("replay: %d breaks (%d while recording), %d instructions behind when the recorder quit, caught up %v later, whole replay %v, exited by itself: %v",
+	t.Logf("replay: %d breaks (%d while recording), %d instructions behind when the recorder quit, at its last break %v later; whole replay %v; exited by itself: %v",
 		breaks, breaksDuring, lagAtRecorded, caughtUp.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), selfExit)
 	if breaksDuring == 0 {
 		t.Error("the replayer never reached a break while the recorder ran")

@@ -61,8 +61,10 @@ package replay
 //	                             reset_requested, suspend_requested,
 //	                             clock_virtual, clock_host, clock_virtual_rt,
 //	                             init, reset)
-//	39     END                   - (last event, written by replay_finish
-//	                             after a SHUTDOWN host-signal event)
+//	39     END                   - (the last event: replay_finish writes
+//	                             an INSTRUCTION for the instructions not yet
+//	                             logged, SHUTDOWN host-signal whatever the
+//	                             cause of the exit, then END)
 //
 // Codes 40 and up do not exist (EVENT_COUNT is 40); the replayer exits on
 // them, and so does this parser, with ErrUnknownEvent.
@@ -87,10 +89,17 @@ package replay
 // The replayer reads ahead: when it finishes an event it immediately reads
 // the next kind byte (and for INSTRUCTION its dword) while holding the
 // replay lock, blocking there if the stream has no more. It only finishes
-// an INSTRUCTION event when its last instruction has run. So a replayer
-// that has been given every complete event up to a boundary with icount N
-// and is held by replay-break at N-1 (or earlier) never asks for a byte it
-// does not have.
+// an INSTRUCTION event when its last instruction has run, and while one is
+// unfinished it reads no further (replay_next_event_is answers from the
+// state it has). So a replayer that has been given every complete event up
+// to a boundary with icount N and is held by replay-break at N-1 (or
+// earlier) never asks for a byte it does not have.
+//
+// Events logged after the recorder's last instruction (main-loop timer
+// checkpoints and host clock reads while the VM is stopped, the quit) are
+// consumed by a replayer only if its own main loop asks for them in the
+// same order, which depends on the recorder's timing; the icount does not
+// move there.
 
 import (
 	"encoding/binary"

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -601,5 +602,27 @@ func TestRecordedLog(t *testing.T) {
 				len(log), s.Events(), s.Icount(), elapsed.Round(time.Millisecond),
 				float64(len(log))/elapsed.Seconds()/1e3, float64(s.Icount())/elapsed.Seconds()/1e6, kindCounts(counts))
 		})
+	}
+}
+
+// BenchmarkLogScanner scans what a booting guest's log is mostly made of
+// (instructions, checkpoints, clocks, interrupts, console writes) in
+// network-sized chunks; the figure is log bytes per second.
+func BenchmarkLogScanner(b *testing.B) {
+	one := slices.Concat(
+		ev(KindInstruction, be32(0x2be)), ev(KindCheckpoint+1), ev(KindCheckpoint+5),
+		ev(KindClockHost, be64(1700000000123456789)), ev(KindInterrupt),
+		ev(KindInstruction, be32(0x24)), ev(KindCharWrite, be32(1), be32(1)))
+	log := bytes.Repeat(one, 4096)
+	b.SetBytes(int64(len(log)))
+	for b.Loop() {
+		s := NewLogScanner(StreamFraming)
+		for p := log; len(p) > 0; {
+			n := min(1400, len(p))
+			if _, err := s.Write(p[:n]); err != nil {
+				b.Fatal(err)
+			}
+			p = p[n:]
+		}
 	}
 }
