@@ -50,14 +50,14 @@ type Secondary struct {
 	hello []byte
 	stats counters
 
-	received  atomic.Uint64 // highest contiguous position delivered to OnFrame
+	received atomic.Uint64 // highest contiguous position delivered to OnFrame
 
 	progress    atomic.Uint64 // replay lag in ns, for the primary
 	hasProgress atomic.Bool
-	peerEpoch atomic.Uint64 // the epoch of the last primary admitted
-	hold      atomic.Bool
-	connected atomic.Bool
-	rtt       atomic.Int64
+	peerEpoch   atomic.Uint64 // the epoch of the last primary admitted
+	hold        atomic.Bool
+	connected   atomic.Bool
+	rtt         atomic.Int64
 
 	mu  sync.Mutex
 	cur *link // the active connection, for SetAckHold
