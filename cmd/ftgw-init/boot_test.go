@@ -79,7 +79,7 @@ func TestBoot(t *testing.T) {
 	}
 	// Before leaving the host's namespace: the first build downloads the
 	// kernel package.
-	kernel, initrd := buildGuest(t)
+	kernel, initrd := testutil.GuestImage(t)
 
 	testutil.InNewNetns(t)
 	if err := tap.Create("tap0"); err != nil {
@@ -187,24 +187,6 @@ func TestBoot(t *testing.T) {
 	} else {
 		t.Log("ping is not installed: not checked")
 	}
-}
-
-// buildGuest runs scripts/build-guest.sh, as `make guest` does, and returns
-// the kernel and initramfs. It runs every time, not only when the image is
-// missing, so that the test boots the /init of the code under test; when
-// all is up to date it costs a cached go build.
-func buildGuest(t *testing.T) (kernel, initrd string) {
-	t.Helper()
-	root, err := filepath.Abs("../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(filepath.Join(root, "scripts/build-guest.sh")).CombinedOutput()
-	if err != nil {
-		t.Fatalf("build the guest image (make guest): %v\n%s", err, out)
-	}
-	t.Logf("%s", bytes.TrimSpace(out))
-	return filepath.Join(root, "build/guest/vmlinuz"), filepath.Join(root, "build/guest/initrd.img")
 }
 
 // waitSerial polls the serial log until a line matches re, and returns the
