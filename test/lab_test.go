@@ -318,7 +318,7 @@ func TestRepliesHeldUntilAcksResume(t *testing.T) {
 				t.Fatalf("%d replies after acks resumed, want %d: %q", len(replies), n, replies)
 			}
 			for i, r := range replies {
-				if want := fmt.Sprintf("OK %d", base+uint64(i)+1); r != want {
+				if want := fmt.Sprintf("OK %d held%d", base+uint64(i)+1, i); r != want {
 					t.Errorf("reply %d: %q, want %q (in order, none twice)", i, r, want)
 				}
 			}

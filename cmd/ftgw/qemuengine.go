@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -192,12 +193,16 @@ func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error
 		return 0, fmt.Errorf("go live: %w", err)
 	}
 	drain = time.Since(start)
+	tail := relay.TailInput()
 	if err := q.SaveVM(goLiveSnapshot); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	relay.Close()
 	e.swapping(func() { q.Stop() })
 	if err := e.startRecorder(ctx, goLiveSnapshot, e.dp.Head()); err != nil {
+		return drain, fmt.Errorf("go live: %w", err)
+	}
+	if err := e.redeliver(ctx, tail); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	e.mu.Lock()
@@ -209,6 +214,59 @@ func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error
 		e.log.Warn("announce-self", "err", err)
 	}
 	return drain, nil
+}
+
+// redeliver gives the guest, as new input, the frames the log delivered
+// after its last instruction event: the replay stopped short of them, but
+// the primary's guest may have answered them, so they must not be lost
+// (Relay.TailInput). It runs while this host's outputs are still
+// suppressed, and waits (briefly) for the guest's answers to go quiet: a
+// client that already had them from the old primary would take a second
+// copy for the answer to its next request.
+func (e *qemuEngine) redeliver(ctx context.Context, frames [][]byte) error {
+	if len(frames) == 0 {
+		return nil
+	}
+	ifc, err := net.InterfaceByName(e.vm.Tap)
+	if err != nil {
+		return err
+	}
+	feeder, err := newGuestFeeder(ifc)
+	if err != nil {
+		return err
+	}
+	defer feeder.Close()
+	before := e.suppressed()
+	for _, f := range frames {
+		if err := feeder.Feed(f); err != nil {
+			return fmt.Errorf("redeliver the log's tail: %w", err)
+		}
+	}
+	// Quiet: answers came and none for quietFor, or none at all by
+	// answerWait. Either way nothing is lost: these outputs are dropped.
+	const answerWait, quietFor = 300 * time.Millisecond, 30 * time.Millisecond
+	deadline := time.Now().Add(answerWait)
+	last, lastChange := before, time.Now()
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+		if n := e.suppressed(); n != last {
+			last, lastChange = n, time.Now()
+		}
+		if last != before && time.Since(lastChange) >= quietFor {
+			break
+		}
+	}
+	e.log.Info("redelivered the log's tail", "frames", len(frames), "answers_suppressed", last-before)
+	return nil
+}
+
+// suppressed counts the guest's outputs this host has dropped.
+func (e *qemuEngine) suppressed() uint64 {
+	c, err := e.dp.Counters()
+	if err != nil {
+		return 0
+	}
+	return c[datapath.CounterTxSuppressed].Packets
 }
 
 // setQEMU makes q the engine's QEMU and watches it: its exit ends the engine

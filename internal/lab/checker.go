@@ -15,7 +15,7 @@ import (
 // AckedWrite is a PUT the client saw acknowledged.
 type AckedWrite struct {
 	Key, Value string
-	Count      uint64 // the n of its OK <n>
+	Count      uint64 // the n of its OK <n> <key>
 	At         time.Time
 }
 

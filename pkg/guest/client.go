@@ -17,11 +17,12 @@ const DefaultTimeout = time.Second
 
 // Client speaks the guest's UDP key-value protocol, one request at a time.
 //
-// The protocol carries no request ID, so a reply that arrives after its
-// request timed out could be taken for the next request's. The Client
-// guards against that by discarding queued datagrams before each request and
-// by checking that a reply has the shape its request expects. It never
-// retries: a PUT is not idempotent (its reply counts PUTs).
+// A reply can come late (after its request timed out) or twice (after a
+// failover the new primary's VM may send again what the old one sent), so
+// it could be taken for the next request's. The Client discards queued
+// datagrams before each request, and Put and Get read on past any reply
+// that does not name their key (Store.Apply). It never retries: a PUT is not
+// idempotent (its reply counts PUTs).
 //
 // Requests must fit one unfragmented datagram: the guest ignores fragments.
 type Client struct {
@@ -51,9 +52,15 @@ func Dial(addr string, timeout time.Duration) (*Client, error) {
 // Close releases the socket.
 func (c *Client) Close() error { return c.conn.Close() }
 
-// Do sends req as one datagram and returns the reply, without a trailing
-// newline.
+// Do sends req as one datagram and returns the first reply, without a
+// trailing newline.
 func (c *Client) Do(req string) (string, error) {
+	return c.exchange(req, func(string) bool { return true })
+}
+
+// exchange sends req and returns the first reply that answers it, reading
+// on past the others until the timeout.
+func (c *Client) exchange(req string, answers func(reply string) bool) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.drain(); err != nil {
@@ -65,11 +72,15 @@ func (c *Client) Do(req string) (string, error) {
 	if _, err := c.conn.Write([]byte(req)); err != nil {
 		return "", fmt.Errorf("send request: %w", err)
 	}
-	n, err := c.conn.Read(c.buf)
-	if err != nil {
-		return "", fmt.Errorf("receive reply: %w", err)
+	for {
+		n, err := c.conn.Read(c.buf)
+		if err != nil {
+			return "", fmt.Errorf("receive reply: %w", err)
+		}
+		if reply := strings.TrimSuffix(string(c.buf[:n]), "\n"); answers(reply) {
+			return reply, nil
+		}
 	}
-	return strings.TrimSuffix(string(c.buf[:n]), "\n"), nil
 }
 
 // drain discards datagrams (late replies) and socket errors (ICMP
@@ -104,11 +115,21 @@ func (c *Client) Put(key, value string) (uint64, error) {
 		// The guest trims a trailing newline, so it would store another value.
 		return 0, fmt.Errorf("put %q: value has a newline", key)
 	}
-	resp, err := c.Do("PUT " + key + " " + value)
+	count := func(reply string) (string, bool) {
+		rest, ok := strings.CutPrefix(reply, "OK ")
+		if !ok {
+			return "", false
+		}
+		return strings.CutSuffix(rest, " "+key)
+	}
+	resp, err := c.exchange("PUT "+key+" "+value, func(reply string) bool {
+		_, ok := count(reply)
+		return ok || strings.HasPrefix(reply, "ERR")
+	})
 	if err != nil {
 		return 0, fmt.Errorf("put %q: %w", key, err)
 	}
-	if s, ok := strings.CutPrefix(resp, "OK "); ok {
+	if s, ok := count(resp); ok {
 		n, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
 			return 0, fmt.Errorf("put %q: parse reply %q: %w", key, resp, err)
@@ -123,15 +144,18 @@ func (c *Client) Get(key string) (value string, found bool, err error) {
 	if key == "" || strings.ContainsAny(key, " \r\n") {
 		return "", false, fmt.Errorf("get: key %q is empty or has spaces or newlines", key)
 	}
-	resp, err := c.Do("GET " + key)
+	valuePrefix := "VALUE " + key + " "
+	resp, err := c.exchange("GET "+key, func(reply string) bool {
+		return reply == "NOTFOUND "+key || strings.HasPrefix(reply, valuePrefix) || strings.HasPrefix(reply, "ERR")
+	})
 	if err != nil {
 		return "", false, fmt.Errorf("get %q: %w", key, err)
 	}
-	if resp == "NOTFOUND" {
-		return "", false, nil
-	}
-	if v, ok := strings.CutPrefix(resp, "VALUE "); ok {
+	if v, ok := strings.CutPrefix(resp, valuePrefix); ok {
 		return v, true, nil
+	}
+	if resp == "NOTFOUND "+key {
+		return "", false, nil
 	}
 	return "", false, replyError("get", key, resp)
 }

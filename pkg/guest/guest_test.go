@@ -81,15 +81,15 @@ func TestICMPEcho(t *testing.T) {
 
 func TestKV(t *testing.T) {
 	steps := []struct{ req, want string }{
-		{"GET a", "NOTFOUND"},
-		{"PUT a 1", "OK 1"},
-		{"GET a", "VALUE 1"},
-		{"PUT b hello  world ", "OK 2"}, // value is the rest of the line
-		{"GET b", "VALUE hello  world "},
-		{"PUT a 2\n", "OK 3"}, // trailing newline trimmed
-		{"GET a\r\n", "VALUE 2"},
-		{"PUT empty ", "OK 4"},
-		{"GET empty", "VALUE "},
+		{"GET a", "NOTFOUND a"},
+		{"PUT a 1", "OK 1 a"},
+		{"GET a", "VALUE a 1"},
+		{"PUT b hello  world ", "OK 2 b"}, // value is the rest of the line
+		{"GET b", "VALUE b hello  world "},
+		{"PUT a 2\n", "OK 3 a"}, // trailing newline trimmed
+		{"GET a\r\n", "VALUE a 2"},
+		{"PUT empty ", "OK 4 empty"},
+		{"GET empty", "VALUE empty "},
 		{"PUT a", "ERR usage: PUT <key> <value>"},
 		{"PUT  x", "ERR usage: PUT <key> <value>"},
 		{"GET", "ERR usage: GET <key>"},
@@ -99,7 +99,7 @@ func TestKV(t *testing.T) {
 		{"get a", "ERR unknown command"},
 		{"DEL a", "ERR unknown command"},
 		{"PUT k \xff", "ERR request is not UTF-8"},
-		{"GET a", "VALUE 2"},
+		{"GET a", "VALUE a 2"},
 	}
 	g := newTestGuest()
 	for i, s := range steps {
@@ -143,8 +143,8 @@ func TestAccepted(t *testing.T) {
 	for name, f := range cases {
 		t.Run(name, func(t *testing.T) {
 			g := newTestGuest()
-			if got := kvReply(t, one(t, g, f), 0); got != "OK 1" {
-				t.Errorf("reply %q, want OK 1", got)
+			if got := kvReply(t, one(t, g, f), 0); got != "OK 1 a" {
+				t.Errorf("reply %q, want OK 1 a", got)
 			}
 		})
 	}

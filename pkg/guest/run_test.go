@@ -110,9 +110,9 @@ func TestControlProtocol(t *testing.T) {
 	}
 }
 
-// TestClientMatching checks that the Client neither takes a late reply for
-// the next request's nor accepts a reply of the wrong shape. A fake server
-// on the loopback of a fresh namespace plays the guest.
+// TestClientMatching checks that the Client takes neither a late reply nor
+// a duplicate for another request's answer. A fake server on the loopback
+// of a fresh namespace plays the guest.
 func TestClientMatching(t *testing.T) {
 	testutil.InNewNetns(t)
 	lo, err := netlink.LinkByName("lo")
@@ -139,7 +139,18 @@ func TestClientMatching(t *testing.T) {
 				time.Sleep(200 * time.Millisecond)
 				srv.WriteTo([]byte("VALUE late"), from)
 			case "PUT k v":
-				srv.WriteTo([]byte("OK 7\n"), from)
+				srv.WriteTo([]byte("OK 7 k\n"), from)
+			case "PUT dup v":
+				// What a new primary's VM can do after a failover: send
+				// an earlier answer again before this one.
+				srv.WriteTo([]byte("OK 7 k"), from)
+				srv.WriteTo([]byte("OK 8 dup"), from)
+			case "GET dup":
+				srv.WriteTo([]byte("OK 8 dup"), from)
+				srv.WriteTo([]byte("NOTFOUND k"), from)
+				srv.WriteTo([]byte("VALUE dup v"), from)
+			case "PUT bad v":
+				srv.WriteTo([]byte("ERR no"), from)
 			default:
 				srv.WriteTo([]byte("VALUE wrong shape"), from)
 			}
@@ -158,7 +169,16 @@ func TestClientMatching(t *testing.T) {
 	if n, err := c.Put("k", "v"); err != nil || n != 7 {
 		t.Errorf("Put after a late reply = %d, %v; want 7", n, err)
 	}
-	if _, err := c.Put("x", "y"); err == nil || !strings.Contains(err.Error(), "unexpected reply") {
-		t.Errorf("Put answered by VALUE: err = %v, want unexpected reply", err)
+	if n, err := c.Put("dup", "v"); err != nil || n != 8 {
+		t.Errorf("Put after another key's duplicate = %d, %v; want 8", n, err)
+	}
+	if v, found, err := c.Get("dup"); err != nil || !found || v != "v" {
+		t.Errorf("Get after other replies = %q, %v, %v; want v", v, found, err)
+	}
+	if _, err := c.Put("bad", "v"); err == nil || !strings.Contains(err.Error(), "guest: ERR no") {
+		t.Errorf("Put answered by ERR: err = %v, want the guest's error", err)
+	}
+	if _, err := c.Put("x", "y"); err == nil || !strings.Contains(err.Error(), "timeout") {
+		t.Errorf("Put answered only by a reply of another shape: err = %v, want a timeout", err)
 	}
 }

@@ -31,9 +31,14 @@ func NewStore() *Store { return &Store{kv: make(map[string]string)} }
 // Apply executes one request (the payload of one datagram, a trailing
 // newline allowed) and returns the reply text:
 //
-//	PUT <key> <value>  →  OK <puts>, the count of PUTs applied, this one included
-//	GET <key>          →  VALUE <value> or NOTFOUND
+//	PUT <key> <value>  →  OK <puts> <key>, puts the count of PUTs applied,
+//	                      this one included
+//	GET <key>          →  VALUE <key> <value> or NOTFOUND <key>
 //	anything else      →  ERR <reason>, and the store is unchanged
+//
+// Replies name their key because UDP (and a failover: the new primary's
+// VM may send again what the old one sent) can deliver a reply late or
+// twice; a client matches each reply to its request by it.
 func (s *Store) Apply(req string) string {
 	req = strings.TrimSuffix(req, "\n")
 	req = strings.TrimSuffix(req, "\r")
@@ -56,15 +61,15 @@ func (s *Store) Apply(req string) string {
 		}
 		s.kv[key] = value
 		s.puts++
-		return "OK " + strconv.FormatUint(s.puts, 10)
+		return "OK " + strconv.FormatUint(s.puts, 10) + " " + key
 	case "GET":
 		if rest == "" || strings.Contains(rest, " ") {
 			return "ERR usage: GET <key>"
 		}
 		if v, ok := s.kv[rest]; ok {
-			return "VALUE " + v
+			return "VALUE " + rest + " " + v
 		}
-		return "NOTFOUND"
+		return "NOTFOUND " + rest
 	default:
 		return "ERR unknown command"
 	}

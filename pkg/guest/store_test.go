@@ -5,17 +5,17 @@ import "testing"
 func TestStoreApply(t *testing.T) {
 	var s Store // the zero value is usable, as cmd/ftgw-init relies on
 	steps := []struct{ req, want string }{
-		{"GET a", "NOTFOUND"},
-		{"PUT a 1", "OK 1"},
-		{"PUT b two words\n", "OK 2"},
-		{"GET b\r\n", "VALUE two words"},
+		{"GET a", "NOTFOUND a"},
+		{"PUT a 1", "OK 1 a"},
+		{"PUT b two words\n", "OK 2 b"},
+		{"GET b\r\n", "VALUE b two words"},
 		{"PUT a", "ERR usage: PUT <key> <value>"},
 		{"GET a b", "ERR usage: GET <key>"},
 		{"", "ERR empty request"},
 		{"PUT a \xff", "ERR request is not UTF-8"},
 		{"put a 2", "ERR unknown command"},
-		{"PUT a 3", "OK 3"},
-		{"GET a", "VALUE 3"},
+		{"PUT a 3", "OK 3 a"},
+		{"GET a", "VALUE a 3"},
 	}
 	for _, st := range steps {
 		if got := s.Apply(st.req); got != st.want {

@@ -62,31 +62,44 @@ func (q *QEMU) RunTo(icount uint64) error {
 	return nil
 }
 
-// ReplayToEnd runs the replayer to the end of what relay has forwarded and
-// waits until it stops there: the state the primary had when it wrote the
-// last of that log.
+// ReplayToEnd runs the replayer to the end of the whole events relay has
+// been given and waits until it stops there, one instruction short of the
+// last INSTRUCTION event (the events after it stay unread: see
+// Relay.TailInput). Events still in the relay's backlog count: each step
+// lets the replayer read what is in the FIFO, which makes room for more.
 func (q *QEMU) ReplayToEnd(ctx context.Context, relay *Relay) error {
-	end := relay.Forwarded().Icount - 1
-	if err := q.RunTo(end); err != nil {
-		return fmt.Errorf("run to the end of the log: %w", err)
-	}
 	for {
-		n, err := q.Icount()
-		if err != nil {
+		end := relay.Forwarded().Icount - 1
+		if err := q.RunTo(end); err != nil {
+			return fmt.Errorf("run to the end of the log: %w", err)
+		}
+		for {
+			n, err := q.Icount()
+			if err != nil {
+				return err
+			}
+			st, err := q.Status()
+			if err != nil {
+				return err
+			}
+			if n >= end && !st.Running {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("replay to icount %d: at %d: %w", end, n, ctx.Err())
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+		if err := relay.Err(); err != nil {
 			return err
 		}
-		st, err := q.Status()
-		if err != nil {
-			return err
-		}
-		if n >= end && !st.Running {
+		if relay.Pending() == 0 && relay.Forwarded().Icount-1 == end {
 			return nil
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("replay to icount %d: at %d: %w", end, n, ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
+		wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		relay.WaitForwarded(wctx, end+2)
+		cancel()
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -47,6 +48,7 @@ type Relay struct {
 	scan    *LogScanner // delimits the events
 	held    []byte      // log bytes from offset heldAt not yet whole events
 	heldAt  int64
+	tail    [][]byte // frames of the NET events after the last INSTRUCTION
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signalled when the backlog grows or shrinks, on close or failure
@@ -87,8 +89,35 @@ func NewRelay(w io.Writer, f Framing) *Relay {
 		done:    make(chan struct{}),
 	}
 	r.cond = sync.NewCond(&r.mu)
+	r.scan.OnEvent = r.noteTail
 	go r.writeLoop()
 	return r
+}
+
+// noteTail keeps the frames of the network input events that follow the
+// last INSTRUCTION event scanned (see TailInput).
+func (r *Relay) noteTail(ev LogEvent) {
+	switch ev.Kind {
+	case KindInstruction:
+		r.tail = nil
+	case KindAsyncNet:
+		if frame, err := NetEventFrame(ev.Payload); err == nil {
+			r.tail = append(r.tail, bytes.Clone(frame))
+		}
+	}
+}
+
+// TailInput returns the frames the log delivered to the guest after its
+// last INSTRUCTION event. A replayer held one instruction short of the end
+// (Follow, ReplayToEnd) has not taken them in, yet the recorder may have
+// answered them: it flushes the log before each frame it sends, and an
+// answer can leave (virtio-net flushes a second queued frame at once, from
+// the vCPU) before any further INSTRUCTION event is logged. A VM that goes
+// live from such a replay must be given these frames again.
+func (r *Relay) TailInput() [][]byte {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	return slices.Clone(r.tail)
 }
 
 // Write takes the next chunk of the log. It returns an error, and the relay

@@ -114,6 +114,48 @@ func TestRelayForwardsWholeEvents(t *testing.T) {
 	}
 }
 
+// TailInput is the network input after the last INSTRUCTION event, whole
+// events only: what a replayer held one instruction short has not taken.
+func TestRelayTailInput(t *testing.T) {
+	net := func(frame string) []byte { return ev(KindAsyncNet, []byte{0}, be32(0), arr([]byte(frame))) }
+	checkpoint := ev(KindCheckpoint + 1)
+	cases := []struct {
+		name string
+		log  [][]byte
+		want []string
+	}{
+		{"input answered before any instruction was logged", [][]byte{
+			ev(KindInstruction, be32(100)), net("a"), checkpoint, ev(KindInstruction, be32(5)), net("b"), checkpoint, net("c"),
+		}, []string{"b", "c"}},
+		{"input followed by instructions", [][]byte{
+			ev(KindInstruction, be32(100)), net("a"), checkpoint, ev(KindInstruction, be32(5)),
+		}, nil},
+		{"a partial event is not input yet", [][]byte{
+			ev(KindInstruction, be32(100)), net("a"), net("partial")[:5],
+		}, []string{"a"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var out syncBuffer
+			r := NewRelay(&out, StreamFraming)
+			defer r.Close()
+			// One byte at a time: the tail must not depend on the cuts.
+			for _, b := range bytes.Join(c.log, nil) {
+				if _, err := r.Write([]byte{b}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var got []string
+			for _, f := range r.TailInput() {
+				got = append(got, string(f))
+			}
+			if !slices.Equal(got, c.want) {
+				t.Errorf("tail input %q, want %q", got, c.want)
+			}
+		})
+	}
+}
+
 // Forwarded moves only in whole events, to the boundary the fed bytes
 // reach, and only once the writer has taken them.
 func TestRelayForwardedFollowsWriter(t *testing.T) {

@@ -351,6 +351,19 @@ func (s *LogScanner) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// NetEventFrame returns the frame an ASYNC NET event's payload carries
+// (byte filter index, dword flags, array frame).
+func NetEventFrame(payload []byte) ([]byte, error) {
+	if len(payload) < 9 {
+		return nil, fmt.Errorf("net event of %d bytes: %w", len(payload), ErrCorrupt)
+	}
+	n := binary.BigEndian.Uint32(payload[5:9])
+	if uint64(n) != uint64(len(payload)-9) {
+		return nil, fmt.Errorf("net event: frame of %d bytes in %d: %w", n, len(payload)-9, ErrCorrupt)
+	}
+	return payload[9:], nil
+}
+
 // scanTrailer checks what follows END: in a stream, the version dword the
 // recorder meant for the header; in a file, nothing.
 func (s *LogScanner) scanTrailer(b []byte, off int64) (int, error) {
