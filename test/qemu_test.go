@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -132,4 +133,100 @@ func TestRealVMFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
 	t.Logf("replay lag on the promoted host %.3fs", lag)
 	t.Logf("real VM failover: detection %.0fms, arbitration %.1fms, drain (replay of the received log) %.0fms, go-live %.0fms; client gap %.0fms",
 		ms("detection_ns"), ms("arbitration_ns"), ms("drain_ns"), ms("go_live_ns"), float64(gap)/float64(time.Millisecond))
+}
+
+// A CPU-bound guest makes the replay, which runs slower than the recording,
+// fall behind; the primary pauses its VM whenever the secondary's lag passes
+// max_lag, so the lag stays near the bound, and so does the replay a
+// failover must finish before the VM serves again.
+func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
+	if os.Getenv("FTGW_KNOWN_BUGS") == "" {
+		// Open bug (issue 4): under this load the replay stalls. The
+		// throttle holds the sampled lag under 1.5x the bound, but the
+		// replayer then sits at 100% CPU on one icount (the end of an
+		// INSTRUCTION event followed by warp-account and clock-virtual
+		// checkpoints) and the go-live after the crash never ends; without
+		// the throttle the replay crawls at about 1M instructions/s.
+		t.Skip("known bug: QEMU's replay stalls under guest CPU load (issue 4); FTGW_KNOWN_BUGS=1 runs it")
+	}
+	const bound = 500 * time.Millisecond
+	qemuLabUp(t, "--max-lag", bound.String())
+	waitFor(t, 2*time.Minute, "the secondary to replay the boot", func() bool {
+		return strings.Contains(console(t, lab.NSSecondary), "ftgw-init ready")
+	})
+	lagLabels := map[string]string{"vm": lab.VMName}
+
+	// The guest hashes its whole store after every request (the digest on
+	// its console), so large values make each request cost guest CPU in
+	// proportion to the store.
+	var (
+		mu      sync.Mutex
+		maxLag  float64
+		samples int
+	)
+	stopSampling := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			families, err := lab.Scrape(lab.NSPrimary)
+			if err != nil {
+				continue
+			}
+			if m, ok := lab.Metric(families, "ftgw_replay_lag_seconds", lagLabels); ok {
+				mu.Lock()
+				maxLag, samples = max(maxLag, m.GetGauge().GetValue()), samples+1
+				mu.Unlock()
+			}
+		}
+	}()
+	c := kvClient(t)
+	payload := strings.Repeat("x", 1200)
+	var acked []lab.AckedWrite
+	start := time.Now()
+	for i := 0; i < 2000 && time.Since(start) < 45*time.Second; i++ {
+		key := fmt.Sprintf("cpu%d", i)
+		v := fmt.Sprintf("%d-%s", i, payload)
+		if n, err := c.Put(key, v); err == nil {
+			acked = append(acked, lab.AckedWrite{Key: key, Value: v, Count: n, At: time.Now()})
+		}
+		if i%50 == 49 && value(t, scrape(t, lab.NSPrimary), "ftgw_throttle_pauses_total", lagLabels) >= 10 {
+			break
+		}
+	}
+	close(stopSampling)
+	<-sampled
+	families := scrape(t, lab.NSPrimary)
+	pauses := value(t, families, "ftgw_throttle_pauses_total", lagLabels)
+	throttled := value(t, families, "ftgw_throttled_seconds_total", lagLabels)
+	t.Logf("%d writes of %d bytes in %s: replay lag max %.3fs over %d samples (bound %s); %v throttle pauses, VM paused %.1fs in all",
+		len(acked), len(payload), time.Since(start).Round(time.Millisecond), maxLag, samples, bound, pauses, throttled)
+	if pauses == 0 {
+		t.Fatalf("the load never took the replay lag past %s (max %.3fs): nothing was shown", bound, maxLag)
+	}
+	// The throttle sees the lag once per heartbeat and pauses at once; the
+	// replay falls a little further behind in between.
+	if limit := 1.5 * bound.Seconds(); maxLag > limit {
+		t.Errorf("replay lag reached %.3fs, want at most %.3fs (bound %s)", maxLag, limit, bound)
+	}
+
+	killed := crashHost(t, lab.NSPrimary)
+	waitFor(t, time.Minute, "the secondary to go live", func() bool {
+		s, err := tryHostStatus(lab.NSSecondary)
+		return err == nil && s["state"] == "unprotected"
+	})
+	phases, _ := hostStatus(t, lab.NSSecondary)["last_failover"].(map[string]any)
+	drain := time.Duration(phases["drain_ns"].(float64))
+	t.Logf("failover after the load: drain (replay of the lag) %s, go-live %s", drain.Round(time.Millisecond),
+		time.Duration(phases["go_live_ns"].(float64)).Round(time.Millisecond))
+	// Replaying runs up to ~3x slower than the guest time it replays.
+	if limit := 3 * bound; drain > limit {
+		t.Errorf("drain took %s, want at most %s for a lag bounded by %s", drain, limit, bound)
+	}
+	check(t, acked, killed)
 }

@@ -22,8 +22,10 @@ import (
 
 const labUsage = `Usage:
   ftgw lab up [--dir DIR] [--heartbeat D] [--failure-timeout D] [--hold-capacity N]
+              [--guest synthetic|qemu] [--guest-dir DIR] [--max-lag D]
       build the lab (namespaces ftgw-a, ftgw-b, ftgw-c, ftgw-lan) and start
-      a primary daemon in ftgw-a and a secondary in ftgw-b
+      a primary daemon in ftgw-a and a secondary in ftgw-b; --guest qemu runs
+      a real Linux VM (make guest) under QEMU record/replay
   ftgw lab down [--dir DIR]      stop the daemons and remove the lab
   ftgw lab status [--dir DIR]    roles, log positions and guest states
   ftgw lab reprotect [--dir DIR]
@@ -48,6 +50,7 @@ func labCommand(ctx context.Context, args []string) error {
 	requests := fs.Int("requests", 1000, "requests `ftgw lab traffic` sends")
 	guestEngine := fs.String("guest", engineSynthetic, "the VM: synthetic (ftgw guest) or qemu (a real Linux VM under record/replay; builds build/guest with `make guest` when missing)")
 	guestDir := fs.String("guest-dir", "build/guest", "where `make guest` put vmlinuz and initrd.img (--guest qemu)")
+	maxLag := fs.Duration("max-lag", time.Second, "how far the secondary's replay may trail before the primary's VM is paused (--guest qemu: the VMs' qemu.max_lag)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
@@ -61,6 +64,9 @@ func labCommand(ctx context.Context, args []string) error {
 		vm, err := labVM(*guestEngine, *guestDir)
 		if err != nil {
 			return err
+		}
+		if vm.Engine == engineQEMU {
+			vm.QEMU.MaxLag = *maxLag
 		}
 		if err := labUp(ctx, *dir, vm, *heartbeat, *failureTimeout, *holdCapacity); err != nil {
 			return err
