@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -229,4 +230,52 @@ func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
 		t.Errorf("drain took %s, want at most %s for a lag bounded by %s", drain, limit, bound)
 	}
 	check(t, acked, killed)
+}
+
+// The Output Rule for a real VM: every reply a client saw was covered by log
+// the secondary had acknowledged. Kill the primary host the moment a reply
+// arrives, with a fresh pair each round and the kill at a different point
+// of the log, and the VM that goes live must hold every acknowledged write,
+// and nothing more: the next PUT counts on from the last reply.
+func TestRealVMOutputRuleKillRightAfterAReply(t *testing.T) {
+	rounds := 3
+	if n, err := strconv.Atoi(os.Getenv("FTGW_OUTPUT_RULE_ROUNDS")); err == nil && n > 0 {
+		rounds = n // more kills than CI runs: FTGW_OUTPUT_RULE_ROUNDS=20
+	}
+	for r := range rounds {
+		t.Run(fmt.Sprintf("round%d", r), func(t *testing.T) {
+			qemuLabUp(t)
+			waitFor(t, 2*time.Minute, "the secondary to replay the boot", func() bool {
+				return strings.Contains(console(t, lab.NSSecondary), "ftgw-init ready")
+			})
+			c := kvClient(t)
+			var acked []lab.AckedWrite
+			for i := range 15 + 11*r {
+				key, v := fmt.Sprintf("r%dk%d", r, i), fmt.Sprintf("v%d", i)
+				n, err := c.Put(key, v)
+				if err != nil {
+					t.Fatal(err)
+				}
+				acked = append(acked, lab.AckedWrite{Key: key, Value: v, Count: n, At: time.Now()})
+			}
+			killed := crashHost(t, lab.NSPrimary)
+			waitFor(t, time.Minute, "the secondary to go live", func() bool {
+				s, err := tryHostStatus(lab.NSSecondary)
+				return err == nil && s["state"] == "unprotected"
+			})
+			waitFor(t, 30*time.Second, "the VM to answer from ftgw-b", func() bool {
+				_, _, err := c.Get(acked[0].Key)
+				return err == nil
+			})
+			back := time.Since(killed)
+			check(t, acked, killed)
+			last := acked[len(acked)-1].Count
+			if n, err := c.Put(fmt.Sprintf("r%dafter", r), "x"); err != nil || n != last+1 {
+				t.Errorf("the first PUT after go-live counts %d (%v), want %d: the VM is not where the last reply left it", n, err, last+1)
+			}
+			phases, _ := hostStatus(t, lab.NSSecondary)["last_failover"].(map[string]any)
+			t.Logf("primary killed right after reply %d: drain %.0fms, go-live %.0fms, the VM answered again %s after the kill", len(acked),
+				phases["drain_ns"].(float64)/1e6, phases["go_live_ns"].(float64)/1e6, back.Round(time.Millisecond))
+		})
+	}
 }
