@@ -24,14 +24,31 @@ func qemuLabUp(t *testing.T, extra ...string) {
 	labUp(t, append([]string{"--guest", "qemu", "--guest-dir", filepath.Dir(kernel)}, extra...)...)
 }
 
-// skipReplayHang skips a test whose failover can meet QEMU 7.2's replay
-// hang (issue 4): the replayer spins on one icount and go-live never ends.
-// Seen in about 1 go-live in 10; FTGW_KNOWN_BUGS=1 runs the test.
-func skipReplayHang(t *testing.T) {
+// skipKnownBug skips a test that an open bug (issue 4) makes fail, unless
+// FTGW_KNOWN_BUGS is set.
+func skipKnownBug(t *testing.T, bug string) {
 	t.Helper()
 	if os.Getenv("FTGW_KNOWN_BUGS") == "" {
-		t.Skip("known bug: QEMU's replay can hang before go-live ends (issue 4); FTGW_KNOWN_BUGS=1 runs it")
+		t.Skip("known bug: " + bug + " (issue 4); FTGW_KNOWN_BUGS=1 runs it")
 	}
+}
+
+// skipReplayHang skips a test whose failover can meet QEMU 7.2's replay
+// hang: the replayer spins on one icount and go-live never ends. Seen in
+// about 1 go-live in 10.
+func skipReplayHang(t *testing.T) {
+	t.Helper()
+	skipKnownBug(t, "QEMU's replay can hang before go-live ends")
+}
+
+// waitLive waits until the secondary has gone live after its primary's
+// crash.
+func waitLive(t *testing.T) {
+	t.Helper()
+	waitFor(t, time.Minute, "the secondary to go live", func() bool {
+		s, err := tryHostStatus(lab.NSSecondary)
+		return err == nil && s["state"] == "unprotected"
+	})
 }
 
 // qemuPairUp brings the real-VM lab up and waits until the secondary has
@@ -171,15 +188,13 @@ func TestRealVMFailoverOnPrimaryCrashLosesNoAcknowledgedWrite(t *testing.T) {
 // max_lag, so the lag stays near the bound, and so does the replay a
 // failover must finish before the VM serves again.
 func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
-	if os.Getenv("FTGW_KNOWN_BUGS") == "" {
-		// Open bug (issue 4): under this load the replay stalls. The
-		// throttle holds the sampled lag under 1.5x the bound, but the
-		// replayer then sits at 100% CPU on one icount (the end of an
-		// INSTRUCTION event followed by warp-account and clock-virtual
-		// checkpoints) and the go-live after the crash never ends; without
-		// the throttle the replay crawls at about 1M instructions/s.
-		t.Skip("known bug: QEMU's replay stalls under guest CPU load (issue 4); FTGW_KNOWN_BUGS=1 runs it")
-	}
+	// Under this load the replay stalls. The throttle holds the sampled
+	// lag under 1.5x the bound, but the replayer then sits at 100% CPU on
+	// one icount (the end of an INSTRUCTION event followed by warp-account
+	// and clock-virtual checkpoints) and the go-live after the crash never
+	// ends; without the throttle the replay crawls at about 1M
+	// instructions/s.
+	skipKnownBug(t, "QEMU's replay stalls under guest CPU load")
 	const bound = 500 * time.Millisecond
 	qemuPairUp(t, "--max-lag", bound.String())
 	lagLabels := map[string]string{"vm": lab.VMName}
@@ -244,10 +259,7 @@ func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
 	}
 
 	killed := crashHost(t, lab.NSPrimary)
-	waitFor(t, time.Minute, "the secondary to go live", func() bool {
-		s, err := tryHostStatus(lab.NSSecondary)
-		return err == nil && s["state"] == "unprotected"
-	})
+	waitLive(t)
 	phases, _ := hostStatus(t, lab.NSSecondary)["last_failover"].(map[string]any)
 	drain := time.Duration(phases["drain_ns"].(float64))
 	t.Logf("failover after the load: drain (replay of the lag) %s, go-live %s", drain.Round(time.Millisecond),
@@ -284,10 +296,7 @@ func TestRealVMOutputRuleKillRightAfterAReply(t *testing.T) {
 				acked = append(acked, lab.AckedWrite{Key: key, Value: v, Count: n, At: time.Now()})
 			}
 			killed := crashHost(t, lab.NSPrimary)
-			waitFor(t, time.Minute, "the secondary to go live", func() bool {
-				s, err := tryHostStatus(lab.NSSecondary)
-				return err == nil && s["state"] == "unprotected"
-			})
+			waitLive(t)
 			waitFor(t, 30*time.Second, "the VM to answer from ftgw-b", func() bool {
 				_, _, err := c.Get(acked[0].Key)
 				return err == nil
