@@ -73,23 +73,8 @@ func (q *QEMU) ReplayToEnd(ctx context.Context, relay *Relay) error {
 		if err := q.RunTo(end); err != nil {
 			return fmt.Errorf("run to the end of the log: %w", err)
 		}
-		for {
-			n, err := q.Icount()
-			if err != nil {
-				return err
-			}
-			st, err := q.Status()
-			if err != nil {
-				return err
-			}
-			if n >= end && !st.Running {
-				break
-			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("replay to icount %d: at %d: %w", end, n, ctx.Err())
-			case <-time.After(5 * time.Millisecond):
-			}
+		if err := q.waitStoppedAt(ctx, end); err != nil {
+			return err
 		}
 		if err := relay.Err(); err != nil {
 			return err
@@ -100,6 +85,28 @@ func (q *QEMU) ReplayToEnd(ctx context.Context, relay *Relay) error {
 		wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
 		relay.WaitForwarded(wctx, end+2)
 		cancel()
+	}
+}
+
+// waitStoppedAt waits until the replayer has reached icount and stopped.
+func (q *QEMU) waitStoppedAt(ctx context.Context, icount uint64) error {
+	for {
+		n, err := q.Icount()
+		if err != nil {
+			return err
+		}
+		st, err := q.Status()
+		if err != nil {
+			return err
+		}
+		if n >= icount && !st.Running {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("replay to icount %d: at %d: %w", icount, n, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 }
 
