@@ -7,19 +7,20 @@ import (
 )
 
 // Follow replays the log as a Relay forwards it: it keeps the replayer's
-// break just short of the last whole event the relay has written and lets
-// it run up to there. A replayer that read past what has arrived would block
-// inside QEMU with its QMP frozen, and one that read to the end of the FIFO
-// would exit. onIcount, if set, gets the replayed icount after each step.
-// Follow returns when ctx ends (nil) or on the first failure.
+// break at the relay's latest safe hold (Position.Hold) and lets it run up
+// to there. A replayer that read past what has arrived would block inside
+// QEMU with its QMP frozen, and one that read to the end of the FIFO would
+// exit; one held anywhere else could diverge (hold.go). onIcount, if set,
+// gets the replayed icount after each step. Follow returns when ctx ends
+// (nil) or on the first failure.
 func (q *QEMU) Follow(ctx context.Context, relay *Relay, onIcount func(uint64)) error {
 	var brk uint64
 	for {
-		if fwd := relay.Forwarded(); fwd.Icount > brk+1 {
-			if err := q.RunTo(fwd.Icount - 1); err != nil {
+		if hold := relay.Forwarded().Hold; hold > brk {
+			if err := q.RunTo(hold); err != nil {
 				return err
 			}
-			brk = fwd.Icount - 1
+			brk = hold
 		}
 		if onIcount != nil {
 			if n, err := q.Icount(); err == nil {
@@ -27,7 +28,7 @@ func (q *QEMU) Follow(ctx context.Context, relay *Relay, onIcount func(uint64)) 
 			}
 		}
 		wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-		relay.WaitForwarded(wctx, brk+2)
+		relay.WaitHold(wctx, brk+1)
 		cancel()
 		if ctx.Err() != nil {
 			return nil
@@ -50,26 +51,36 @@ func (q *QEMU) RunTo(icount uint64) error {
 		return nil
 	}
 	if err := q.Execute("replay-break", map[string]uint64{"icount": icount}, nil); err != nil {
-		return err
+		return fmt.Errorf("break at icount %d, the replayer at %d: %w", icount, n, err)
 	}
 	st, err := q.Status()
-	if err != nil {
+	if err != nil || st.Running {
 		return err
 	}
-	if !st.Running {
-		return q.Execute("cont", nil, nil)
+	// Paused: at the old break, or already at this one, if it ran there
+	// since the break was set. QEMU deletes a break once it has stopped
+	// the VM at it, so a cont there would let the replay run free.
+	if n, err = q.Icount(); err != nil || n >= icount {
+		return err
 	}
-	return nil
+	return q.Execute("cont", nil, nil)
 }
 
 // ReplayToEnd runs the replayer to the end of the whole events relay has
 // been given and waits until it stops there, one instruction short of the
 // last INSTRUCTION event (the events after it stay unread: see
-// Relay.TailInput). Events still in the relay's backlog count: each step
-// lets the replayer read what is in the FIFO, which makes room for more.
+// Relay.TailInput). That stop may be anywhere, since the replay does not
+// resume after it, but until the relay's backlog is all forwarded the steps
+// stop at safe holds: each step lets the replayer read what is in the FIFO,
+// which makes room for more.
 func (q *QEMU) ReplayToEnd(ctx context.Context, relay *Relay) error {
 	for {
-		end := relay.Forwarded().Icount - 1
+		pos := relay.Forwarded()
+		last := relay.Pending() == 0
+		end := pos.Hold
+		if last {
+			end = pos.Icount - 1
+		}
 		if err := q.RunTo(end); err != nil {
 			return fmt.Errorf("run to the end of the log: %w", err)
 		}
@@ -79,12 +90,14 @@ func (q *QEMU) ReplayToEnd(ctx context.Context, relay *Relay) error {
 		if err := relay.Err(); err != nil {
 			return err
 		}
-		if relay.Pending() == 0 && relay.Forwarded().Icount-1 == end {
+		if last && relay.Pending() == 0 && relay.Forwarded().Icount == pos.Icount {
 			return nil
 		}
-		wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-		relay.WaitForwarded(wctx, end+2)
-		cancel()
+		if !last {
+			wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+			relay.WaitHold(wctx, end+1)
+			cancel()
+		}
 	}
 }
 

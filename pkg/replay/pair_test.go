@@ -100,6 +100,13 @@ func (c *capturedLog) feed(relay *Relay, rng *rand.Rand) {
 	}
 }
 
+func (c *capturedLog) raiseLimit(n int) {
+	c.mu.Lock()
+	c.limit += n
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
 func (c *capturedLog) setLimit(n int) {
 	c.mu.Lock()
 	c.limit = n
@@ -301,4 +308,178 @@ func readFile(t *testing.T, path string) string {
 func tailLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// TestFollowingAGuestThatTransmitsNeverStallsTheReplay records the guest
+// under a load that both transmits (a reply per request) and computes (the
+// guest hashes its whole store after each request), then replays the log
+// fed slowly, so that the replayer keeps catching up with it and being held.
+// A replayer held between a transmit kick and virtio-net's transmit timer
+// used to stall for good at the timer's checkpoint (hold.go); every hold
+// Follow picks must let the replay run on to the end.
+func TestFollowingAGuestThatTransmitsNeverStallsTheReplay(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs two VMs under TCG")
+	}
+	testutil.RequireRoot(t)
+	testutil.RequireQEMU(t)
+	kernel, initrd := testutil.GuestImage(t)
+	preload := testutil.Preload(t)
+	testutil.InNewNetns(t)
+	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
+	secondaryTap := openTap(t, "rr1", "")
+	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
+		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	recDir, repDir := filepath.Join(t.TempDir(), "rec"), filepath.Join(t.TempDir(), "rep")
+
+	// Record.
+	rec, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: recDir, Tap: primaryTap.File(),
+		Preload: preload, State: newLogState(t).f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rec.Stop() })
+	captured := &capturedLog{limit: 0}
+	captured.cond = sync.NewCond(&captured.mu)
+	logged := make(chan struct{})
+	go func() { captured.read(t, rec.Log()); close(logged) }()
+	if err := WaitSerial(ctx, recDir, "ftgw-init ready"); err != nil {
+		t.Fatal(err)
+	}
+	client, err := guest.Dial("192.0.2.1:7000", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	payload := strings.Repeat("x", 1200)
+	puts := 0
+	for start := time.Now(); puts < 150 && time.Since(start) < 6*time.Second; puts++ {
+		if _, err := client.Put(fmt.Sprintf("cpu%d", puts), payload); err != nil {
+			t.Fatalf("put %d: %v", puts, err)
+		}
+	}
+	rec.Stop()
+	<-logged
+	recSerial := readFile(t, SerialPath(recDir))
+	lastLine := fmt.Sprintf("ftgw-kv req=%d puts=%d ", puts, puts)
+	if !strings.Contains(recSerial, lastLine) {
+		t.Fatalf("recorder's console lacks %q", lastLine)
+	}
+
+	// Replay, the log trickling in slower than the replayer runs.
+	if err := os.MkdirAll(repDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	fifo := filepath.Join(repDir, "log.fifo")
+	if err := MakeFIFO(fifo); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan *QEMU, 1)
+	go func() {
+		q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: repDir, Tap: secondaryTap.File(), LogFIFO: fifo})
+		if err != nil {
+			t.Error(err)
+		}
+		started <- q
+	}()
+	w, err := OpenFIFOWriter(ctx, fifo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := NewRelay(w, StreamFraming)
+	defer relay.Close()
+	go captured.feed(relay, rand.New(rand.NewPCG(3, 4)))
+	go func() {
+		for captured.fedUpTo() < len(captured.data) && ctx.Err() == nil {
+			time.Sleep(20 * time.Millisecond)
+			captured.raiseLimit(2000)
+		}
+	}()
+	rep := <-started
+	if rep == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { rep.Stop() })
+
+	// A stalled replayer is reported, with the log where it stands, rather
+	// than waited for until the test times out.
+	replayCtx, stalled := context.WithCancelCause(ctx)
+	go watchProgress(replayCtx, rep, func(at uint64) {
+		stalled(fmt.Errorf("the replay stalled at icount %d; the log there:\n%s", at, eventsAround(captured.data, at)))
+	})
+	followCtx, stopFollowing := context.WithCancel(replayCtx)
+	go func() {
+		for replayCtx.Err() == nil && (captured.fedUpTo() < len(captured.data) || relay.Pending() > 0) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		stopFollowing()
+	}()
+	replayStart := time.Now()
+	if err := rep.Follow(followCtx, relay, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.ReplayToEnd(replayCtx, relay); err != nil {
+		t.Fatalf("%v: %v", err, context.Cause(replayCtx))
+	}
+	end, err := rep.Icount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := relay.Forwarded().Icount - 1; end != want {
+		t.Errorf("the replay stopped at icount %d, the log ends at %d", end, want)
+	}
+	repSerial := readFile(t, SerialPath(repDir))
+	if !strings.HasPrefix(recSerial, repSerial) || !strings.Contains(repSerial, lastLine) {
+		t.Errorf("the replay's console is not the recording's up to %q:\nrecorder:\n%s\nreplayer:\n%s",
+			lastLine, tailLines(recSerial, 3), tailLines(repSerial, 3))
+	}
+	t.Logf("%d puts; %d log bytes, %d instructions replayed in %s", puts, len(captured.data), end,
+		time.Since(replayStart).Round(time.Millisecond))
+}
+
+// watchProgress calls stalled once if q's icount stands still for 15
+// seconds while q runs, and returns when ctx ends.
+func watchProgress(ctx context.Context, q *QEMU, stalled func(icount uint64)) {
+	var last uint64
+	since := time.Now()
+	for ctx.Err() == nil {
+		time.Sleep(500 * time.Millisecond)
+		n, err := q.Icount()
+		if err != nil {
+			return
+		}
+		st, err := q.Status()
+		if err != nil {
+			return
+		}
+		if n != last || !st.Running {
+			last, since = n, time.Now()
+		} else if time.Since(since) > 15*time.Second {
+			stalled(n)
+			return
+		}
+	}
+}
+
+// eventsAround lists the log's events just before and after icount.
+func eventsAround(log []byte, icount uint64) string {
+	var lines []string
+	after := 0
+	s := NewLogScanner(StreamFraming)
+	s.OnEvent = func(ev LogEvent) {
+		if after >= 12 {
+			return
+		}
+		line := fmt.Sprintf("  %-30v icount %d", ev.Kind, ev.Icount)
+		if ev.Icount < icount {
+			lines = append(lines[max(0, len(lines)-7):], line)
+			return
+		}
+		lines = append(lines, line)
+		after++
+	}
+	s.Write(log)
+	return strings.Join(lines, "\n")
 }

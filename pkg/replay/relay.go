@@ -21,9 +21,12 @@ import (
 // read hits end of file, and one that has caught up blocks inside a read
 // while holding the replay lock, freezing its QMP. So the relay hands the
 // replayer only whole events, and says how far they go (Forwarded) so the
-// engine can hold the replayer with QMP replay-break at the forwarded
-// icount minus one and cont it as more arrives: a replayer held there never
-// reads past what it was given (see the format notes in replaylog.go).
+// engine can hold the replayer with QMP replay-break short of the forwarded
+// icount and cont it as more arrives: a replayer held there never reads
+// past what it was given (see the format notes in replaylog.go). Where
+// exactly matters, because a break pauses the VM: Position.Hold is where
+// following is safe (hold.go), and only a go-live, which never resumes the
+// replay, stops at the forwarded icount minus one.
 //
 // Write never blocks on the replayer: whole events are appended to an
 // in-memory backlog that one goroutine writes to the FIFO, and nothing is
@@ -49,6 +52,7 @@ type Relay struct {
 	held    []byte      // log bytes from offset heldAt not yet whole events
 	heldAt  int64
 	tail    [][]byte // frames of the NET events after the last INSTRUCTION
+	holds   holdPoints
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signalled when the backlog grows or shrinks, on close or failure
@@ -64,10 +68,12 @@ type Relay struct {
 // size); a piece holds at least one whole event, so it can be larger.
 const relayPiece = 4096
 
-// segment is whole events and the icount at their end.
+// segment is whole events, the icount at their end and the latest safe
+// hold in them or before.
 type segment struct {
 	data   []byte
 	icount uint64
+	hold   uint64
 	header bool // the version header, not counted in Forwarded
 }
 
@@ -76,6 +82,10 @@ type segment struct {
 type Position struct {
 	Bytes  int64
 	Icount uint64
+	// Hold is the latest icount, in what was forwarded, at which a
+	// replayer that will resume can be held: no virtual timer fires just
+	// after it (see hold.go). 0 until there is one.
+	Hold uint64
 }
 
 // NewRelay starts relaying a log framed as f to w. The version header goes
@@ -89,14 +99,15 @@ func NewRelay(w io.Writer, f Framing) *Relay {
 		done:    make(chan struct{}),
 	}
 	r.cond = sync.NewCond(&r.mu)
-	r.scan.OnEvent = r.noteTail
+	r.scan.OnEvent = r.noteEvent
 	go r.writeLoop()
 	return r
 }
 
-// noteTail keeps the frames of the network input events that follow the
-// last INSTRUCTION event scanned (see TailInput).
-func (r *Relay) noteTail(ev LogEvent) {
+// noteEvent looks for safe holds and keeps the frames of the network input
+// events that follow the last INSTRUCTION event scanned (see TailInput).
+func (r *Relay) noteEvent(ev LogEvent) {
+	r.holds.note(ev)
 	switch ev.Kind {
 	case KindInstruction:
 		r.tail = nil
@@ -161,7 +172,7 @@ func (r *Relay) take(p []byte) error {
 	if end <= from {
 		return nil
 	}
-	seg := segment{data: bytes.Clone(r.held[from-r.heldAt : end-r.heldAt]), icount: r.scan.Icount()}
+	seg := segment{data: bytes.Clone(r.held[from-r.heldAt : end-r.heldAt]), icount: r.scan.Icount(), hold: r.holds.safe}
 	r.held = r.held[:copy(r.held, r.held[end-r.heldAt:])]
 	r.heldAt = end
 	r.mu.Lock()
@@ -204,6 +215,16 @@ func (r *Relay) Err() error {
 // WaitForwarded waits until w has taken events up to icount at least, the
 // relay fails, or ctx ends.
 func (r *Relay) WaitForwarded(ctx context.Context, icount uint64) (Position, error) {
+	return r.waitFor(ctx, func(p Position) bool { return p.Icount >= icount })
+}
+
+// WaitHold waits until the forwarded events hold a safe hold at icount or
+// later, the relay fails, or ctx ends.
+func (r *Relay) WaitHold(ctx context.Context, icount uint64) (Position, error) {
+	return r.waitFor(ctx, func(p Position) bool { return p.Hold >= icount })
+}
+
+func (r *Relay) waitFor(ctx context.Context, reached func(Position) bool) (Position, error) {
 	stop := context.AfterFunc(ctx, func() {
 		r.mu.Lock()
 		r.cond.Broadcast()
@@ -212,7 +233,7 @@ func (r *Relay) WaitForwarded(ctx context.Context, icount uint64) (Position, err
 	defer stop()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for r.fwd.Icount < icount {
+	for !reached(r.fwd) {
 		if r.err != nil {
 			return r.fwd, r.err
 		}
@@ -266,14 +287,14 @@ func (r *Relay) writeLoop() {
 		for len(queue) > 0 {
 			piece = piece[:0]
 			var events int64 // bytes of events in piece
-			var icount uint64
+			var icount, hold uint64
 			for len(queue) > 0 && (len(piece) == 0 || len(piece)+len(queue[0].data) <= relayPiece) {
 				seg := queue[0]
 				queue = queue[1:]
 				piece = append(piece, seg.data...)
 				if !seg.header {
 					events += int64(len(seg.data))
-					icount = seg.icount
+					icount, hold = seg.icount, seg.hold
 				}
 			}
 			if _, err := r.w.Write(piece); err != nil {
@@ -284,7 +305,7 @@ func (r *Relay) writeLoop() {
 			r.backlog -= len(piece)
 			if events > 0 {
 				r.fwd.Bytes += events
-				r.fwd.Icount = icount
+				r.fwd.Icount, r.fwd.Hold = icount, hold
 			}
 			r.cond.Broadcast()
 			r.mu.Unlock()

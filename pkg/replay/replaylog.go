@@ -155,6 +155,10 @@ const (
 	kindCount            Kind = 40
 )
 
+// KindCheckpointClockVirtual is the checkpoint before QEMU_CLOCK_VIRTUAL
+// timers run, logged when one of them is due: where a virtual timer fired.
+const KindCheckpointClockVirtual = KindCheckpoint + 4
+
 var kindNames = [kindCount]string{
 	KindInstruction:      "instruction",
 	KindInterrupt:        "interrupt",
