@@ -52,12 +52,17 @@ type daemon struct {
 	// 1, and the data path's positions are byte offsets in it.
 	qemu   *qemuEngine
 	chunks chunkIndex
-	// replayLag is how far the secondary's replay trails its log, in ns of
-	// guest time: measured on a secondary, reported to its primary, which
-	// pauses the VM (throttles) while it exceeds the bound.
-	replayLag atomic.Int64
-	throttles atomic.Uint64
-	throttled atomic.Int64 // ns the VM spent paused by the throttle
+	// replayLag is how far the secondary's replay trails, in ns of guest
+	// time. A secondary measures it against the log it has received; a
+	// primary against its own log so far (loggedIcount), from the icount
+	// its secondary reports (peerReplayed), and pauses the VM (throttles)
+	// while it exceeds the bound.
+	replayLag       atomic.Int64
+	loggedIcount    atomic.Uint64
+	peerReplayed    atomic.Uint64
+	hasPeerProgress atomic.Bool
+	throttles       atomic.Uint64
+	throttled       atomic.Int64 // ns the VM spent paused by the throttle
 
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
@@ -104,7 +109,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 	g.Go(func() error { return d.readLog(ctx) })
 	if d.qemu != nil {
 		if d.state() == stateStandby {
-			g.Go(func() error { return d.reportReplayLag(ctx) })
+			g.Go(func() error { return d.reportReplayProgress(ctx) })
 		} else {
 			g.Go(func() error { return d.throttle(ctx) })
 		}
@@ -266,12 +271,14 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 	if err != nil {
 		return err
 	}
+	d.hasPeerProgress.Store(false) // a new secondary's replay is not the old one's
 	p, err := lockstep.NewPrimary(lockstep.PrimaryConfig{
 		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
 		OnFenced: d.fence,
-		OnProgress: func(lagNs uint64) {
-			d.replayLag.Store(int64(lagNs))
+		OnProgress: func(replayedIcount uint64) {
+			d.peerReplayed.Store(replayedIcount)
+			d.hasPeerProgress.Store(true)
 		},
 		OnAck: func(pos uint64) {
 			d.ackClock.ack(pos)

@@ -41,7 +41,7 @@ type qemuEngine struct {
 
 	// Logs carries each recorder's log stream, in order: one at start on
 	// a primary, one after go-live on a promoted secondary.
-	logs chan io.Reader
+	logs chan recorderLog
 
 	mu      sync.Mutex
 	qemu    *replay.QEMU
@@ -59,7 +59,7 @@ type qemuEngine struct {
 func newQEMUEngine(vm VMConfig, stateDir string, dp *datapath.Datapath, log *slog.Logger) *qemuEngine {
 	return &qemuEngine{
 		vm: vm, dir: filepath.Join(stateDir, vm.Name+"-qemu"), dp: dp, log: log.With("engine", "qemu"),
-		logs: make(chan io.Reader, 2), swapped: make(chan struct{}), done: make(chan struct{}),
+		logs: make(chan recorderLog, 2), swapped: make(chan struct{}), done: make(chan struct{}),
 	}
 }
 
@@ -74,12 +74,20 @@ func (e *qemuEngine) machine() replay.Machine {
 // the boot's log must be read (and shipped) meanwhile, or QEMU blocks on its
 // full pipe.
 func (e *qemuEngine) StartRecord(ctx context.Context) error {
-	return e.startRecorder(ctx, "", 0)
+	return e.startRecorder(ctx, "", 0, 0)
 }
 
-// startRecorder starts a recording QEMU from boot or from a snapshot, with
-// the log's positions continuing at base.
-func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base uint64) error {
+// recorderLog is one recorder's replay log stream and the guest
+// instruction count it starts at.
+type recorderLog struct {
+	r      io.Reader
+	icount uint64
+}
+
+// startRecorder starts a recording QEMU from boot or from a snapshot taken
+// at guest instruction count icount, with the log's positions continuing
+// at base.
+func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base, icount uint64) error {
 	t, err := tap.Open(e.vm.Tap)
 	if err != nil {
 		return err
@@ -98,7 +106,7 @@ func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base uint
 		return err
 	}
 	e.setQEMU(q)
-	e.logs <- q.Log()
+	e.logs <- recorderLog{r: q.Log(), icount: icount}
 	e.log.Info("recording", "pid", q.Pid(), "loadvm", loadvm, "log_base", base)
 	return nil
 }
@@ -193,13 +201,17 @@ func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error
 		return 0, fmt.Errorf("go live: %w", err)
 	}
 	drain = time.Since(start)
+	at, err := q.Icount()
+	if err != nil {
+		return drain, fmt.Errorf("go live: %w", err)
+	}
 	tail := relay.TailInput()
 	if err := q.SaveVM(goLiveSnapshot); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	relay.Close()
 	e.swapping(func() { q.Stop() })
-	if err := e.startRecorder(ctx, goLiveSnapshot, e.dp.Head()); err != nil {
+	if err := e.startRecorder(ctx, goLiveSnapshot, e.dp.Head(), at); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	if err := e.redeliver(ctx, tail); err != nil {
@@ -309,7 +321,8 @@ func (e *qemuEngine) progress() *replayProgress {
 	return &replayProgress{LogIcount: fwd.Icount, LogBytes: fwd.Bytes, RelayPending: relay.Pending(), ReplayedIcount: e.replayedIcount.Load()}
 }
 
-// Pause stops (or resumes) the VM: the throttle.
+// Pause freezes (or thaws) the VM's QEMU: the throttle. It freezes the
+// process rather than stopping the VM over QMP (replay.QEMU.Freeze says why).
 func (e *qemuEngine) Pause(pause bool) error {
 	e.mu.Lock()
 	q := e.qemu
@@ -318,27 +331,29 @@ func (e *qemuEngine) Pause(pause bool) error {
 		return errors.New("no vm")
 	}
 	if pause {
-		return q.Execute("stop", nil, nil)
+		return q.Freeze()
 	}
-	return q.Execute("cont", nil, nil)
+	return q.Thaw()
 }
 
 // ReplayLag is how far the replay trails the log received, in guest time
 // (each instruction is 2^IcountShift ns): the part of the primary's
 // execution the secondary would still have to replay before it could go
-// live.
-func (e *qemuEngine) ReplayLag() (lag time.Duration, ok bool) {
+// live; and the icount the replay has reached.
+func (e *qemuEngine) ReplayLag() (lag time.Duration, replayed uint64, ok bool) {
 	e.mu.Lock()
 	relay := e.relay
 	e.mu.Unlock()
 	if relay == nil {
-		return 0, false
+		return 0, 0, false
 	}
-	fwd, done := relay.Forwarded().Icount, e.replayedIcount.Load()
-	if fwd < done {
-		return 0, true
+	// What has arrived counts, not only what the FIFO took: the relay's
+	// backlog must be replayed before a go-live too.
+	received, done := relay.Received(), e.replayedIcount.Load()
+	if received < done {
+		return 0, done, true
 	}
-	return time.Duration((fwd - done) << replay.IcountShift), true
+	return time.Duration((received - done) << replay.IcountShift), done, true
 }
 
 func (e *qemuEngine) finish(err error) {

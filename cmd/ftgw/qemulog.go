@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/pkg/lockstep"
+	"github.com/ftgw/ftgw/pkg/replay"
 )
 
 // setUpQEMU starts the real VM: recording on a primary (whose epoch it then
@@ -41,15 +42,22 @@ func (d *daemon) setUpQEMU(ctx context.Context) error {
 func (d *daemon) readQEMULog(ctx context.Context) error {
 	buf := make([]byte, lockstep.MaxPayload)
 	for {
-		var stream io.Reader
+		var stream recorderLog
 		select {
 		case <-ctx.Done():
 			return nil
 		case stream = <-d.qemu.logs:
 		}
+		// The primary's own view of how far its VM has run, for the
+		// throttle: the log is flushed before every transmit and every
+		// 4 KiB, so it trails the VM by little.
+		scan := replay.NewLogScanner(replay.StreamFraming)
 		for {
-			n, err := stream.Read(buf)
+			n, err := stream.r.Read(buf)
 			if n > 0 {
+				if _, err := scan.Write(buf[:n]); err == nil {
+					d.loggedIcount.Store(stream.icount + scan.Icount())
+				}
 				if err := d.shipChunk(buf[:n]); err != nil {
 					return err
 				}
@@ -119,9 +127,10 @@ func (c *chunkIndex) acked(pos uint64) uint64 {
 	return c.last
 }
 
-// reportReplayLag tells the primary, with every heartbeat, how far this
-// secondary's replay trails the log it has received.
-func (d *daemon) reportReplayLag(ctx context.Context) error {
+// reportReplayProgress tells the primary, with every heartbeat, how far
+// this secondary's replay has got, and keeps the secondary's own lag metric
+// (the log received that is not replayed yet).
+func (d *daemon) reportReplayProgress(ctx context.Context) error {
 	tick := time.NewTicker(d.cfg.Heartbeat)
 	defer tick.Stop()
 	for {
@@ -130,9 +139,9 @@ func (d *daemon) reportReplayLag(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 		}
-		if lag, ok := d.qemu.ReplayLag(); ok && d.secondary != nil {
+		if lag, replayed, ok := d.qemu.ReplayLag(); ok && d.secondary != nil {
 			d.replayLag.Store(int64(lag))
-			d.secondary.SetProgress(uint64(lag))
+			d.secondary.SetProgress(replayed)
 		}
 	}
 }
@@ -140,6 +149,14 @@ func (d *daemon) reportReplayLag(ctx context.Context) error {
 // throttle pauses the primary's VM while its secondary's replay trails by
 // more than max_lag, and lets it run again once the lag is half that: a
 // secondary that falls behind without bound would take as long to go live.
+//
+// The lag is the instruction count in the VM's log so far minus the count
+// the secondary last reported replaying. That covers all the log not yet
+// replayed, wherever it is (the network, the relay, the FIFO), and a late
+// report can only make the lag look larger: the throttle errs towards
+// pausing early, never late. The count is read from the log, not over QMP:
+// each QMP command wakes the recorder's main loop, which logs a clock
+// checkpoint that the replayer must then take too.
 func (d *daemon) throttle(ctx context.Context) error {
 	maxLag := d.vm.QEMU.MaxLag
 	tick := time.NewTicker(max(d.cfg.Heartbeat/2, time.Millisecond))
@@ -151,7 +168,15 @@ func (d *daemon) throttle(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 		}
-		lag := time.Duration(d.replayLag.Load())
+		if !d.hasPeerProgress.Load() {
+			continue
+		}
+		own := d.loggedIcount.Load()
+		var lag time.Duration
+		if replayed := d.peerReplayed.Load(); own > replayed {
+			lag = time.Duration((own - replayed) << replay.IcountShift)
+		}
+		d.replayLag.Store(int64(lag))
 		paused := !pausedAt.IsZero()
 		switch {
 		case !paused && d.shipping.Load() && lag > maxLag:

@@ -67,10 +67,10 @@
 // RXFrames or QEMULogs; the secondary hands chunks to OnLog in position
 // order and refuses a kind it has no handler for.
 //
-// Progress (secondary → primary): position = how far the secondary's replay
-// trails the log it has received, in nanoseconds of guest time; sent with
-// each heartbeat once SetProgress was called. The primary throttles its VM
-// on it (PrimaryConfig.OnProgress).
+// Progress (secondary → primary): position = the guest instruction count
+// the secondary's replay has reached; sent with each heartbeat once
+// SetProgress was called. The primary throttles its VM on how far its own
+// count is ahead (PrimaryConfig.OnProgress).
 //
 // Ack (secondary → primary): position = highest contiguous position
 // received. The secondary sends one after each batch, i.e. when its

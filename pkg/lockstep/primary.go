@@ -42,9 +42,10 @@ type PrimaryConfig struct {
 	// reader, so keep it short (a slow OnAck delays heartbeat answers and
 	// the next acks); it may call AppendFrame.
 	OnAck func(pos uint64)
-	// OnProgress gets each replay lag (ns of guest time) the secondary
-	// reports, from the same goroutine as OnAck.
-	OnProgress func(lagNs uint64)
+	// OnProgress gets each progress the secondary reports: the guest
+	// instruction count its replay has reached. From the same goroutine
+	// as OnAck.
+	OnProgress func(replayedIcount uint64)
 
 	Logger *slog.Logger // default slog.Default()
 }

@@ -379,11 +379,10 @@ func (s *Secondary) pingLoop(l *link, done <-chan struct{}) error {
 	}
 }
 
-// SetProgress sets how far this secondary's replay trails the log it has
-// received, in nanoseconds of guest time; it goes to the primary with each
-// heartbeat from now on.
-func (s *Secondary) SetProgress(lagNs uint64) {
-	s.progress.Store(lagNs)
+// SetProgress sets the guest instruction count this secondary's replay has
+// reached; it goes to the primary with each heartbeat from now on.
+func (s *Secondary) SetProgress(replayedIcount uint64) {
+	s.progress.Store(replayedIcount)
 	s.hasProgress.Store(true)
 }
 

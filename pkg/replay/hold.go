@@ -12,7 +12,7 @@ import "slices"
 // kick and the timer's expiry fires that timer later than the recording
 // did, so when the log reaches its clock-virtual checkpoint no virtual
 // timer has expired, the checkpoint never matches, and the replayer spins
-// at that icount for good. (Pausing the recorder, as the throttle does, is
+// at that icount for good. (Pausing the recorder over QMP is, for this timer,
 // harmless: the log records where the timer fired, and the replayer, whose
 // timer is then already due, fires it there.)
 //

@@ -308,9 +308,21 @@ func (q *QEMU) Wait() error {
 	return q.err
 }
 
+// Freeze stops the whole QEMU process (SIGSTOP) until Thaw: the lag
+// throttle. Unlike QMP stop it is invisible to QEMU. A VM stopped over QMP
+// is told (virtio-net drops its transmit timer and arms it anew on cont),
+// and a recorder's main loop goes on logging a clock checkpoint each time
+// it wakes, which a replayer later has to take one main-loop wakeup each
+// for. A frozen QEMU does nothing, so QMP waits until Thaw.
+func (q *QEMU) Freeze() error { return q.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen QEMU.
+func (q *QEMU) Thaw() error { return q.cmd.Process.Signal(syscall.SIGCONT) }
+
 // Stop ends QEMU: quit over QMP, then SIGKILL if it lingers.
 func (q *QEMU) Stop() error {
 	q.stop.Do(func() {
+		q.Thaw() // a frozen QEMU would never answer
 		if q.qmp != nil {
 			q.qmp.Run([]byte(`{"execute":"quit"}`))
 		}

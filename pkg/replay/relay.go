@@ -190,6 +190,14 @@ func (r *Relay) Forwarded() Position {
 	return r.fwd
 }
 
+// Received is the icount at the end of the whole events received, those
+// still in the backlog included: what a go-live would have to replay.
+func (r *Relay) Received() uint64 {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	return r.scan.Icount()
+}
+
 // Pending is how many bytes w has not taken yet, those being written
 // included: the replayer's backlog.
 func (r *Relay) Pending() int {
