@@ -136,7 +136,12 @@ func (c Config) args() []string {
 		// tx=timer: transmits happen at timer checkpoints, which the log
 		// orders; the default bottom-half path did not replay reliably in
 		// 7.2. No option ROM: nothing boots from the network.
-		"-device", fmt.Sprintf("virtio-net-pci,netdev=net0,mac=%s,tx=timer,romfile=", m.MAC),
+		// guest_announce=off: after -loadvm, virtio-net arms its guest
+		// announce timer already due, and a replayer started from a
+		// go-live snapshot (the way to re-protect) can fire it only at a
+		// checkpoint while it owes an instruction first: it spins there
+		// for good. Go-live announces from the host (announce-self).
+		"-device", fmt.Sprintf("virtio-net-pci,netdev=net0,mac=%s,tx=timer,romfile=,guest_announce=off", m.MAC),
 	}
 	if c.LoadVM != "" {
 		args = append(args, "-loadvm", c.LoadVM)
