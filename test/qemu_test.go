@@ -232,9 +232,9 @@ func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
 	if pauses == 0 {
 		t.Fatalf("the load never took the replay lag past %s (max %.3fs): nothing was shown", bound, maxLag)
 	}
-	// The throttle sees the lag as the log comes out of QEMU (before each
-	// transmit, and every 4 KiB) and pauses at once; the guest's compute
-	// between two flushes can take the lag a little past the bound.
+	// The throttle pauses at once on the lag it computes (the log read so
+	// far against the secondary's last report), yet the sampled maximum
+	// has run up to 45% past the bound; why is not established (issue 4).
 	if limit := 1.5 * bound.Seconds(); maxLag > limit {
 		t.Errorf("replay lag reached %.3fs, want at most %.3fs (bound %s)", maxLag, limit, bound)
 	}
