@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -482,4 +483,162 @@ func eventsAround(log []byte, icount uint64) string {
 	}
 	s.Write(log)
 	return strings.Join(lines, "\n")
+}
+
+// TestReplayerFromAGoLiveSnapshotFollowsTheNewRecorder is re-protection at
+// its source: a replayer goes live (savevm where its replay ends), a
+// recorder starts from that snapshot and serves writes, and a new replayer
+// started from the same snapshot follows the recorder's log through a
+// relay that splices it (resume.go): it reproduces every write.
+func TestReplayerFromAGoLiveSnapshotFollowsTheNewRecorder(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs four VMs under TCG")
+	}
+	testutil.RequireRoot(t)
+	testutil.RequireQEMU(t)
+	kernel, initrd := testutil.GuestImage(t)
+	preload := testutil.Preload(t)
+	testutil.InNewNetns(t)
+	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
+	secondaryTap := openTap(t, "rr1", "")
+	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
+		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	base := t.TempDir()
+	dirA, dirB, dirD := filepath.Join(base, "a"), filepath.Join(base, "b"), filepath.Join(base, "d")
+
+	// startReplayer starts a replayer fed by relay; QEMU only answers QMP
+	// once its log flows, so the relay is fed while it starts.
+	startReplayer := func(dir string, tp *os.File, loadvm string, newRelay func(w io.Writer) *Relay, feed func(*Relay)) (*QEMU, *Relay) {
+		t.Helper()
+		fifo := filepath.Join(dir, "log.fifo")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := MakeFIFO(fifo); err != nil {
+			t.Fatal(err)
+		}
+		started := make(chan *QEMU, 1)
+		go func() {
+			q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: dir, Tap: tp, LogFIFO: fifo, LoadVM: loadvm})
+			if err != nil {
+				t.Error(err)
+			}
+			started <- q
+		}()
+		w, err := OpenFIFOWriter(ctx, fifo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		relay := newRelay(w)
+		t.Cleanup(func() { w.Close(); relay.Close() })
+		go feed(relay)
+		q := <-started
+		if q == nil {
+			t.FailNow()
+		}
+		t.Cleanup(func() { q.Stop() })
+		return q, relay
+	}
+	record := func(dir, loadvm string) (*QEMU, *capturedLog, chan struct{}) {
+		t.Helper()
+		q, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: dir, Tap: primaryTap.File(),
+			Preload: preload, State: newLogState(t).f, LoadVM: loadvm})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { q.Stop() })
+		c := &capturedLog{limit: -1}
+		c.cond = sync.NewCond(&c.mu)
+		done := make(chan struct{})
+		go func() { c.read(t, q.Log()); close(done) }()
+		return q, c, done
+	}
+	puts := func(from, to int) {
+		t.Helper()
+		client, err := guest.Dial("192.0.2.1:7000", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		for i := from; i <= to; i++ {
+			if n, err := client.Put(fmt.Sprintf("k%d", i), "v"); err != nil || n != uint64(i) {
+				t.Fatalf("put %d: %d, %v", i, n, err)
+			}
+		}
+	}
+	// follow runs q along relay until stop is closed and everything has
+	// been forwarded, then to the end of the log.
+	follow := func(q *QEMU, relay *Relay, fed func() bool) {
+		t.Helper()
+		rctx, stalled := context.WithCancelCause(ctx)
+		defer stalled(nil)
+		go watchProgress(rctx, q, func(at uint64) { stalled(fmt.Errorf("the replay stalled at icount %d", at)) })
+		fctx, stop := context.WithCancel(rctx)
+		go func() {
+			for rctx.Err() == nil && (!fed() || relay.Pending() > 0) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			stop()
+		}()
+		if err := q.Follow(fctx, relay, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := q.ReplayToEnd(rctx, relay); err != nil {
+			t.Fatalf("%v: %v", err, context.Cause(rctx))
+		}
+	}
+
+	// A records the boot and 10 writes; B replays them and goes live.
+	a, logA, doneA := record(dirA, "")
+	b, relayB := startReplayer(dirB, secondaryTap.File(), "", func(w io.Writer) *Relay { return NewRelay(w, StreamFraming) },
+		func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(5, 6))) })
+	if err := WaitSerial(ctx, dirA, "ftgw-init ready"); err != nil {
+		t.Fatal(err)
+	}
+	puts(1, 10)
+	a.Stop()
+	<-doneA
+	follow(b, relayB, func() bool { return logA.fedUpTo() == len(logA.data) })
+	at, err := b.Icount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SaveVM("golive"); err != nil {
+		t.Fatal(err)
+	}
+	b.Stop()
+	image, err := os.ReadFile(VMStatePath(dirB))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// C records from the snapshot and serves 10 more writes; D starts
+	// from a copy of it and follows C's log as it comes.
+	c, logC, doneC := record(dirB, "golive")
+	if err := os.MkdirAll(dirD, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(VMStatePath(dirD), image, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, relayD := startReplayer(dirD, secondaryTap.File(), "golive", func(w io.Writer) *Relay { return NewRelayFromSnapshot(w, at) },
+		func(r *Relay) { logC.feed(r, rand.New(rand.NewPCG(7, 8))) })
+	puts(11, 20)
+	c.Stop()
+	<-doneC
+	follow(d, relayD, func() bool { return logC.fedUpTo() == len(logC.data) })
+
+	recSerial, repSerial := readFile(t, SerialPath(dirB)), readFile(t, SerialPath(dirD))
+	last := "ftgw-kv req=20 puts=20 "
+	if !strings.Contains(recSerial, last) {
+		t.Fatalf("the recorder's console lacks %q:\n%s", last, tailLines(recSerial, 3))
+	}
+	if !strings.HasPrefix(recSerial, repSerial) || !strings.Contains(repSerial, last) {
+		t.Errorf("the new replayer's console is not the recorder's up to %q:\nrecorder:\n%s\nreplayer:\n%s",
+			last, tailLines(recSerial, 3), tailLines(repSerial, 3))
+	}
+	n, _ := d.Icount()
+	t.Logf("snapshot at icount %d (%d bytes of image); the new replayer followed %d bytes of log to icount %d", at, len(image), len(logC.data), n)
 }
