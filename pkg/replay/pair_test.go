@@ -115,6 +115,124 @@ func (c *capturedLog) setLimit(n int) {
 	c.mu.Unlock()
 }
 
+// pair is what the real-VM pair tests share: the guest, two taps in a new
+// netns (the recorder's reaches the host at 192.0.2.254, the replayer's
+// nowhere) and a deadline for the whole test.
+type pair struct {
+	t              *testing.T
+	ctx            context.Context
+	machine        Machine
+	preload        string
+	recTap, repTap *tap.Tap
+}
+
+func newPair(t *testing.T) *pair {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs VMs under TCG")
+	}
+	testutil.RequireRoot(t)
+	testutil.RequireQEMU(t)
+	kernel, initrd := testutil.GuestImage(t)
+	p := &pair{t: t, preload: testutil.Preload(t)}
+	testutil.InNewNetns(t)
+	p.recTap, p.repTap = openTap(t, "rr0", "192.0.2.254/24"), openTap(t, "rr1", "")
+	p.machine = Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
+		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	t.Cleanup(cancel)
+	p.ctx = ctx
+	return p
+}
+
+// record starts a recorder in dir, from the snapshot loadvm if set, that
+// publishes its log head into state, and captures its log; done is closed
+// once the log has ended.
+func (p *pair) record(dir, loadvm string, state *logState) (q *QEMU, log *capturedLog, done <-chan struct{}) {
+	t := p.t
+	t.Helper()
+	q, err := Start(p.ctx, Config{Machine: p.machine, Mode: Record, Dir: dir, Tap: p.recTap.File(),
+		Preload: p.preload, State: state.f, LoadVM: loadvm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Stop() })
+	log = &capturedLog{limit: -1}
+	log.cond = sync.NewCond(&log.mu)
+	ended := make(chan struct{})
+	go func() { log.read(t, q.Log()); close(ended) }()
+	return q, log, ended
+}
+
+// replay starts a replayer in dir, from the snapshot loadvm if set, fed
+// through the relay newRelay makes while feed writes to it: QEMU answers
+// QMP only once its log flows.
+func (p *pair) replay(dir, loadvm string, newRelay func(io.Writer) *Relay, feed func(*Relay)) (*QEMU, *Relay) {
+	t := p.t
+	t.Helper()
+	fifo := filepath.Join(dir, "log.fifo")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := MakeFIFO(fifo); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan *QEMU, 1)
+	go func() {
+		q, err := Start(p.ctx, Config{Machine: p.machine, Mode: Replay, Dir: dir, Tap: p.repTap.File(), LogFIFO: fifo, LoadVM: loadvm})
+		if err != nil {
+			t.Error(err)
+		}
+		started <- q
+	}()
+	w, err := OpenFIFOWriter(p.ctx, fifo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := newRelay(w)
+	t.Cleanup(func() { w.Close(); relay.Close() })
+	go feed(relay)
+	q := <-started
+	if q == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { q.Stop() })
+	return q, relay
+}
+
+func streamRelay(w io.Writer) *Relay { return NewRelay(w, StreamFraming) }
+
+// replayAll follows log through relay until it has all been fed and
+// forwarded, then replays to its end. A replayer that stalls fails the
+// test at once, rather than when the deadline ends it, with describe's
+// account of the log where it stands if describe is set.
+func (p *pair) replayAll(q *QEMU, relay *Relay, log *capturedLog, describe func(icount uint64) string) {
+	t := p.t
+	t.Helper()
+	replayCtx, stalled := context.WithCancelCause(p.ctx)
+	defer stalled(nil)
+	go watchProgress(replayCtx, q, func(at uint64) {
+		err := fmt.Errorf("the replay stalled at icount %d", at)
+		if describe != nil {
+			err = fmt.Errorf("%w; the log there:\n%s", err, describe(at))
+		}
+		stalled(err)
+	})
+	followCtx, stopFollowing := context.WithCancel(replayCtx)
+	go func() {
+		for replayCtx.Err() == nil && (log.fedUpTo() < len(log.data) || relay.Pending() > 0) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		stopFollowing()
+	}()
+	if err := q.Follow(followCtx, relay, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.ReplayToEnd(replayCtx, relay); err != nil {
+		t.Fatalf("%v: %v", err, context.Cause(replayCtx))
+	}
+}
+
 // TestStreamedReplayFollowsAndCoversEveryReply runs the real guest as a
 // record/replay pair: the replayer follows the recorder's log as it is
 // written, in chunks, while the recorder runs. Then the Output Rule at its
@@ -122,59 +240,12 @@ func (c *capturedLog) setLimit(n int) {
 // the log that was flushed before the reply left QEMU (the head the
 // preloaded library published), nothing after it.
 func TestStreamedReplayFollowsAndCoversEveryReply(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs two VMs under TCG")
-	}
-	testutil.RequireRoot(t)
-	testutil.RequireQEMU(t)
-	kernel, initrd := testutil.GuestImage(t)
-	preload := testutil.Preload(t)
-	testutil.InNewNetns(t)
-
-	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
-	secondaryTap := openTap(t, "rr1", "")
-	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
-		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
+	p := newPair(t)
+	ctx := p.ctx
 	state := newLogState(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
-
 	recDir, repDir := filepath.Join(t.TempDir(), "rec"), filepath.Join(t.TempDir(), "rep")
-	rec, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: recDir, Tap: primaryTap.File(),
-		Preload: preload, State: state.f})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rec.Stop() })
-	captured := &capturedLog{limit: -1}
-	captured.cond = sync.NewCond(&captured.mu)
-	go captured.read(t, rec.Log())
-
-	fifo := filepath.Join(repDir, "log.fifo")
-	os.MkdirAll(repDir, 0o755)
-	if err := MakeFIFO(fifo); err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan *QEMU, 1)
-	go func() {
-		q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: repDir, Tap: secondaryTap.File(), LogFIFO: fifo})
-		if err != nil {
-			t.Error(err)
-		}
-		started <- q
-	}()
-	w, err := OpenFIFOWriter(ctx, fifo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relay := NewRelay(w, StreamFraming)
-	defer relay.Close()
-	go captured.feed(relay, rand.New(rand.NewPCG(1, 2)))
-	rep := <-started
-	if rep == nil {
-		t.FailNow()
-	}
-	t.Cleanup(func() { rep.Stop() })
+	rec, captured, _ := p.record(recDir, "", state)
+	rep, relay := p.replay(repDir, "", streamRelay, func(r *Relay) { captured.feed(r, rand.New(rand.NewPCG(1, 2))) })
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	following := make(chan error, 1)
 	go func() { following <- rep.Follow(followCtx, relay, nil) }()
@@ -319,33 +390,12 @@ func tailLines(s string, n int) string {
 // used to stall for good at the timer's checkpoint (hold.go); every hold
 // Follow picks must let the replay run on to the end.
 func TestFollowingAGuestThatTransmitsNeverStallsTheReplay(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs two VMs under TCG")
-	}
-	testutil.RequireRoot(t)
-	testutil.RequireQEMU(t)
-	kernel, initrd := testutil.GuestImage(t)
-	preload := testutil.Preload(t)
-	testutil.InNewNetns(t)
-	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
-	secondaryTap := openTap(t, "rr1", "")
-	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
-		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
+	p := newPair(t)
+	ctx := p.ctx
 	recDir, repDir := filepath.Join(t.TempDir(), "rec"), filepath.Join(t.TempDir(), "rep")
 
 	// Record.
-	rec, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: recDir, Tap: primaryTap.File(),
-		Preload: preload, State: newLogState(t).f})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rec.Stop() })
-	captured := &capturedLog{limit: 0}
-	captured.cond = sync.NewCond(&captured.mu)
-	logged := make(chan struct{})
-	go func() { captured.read(t, rec.Log()); close(logged) }()
+	rec, captured, logged := p.record(recDir, "", newLogState(t))
 	if err := WaitSerial(ctx, recDir, "ftgw-init ready"); err != nil {
 		t.Fatal(err)
 	}
@@ -370,60 +420,17 @@ func TestFollowingAGuestThatTransmitsNeverStallsTheReplay(t *testing.T) {
 	}
 
 	// Replay, the log trickling in slower than the replayer runs.
-	if err := os.MkdirAll(repDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	fifo := filepath.Join(repDir, "log.fifo")
-	if err := MakeFIFO(fifo); err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan *QEMU, 1)
-	go func() {
-		q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: repDir, Tap: secondaryTap.File(), LogFIFO: fifo})
-		if err != nil {
-			t.Error(err)
-		}
-		started <- q
-	}()
-	w, err := OpenFIFOWriter(ctx, fifo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relay := NewRelay(w, StreamFraming)
-	defer relay.Close()
-	go captured.feed(relay, rand.New(rand.NewPCG(3, 4)))
+	captured.setLimit(0)
 	go func() {
 		for captured.fedUpTo() < len(captured.data) && ctx.Err() == nil {
 			time.Sleep(20 * time.Millisecond)
 			captured.raiseLimit(2000)
 		}
 	}()
-	rep := <-started
-	if rep == nil {
-		t.FailNow()
-	}
-	t.Cleanup(func() { rep.Stop() })
+	rep, relay := p.replay(repDir, "", streamRelay, func(r *Relay) { captured.feed(r, rand.New(rand.NewPCG(3, 4))) })
 
-	// A stalled replayer is reported, with the log where it stands, rather
-	// than waited for until the test times out.
-	replayCtx, stalled := context.WithCancelCause(ctx)
-	go watchProgress(replayCtx, rep, func(at uint64) {
-		stalled(fmt.Errorf("the replay stalled at icount %d; the log there:\n%s", at, eventsAround(captured.data, at)))
-	})
-	followCtx, stopFollowing := context.WithCancel(replayCtx)
-	go func() {
-		for replayCtx.Err() == nil && (captured.fedUpTo() < len(captured.data) || relay.Pending() > 0) {
-			time.Sleep(20 * time.Millisecond)
-		}
-		stopFollowing()
-	}()
 	replayStart := time.Now()
-	if err := rep.Follow(followCtx, relay, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := rep.ReplayToEnd(replayCtx, relay); err != nil {
-		t.Fatalf("%v: %v", err, context.Cause(replayCtx))
-	}
+	p.replayAll(rep, relay, captured, func(at uint64) string { return eventsAround(captured.data, at) })
 	end, err := rep.Icount()
 	if err != nil {
 		t.Fatal(err)
@@ -491,70 +498,11 @@ func eventsAround(log []byte, icount uint64) string {
 // started from the same snapshot follows the recorder's log through a
 // relay that splices it (resume.go): it reproduces every write.
 func TestReplayerFromAGoLiveSnapshotFollowsTheNewRecorder(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs four VMs under TCG")
-	}
-	testutil.RequireRoot(t)
-	testutil.RequireQEMU(t)
-	kernel, initrd := testutil.GuestImage(t)
-	preload := testutil.Preload(t)
-	testutil.InNewNetns(t)
-	primaryTap := openTap(t, "rr0", "192.0.2.254/24")
-	secondaryTap := openTap(t, "rr1", "")
-	machine := Machine{Kernel: kernel, Initrd: initrd, MAC: pairMAC,
-		Cmdline: "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.1/24"}
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
+	p := newPair(t)
+	ctx := p.ctx
 	base := t.TempDir()
 	dirA, dirB, dirD := filepath.Join(base, "a"), filepath.Join(base, "b"), filepath.Join(base, "d")
 
-	// startReplayer starts a replayer fed by relay; QEMU only answers QMP
-	// once its log flows, so the relay is fed while it starts.
-	startReplayer := func(dir string, tp *os.File, loadvm string, newRelay func(w io.Writer) *Relay, feed func(*Relay)) (*QEMU, *Relay) {
-		t.Helper()
-		fifo := filepath.Join(dir, "log.fifo")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := MakeFIFO(fifo); err != nil {
-			t.Fatal(err)
-		}
-		started := make(chan *QEMU, 1)
-		go func() {
-			q, err := Start(ctx, Config{Machine: machine, Mode: Replay, Dir: dir, Tap: tp, LogFIFO: fifo, LoadVM: loadvm})
-			if err != nil {
-				t.Error(err)
-			}
-			started <- q
-		}()
-		w, err := OpenFIFOWriter(ctx, fifo)
-		if err != nil {
-			t.Fatal(err)
-		}
-		relay := newRelay(w)
-		t.Cleanup(func() { w.Close(); relay.Close() })
-		go feed(relay)
-		q := <-started
-		if q == nil {
-			t.FailNow()
-		}
-		t.Cleanup(func() { q.Stop() })
-		return q, relay
-	}
-	record := func(dir, loadvm string) (*QEMU, *capturedLog, chan struct{}) {
-		t.Helper()
-		q, err := Start(ctx, Config{Machine: machine, Mode: Record, Dir: dir, Tap: primaryTap.File(),
-			Preload: preload, State: newLogState(t).f, LoadVM: loadvm})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { q.Stop() })
-		c := &capturedLog{limit: -1}
-		c.cond = sync.NewCond(&c.mu)
-		done := make(chan struct{})
-		go func() { c.read(t, q.Log()); close(done) }()
-		return q, c, done
-	}
 	puts := func(from, to int) {
 		t.Helper()
 		client, err := guest.Dial("192.0.2.1:7000", 5*time.Second)
@@ -568,39 +516,16 @@ func TestReplayerFromAGoLiveSnapshotFollowsTheNewRecorder(t *testing.T) {
 			}
 		}
 	}
-	// follow runs q along relay until stop is closed and everything has
-	// been forwarded, then to the end of the log.
-	follow := func(q *QEMU, relay *Relay, fed func() bool) {
-		t.Helper()
-		rctx, stalled := context.WithCancelCause(ctx)
-		defer stalled(nil)
-		go watchProgress(rctx, q, func(at uint64) { stalled(fmt.Errorf("the replay stalled at icount %d", at)) })
-		fctx, stop := context.WithCancel(rctx)
-		go func() {
-			for rctx.Err() == nil && (!fed() || relay.Pending() > 0) {
-				time.Sleep(20 * time.Millisecond)
-			}
-			stop()
-		}()
-		if err := q.Follow(fctx, relay, nil); err != nil {
-			t.Fatal(err)
-		}
-		if err := q.ReplayToEnd(rctx, relay); err != nil {
-			t.Fatalf("%v: %v", err, context.Cause(rctx))
-		}
-	}
-
 	// A records the boot and 10 writes; B replays them and goes live.
-	a, logA, doneA := record(dirA, "")
-	b, relayB := startReplayer(dirB, secondaryTap.File(), "", func(w io.Writer) *Relay { return NewRelay(w, StreamFraming) },
-		func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(5, 6))) })
+	a, logA, doneA := p.record(dirA, "", newLogState(t))
+	b, relayB := p.replay(dirB, "", streamRelay, func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(5, 6))) })
 	if err := WaitSerial(ctx, dirA, "ftgw-init ready"); err != nil {
 		t.Fatal(err)
 	}
 	puts(1, 10)
 	a.Stop()
 	<-doneA
-	follow(b, relayB, func() bool { return logA.fedUpTo() == len(logA.data) })
+	p.replayAll(b, relayB, logA, nil)
 	at, err := b.Icount()
 	if err != nil {
 		t.Fatal(err)
@@ -616,19 +541,19 @@ func TestReplayerFromAGoLiveSnapshotFollowsTheNewRecorder(t *testing.T) {
 
 	// C records from the snapshot and serves 10 more writes; D starts
 	// from a copy of it and follows C's log as it comes.
-	c, logC, doneC := record(dirB, "golive")
+	c, logC, doneC := p.record(dirB, "golive", newLogState(t))
 	if err := os.MkdirAll(dirD, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(VMStatePath(dirD), image, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d, relayD := startReplayer(dirD, secondaryTap.File(), "golive", func(w io.Writer) *Relay { return NewRelayFromSnapshot(w, at) },
+	d, relayD := p.replay(dirD, "golive", func(w io.Writer) *Relay { return NewRelayFromSnapshot(w, at) },
 		func(r *Relay) { logC.feed(r, rand.New(rand.NewPCG(7, 8))) })
 	puts(11, 20)
 	c.Stop()
 	<-doneC
-	follow(d, relayD, func() bool { return logC.fedUpTo() == len(logC.data) })
+	p.replayAll(d, relayD, logC, nil)
 
 	recSerial, repSerial := readFile(t, SerialPath(dirB)), readFile(t, SerialPath(dirD))
 	last := "ftgw-kv req=20 puts=20 "
