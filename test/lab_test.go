@@ -270,6 +270,21 @@ func readReplies(conn *net.UDPConn, within time.Duration) []string {
 	}
 }
 
+// checkReleased reads the replies to sendPuts' n PUTs once acks resume: all
+// of them, OK base+1 .. base+n, in order, none twice.
+func checkReleased(t *testing.T, conn *net.UDPConn, n int, base uint64, within time.Duration) {
+	t.Helper()
+	replies := readReplies(conn, within)
+	if len(replies) != n {
+		t.Fatalf("%d replies after acks resumed, want %d: %q", len(replies), n, replies)
+	}
+	for i, r := range replies {
+		if want := fmt.Sprintf("OK %d held%d", base+uint64(i)+1, i); r != want {
+			t.Errorf("reply %d: %q, want %q (in order, none twice)", i, r, want)
+		}
+	}
+}
+
 func pingHost(t *testing.T, ip string) {
 	t.Helper()
 	out, err := exec.Command("ip", "netns", "exec", lab.NSClient, "ping", "-c", "1", "-W", "1", ip).CombinedOutput()
@@ -313,15 +328,7 @@ func TestRepliesHeldUntilAcksResume(t *testing.T) {
 				t.Errorf("the primary held %d frames during the outage, want %d", st, n)
 			}
 
-			replies := readReplies(conn, 5*time.Second)
-			if len(replies) != n {
-				t.Fatalf("%d replies after acks resumed, want %d: %q", len(replies), n, replies)
-			}
-			for i, r := range replies {
-				if want := fmt.Sprintf("OK %d held%d", base+uint64(i)+1, i); r != want {
-					t.Errorf("reply %d: %q, want %q (in order, none twice)", i, r, want)
-				}
-			}
+			checkReleased(t, conn, n, base, 5*time.Second)
 			primary, secondary := waitReplicated(t)
 			if primary.Digest != secondary.Digest {
 				t.Errorf("guest states differ after the outage")

@@ -115,15 +115,7 @@ func TestRealVMPairReplaysAndHoldsOutput(t *testing.T) {
 	if len(early) != 0 {
 		t.Fatalf("%d replies left the primary without acks: %q", len(early), early)
 	}
-	replies := readReplies(conn, 10*time.Second)
-	if len(replies) != n {
-		t.Fatalf("%d replies after acks resumed, want %d: %q", len(replies), n, replies)
-	}
-	for i, r := range replies {
-		if want := fmt.Sprintf("OK %d held%d", base+uint64(i)+1, i); r != want {
-			t.Errorf("reply %d: %q, want %q", i, r, want)
-		}
-	}
+	checkReleased(t, conn, n, base, 10*time.Second)
 	m, ok := lab.Metric(scrape(t, lab.NSPrimary), "ftgw_output_commit_latency_seconds", map[string]string{"vm": lab.VMName, "path": "held"})
 	if held := m.GetHistogram().GetSampleCount(); !ok || held < n {
 		t.Errorf("commit latency of held frames counts %v frames, want at least %d", held, n)
