@@ -24,14 +24,14 @@ func qemuLabUp(t *testing.T, extra ...string) {
 	labUp(t, append([]string{"--guest", "qemu", "--guest-dir", filepath.Dir(kernel)}, extra...)...)
 }
 
-// waitLive waits until the secondary has gone live after its primary's
-// crash and recorded the failover's phases.
-func waitLive(t *testing.T) {
+// waitLive waits until the secondary in ns has gone live after its
+// primary's crash and recorded the failover's phases.
+func waitLive(t *testing.T, ns string) {
 	t.Helper()
 	var last map[string]any
 	deadline := time.Now().Add(time.Minute)
 	for {
-		s, err := tryHostStatus(lab.NSSecondary)
+		s, err := tryHostStatus(ns)
 		// The phases are recorded just after the state changes.
 		if err == nil && s["state"] == "unprotected" && s["last_failover"] != nil {
 			return
@@ -40,7 +40,7 @@ func waitLive(t *testing.T) {
 			last = s
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the secondary did not go live within a minute; its last status: state %v, replay %v", last["state"], last["replay"])
+			t.Fatalf("%s did not go live within a minute; its last status: state %v, replay %v", ns, last["state"], last["replay"])
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -224,15 +224,15 @@ func TestRealVMReplayLagBoundedUnderGuestCPULoad(t *testing.T) {
 	if pauses == 0 {
 		t.Fatalf("the load never took the replay lag past %s (max %.3fs): nothing was shown", bound, maxLag)
 	}
-	// The throttle pauses at once on the lag it computes (the log read so
-	// far against the secondary's last report), yet the sampled maximum
-	// has run up to 45% past the bound; why is not established (issue 4).
-	if limit := 1.5 * bound.Seconds(); maxLag > limit {
+	// The throttle acts on ticks of half a heartbeat, on a report up to a
+	// heartbeat old, and the VM runs until the freeze lands: the sampled
+	// maximum may pass the bound by a little (0.502-0.523s in 4 runs).
+	if limit := 1.1 * bound.Seconds(); maxLag > limit {
 		t.Errorf("replay lag reached %.3fs, want at most %.3fs (bound %s)", maxLag, limit, bound)
 	}
 
 	killed := crashHost(t, lab.NSPrimary)
-	waitLive(t)
+	waitLive(t, lab.NSSecondary)
 	phases, _ := hostStatus(t, lab.NSSecondary)["last_failover"].(map[string]any)
 	drain := time.Duration(phases["drain_ns"].(float64))
 	t.Logf("failover after the load: drain (replay of the lag) %s, go-live %s", drain.Round(time.Millisecond),
@@ -268,7 +268,7 @@ func TestRealVMOutputRuleKillRightAfterAReply(t *testing.T) {
 				acked = append(acked, lab.AckedWrite{Key: key, Value: v, Count: n, At: time.Now()})
 			}
 			killed := crashHost(t, lab.NSPrimary)
-			waitLive(t)
+			waitLive(t, lab.NSSecondary)
 			waitFor(t, 30*time.Second, "the VM to answer from ftgw-b", func() bool {
 				_, _, err := c.Get(acked[0].Key)
 				return err == nil
@@ -284,4 +284,76 @@ func TestRealVMOutputRuleKillRightAfterAReply(t *testing.T) {
 				phases["drain_ns"].(float64)/1e6, phases["go_live_ns"].(float64)/1e6, back.Round(time.Millisecond))
 		})
 	}
+}
+
+// After the primary's crash the promoted VM runs alone; re-protection gives
+// it a new secondary without restarting it: the new secondary loads the
+// snapshot the promoted VM went live from and replays its recording since.
+// The new pair then survives a second failover with every acknowledged
+// write, the one where the new secondary goes live.
+func TestRealVMReprotectionThenASecondFailoverLosesNothing(t *testing.T) {
+	qemuPairUp(t)
+	w := startWriter(t, 500*time.Millisecond)
+	waitWrites(t, w, 50)
+
+	first := crashHost(t, lab.NSPrimary)
+	waitLive(t, lab.NSSecondary)
+	waitWrites(t, w, w.Acked()+50) // served alone
+	frozen := func() float64 {
+		return value(t, scrape(t, lab.NSSecondary), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
+	}
+	frozenBefore := frozen()
+	out := ftgw(t, "lab", "reprotect", "--dir", labDir)
+	t.Log(strings.TrimSpace(out))
+	// The new secondary replays the recording no faster than the VM ran
+	// alone (QEMU replays idle time in real time): the throttle pauses
+	// the VM until it has caught up.
+	t.Logf("the throttle paused the VM for %.3fs while the new secondary caught up", frozen()-frozenBefore)
+	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
+	if b["state"] != "protected" || a["state"] != "standby" {
+		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+	}
+	// The promoted VM's PUT count when the pair was protected again.
+	reprotected, _ := strconv.Atoi(field(lastState(console(t, lab.NSSecondary)), "puts"))
+	waitWrites(t, w, w.Acked()+50)
+
+	// The new secondary runs the promoted VM's execution: its console
+	// (from the snapshot on) is a prefix of the promoted VM's, and it
+	// has replayed writes made since re-protection.
+	var replayed string
+	waitFor(t, time.Minute, "the new secondary to replay the writes since re-protection", func() bool {
+		replayed = lastState(console(t, lab.NSPrimary))
+		puts, _ := strconv.Atoi(field(replayed, "puts"))
+		return puts > reprotected
+	})
+	if live := console(t, lab.NSSecondary); !strings.HasPrefix(live, console(t, lab.NSPrimary)) {
+		t.Fatalf("the new secondary's console is not the promoted VM's:\nnew secondary:\n%s\npromoted:\n%s",
+			tailLines(console(t, lab.NSPrimary), 5), tailLines(live, 5))
+	}
+	t.Logf("the new secondary replayed up to %q", replayed)
+
+	second := crashHost(t, lab.NSSecondary)
+	waitLive(t, lab.NSPrimary)
+	waitWrites(t, w, w.Acked()+50)
+	acked := w.Stop()
+	a = hostStatus(t, lab.NSPrimary)
+	if a["state"] != "unprotected" || a["epoch"].(float64) != 3 {
+		t.Fatalf("after the second failover %s is %v at epoch %v, want unprotected at 3", lab.NSPrimary, a["state"], a["epoch"])
+	}
+	check(t, acked, first)
+	gap := check(t, acked, second)
+	phases, _ := a["last_failover"].(map[string]any)
+	ms := func(k string) float64 { v, _ := phases[k].(float64); return v / 1e6 }
+	t.Logf("second failover: drain %.0fms, go-live %.0fms, client gap %.0fms",
+		ms("drain_ns"), ms("go_live_ns"), float64(gap)/float64(time.Millisecond))
+}
+
+// field is the value of key=value in a console state line.
+func field(line, key string) string {
+	for _, f := range strings.Fields(line) {
+		if v, ok := strings.CutPrefix(f, key+"="); ok {
+			return v
+		}
+	}
+	return ""
 }

@@ -52,8 +52,19 @@ type Config struct {
 	// Restore and StartPosition build a new secondary for a primary that
 	// runs alone: its VM starts from Restore, a snapshot of the primary's
 	// taken at log position StartPosition, and follows the log from there.
+	//
+	// A real VM (the qemu engine) is rebuilt from the primary's recording
+	// instead (recording.go): Restore is then a qcow2 image holding the
+	// go-live snapshot the recording started from, taken at guest
+	// instruction count RestoreIcount ("" when it started at boot), and
+	// the log it follows from StartPosition is the whole recording.
 	Restore       string `yaml:"restore"`
 	StartPosition uint64 `yaml:"start_position"`
+	RestoreIcount uint64 `yaml:"restore_icount"`
+	// TakeoverAfter is the log position a new secondary must have received
+	// before it may take over: up to there the log is what the primary
+	// ran alone, whose outputs clients have seen.
+	TakeoverAfter uint64 `yaml:"takeover_after"`
 }
 
 // VMConfig is one protected VM.
@@ -86,6 +97,10 @@ type QEMUConfig struct {
 	// execution; beyond it the primary is paused until the replay catches
 	// up. Failover takes at least as long as the lag.
 	MaxLag time.Duration `yaml:"max_lag"`
+	// KeepLogBytes caps the recording the host keeps to re-protect the VM
+	// (all the log since its recorder started); default 1 GiB. An idle
+	// guest logs about 40 KB/s.
+	KeepLogBytes int64 `yaml:"keep_log_bytes"`
 }
 
 const (
@@ -161,6 +176,9 @@ func (c *Config) validate() error {
 	}
 	if c.Restore != "" && c.Role != roleSecondary {
 		bad("restore", "only a secondary starts from a snapshot")
+	}
+	if c.TakeoverAfter < c.StartPosition && c.TakeoverAfter != 0 {
+		bad("takeover_after", "%d: before start_position %d", c.TakeoverAfter, c.StartPosition)
 	}
 	if c.Uplink == "" {
 		bad("uplink", "missing")
@@ -267,6 +285,12 @@ func (q *QEMUConfig) validate(field, ip string) []error {
 	}
 	if q.MaxLag == 0 {
 		q.MaxLag = time.Second
+	}
+	if q.KeepLogBytes == 0 {
+		q.KeepLogBytes = 1 << 30
+	}
+	if q.KeepLogBytes < 0 {
+		errs = append(errs, fmt.Errorf("%s.keep_log_bytes: %d: must not be negative", field, q.KeepLogBytes))
 	}
 	if q.MaxLag < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("%s.max_lag: %s: want at least 10ms", field, q.MaxLag))

@@ -52,17 +52,21 @@ type daemon struct {
 	// 1, and the data path's positions are byte offsets in it.
 	qemu   *qemuEngine
 	chunks chunkIndex
-	// replayLag is how far the secondary's replay trails, in ns of guest
-	// time. A secondary measures it against the log it has received; a
-	// primary against its own log so far (loggedIcount), from the icount
-	// its secondary reports (peerReplayed), and pauses the VM (throttles)
-	// while it exceeds the bound.
+	// logMu orders taking the VM's log (readQEMULog) against handing a
+	// new secondary over from catching up on the recording to the live
+	// log (startReprotect): no chunk is shipped twice or skipped.
+	logMu     sync.Mutex
+	recording *recording
+	// replayLag is how far the secondary's replay trails, in ns. A
+	// secondary measures it in guest time against the log it has
+	// received; a primary in its VM's running time (lagClock) from the
+	// icount its secondary reports (peerReplayed), and pauses the VM
+	// (throttles) while it exceeds the bound.
 	replayLag       atomic.Int64
-	loggedIcount    atomic.Uint64
+	lagClock        *lagClock
 	peerReplayed    atomic.Uint64
 	hasPeerProgress atomic.Bool
 	throttles       atomic.Uint64
-	throttled       atomic.Int64 // ns the VM spent paused by the throttle
 
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
@@ -82,6 +86,7 @@ type daemon struct {
 	hostState        hostState
 	failovers        map[string]uint64 // by cause
 	lastFailover     *failoverPhases
+	reprotecting     *reprotectStatus // the one under way, or the last one's failure
 	unprotectedSince time.Time
 	unprotectedTotal time.Duration
 }
@@ -108,11 +113,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 	}
 	g.Go(func() error { return d.readLog(ctx) })
 	if d.qemu != nil {
-		if d.state() == stateStandby {
-			g.Go(func() error { return d.reportReplayProgress(ctx) })
-		} else {
-			g.Go(func() error { return d.throttle(ctx) })
-		}
+		// A secondary reports its replay; a primary throttles on the
+		// reports. Each does nothing while its host has the other role:
+		// a secondary that goes live may be re-protected.
+		g.Go(func() error { return d.reportReplayProgress(ctx) })
+		g.Go(func() error { return d.throttle(ctx) })
 	}
 	g.Go(func() error { return d.watch(ctx) })
 	g.Go(func() error { return d.serveMetrics(ctx) })
@@ -387,6 +392,18 @@ type Status struct {
 	UnprotectedSeconds float64 `json:"unprotected_seconds"`
 	// Replay is a replaying secondary's progress (qemu engine).
 	Replay *replayProgress `json:"replay,omitempty"`
+	// Reprotect is a re-protection under way, or why the last one failed.
+	Reprotect *reprotectStatus `json:"reprotect,omitempty"`
+}
+
+// reprotectStatus: the new secondary must acknowledge the log up to
+// TakeoverAfter (and a real VM's must replay to within max_lag) before the
+// pair is protected.
+type reprotectStatus struct {
+	TakeoverAfter    uint64  `json:"takeover_after"`
+	Acked            uint64  `json:"acked"`
+	ReplayLagSeconds float64 `json:"replay_lag_seconds,omitempty"`
+	Error            string  `json:"error,omitempty"`
 }
 
 // replayProgress: the log has arrived up to LogIcount guest instructions,
@@ -403,7 +420,17 @@ func (d *daemon) status() Status {
 	s := Status{VM: d.vm.Name, Host: d.cfg.Name, State: d.state().String(), Role: vip.RoleName(rec.Role), Epoch: rec.Epoch, Head: d.dp.Head(), Acked: d.dp.Acked()}
 	d.mu.Lock()
 	s.LastFailover = d.lastFailover
+	if d.reprotecting != nil {
+		rp := *d.reprotecting
+		s.Reprotect = &rp
+	}
 	d.mu.Unlock()
+	if rp := s.Reprotect; rp != nil && rp.Error == "" {
+		rp.Acked = d.primary().Acked()
+		if lag, ok := d.peerLag(); ok {
+			rp.ReplayLagSeconds = lag.Seconds()
+		}
+	}
 	s.UnprotectedSeconds = d.unprotectedFor().Seconds()
 	if d.qemu != nil {
 		s.Replay = d.qemu.progress()

@@ -182,6 +182,15 @@ func (d *daemon) primaryLost(ctx context.Context, silent time.Duration) {
 	known := d.secondary.PeerEpoch()
 	d.log.Warn("primary failed", "silent", silent, "epoch", known, "received", d.secondary.Received())
 	d.channelStop()
+	if received := d.secondary.Received(); received < d.cfg.TakeoverAfter {
+		// A new secondary still catching up on what the primary ran
+		// alone: its copy lacks state clients have seen, so it must not
+		// serve. The VM is lost, as it was while the primary ran alone.
+		d.log.Error("not taking over: this new secondary never received the log the primary ran alone",
+			"received", received, "takeover_after", d.cfg.TakeoverAfter)
+		d.fence(known)
+		return
+	}
 	won, epoch, arbitration := d.claim(ctx, known)
 	phases := failoverPhases{Cause: causePrimaryLost, Won: won, Epoch: epoch, Detection: silent, Arbitration: arbitration}
 	start := time.Now()

@@ -30,7 +30,8 @@ const labUsage = `Usage:
   ftgw lab status [--dir DIR]    roles, log positions and guest states
   ftgw lab reprotect [--dir DIR]
       after a failover: a new secondary on the other host, built from the
-      survivor's VM at a log position, without stopping the VM
+      survivor's VM at a log position (a real VM: from its go-live snapshot
+      and its log since), without restarting the VM
   ftgw lab traffic [--requests N]
       key-value writes from ftgw-c to the VM, then the commit latency
 `

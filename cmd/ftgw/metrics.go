@@ -57,7 +57,7 @@ func newCollector(d *daemon) *collector {
 			"Phases of the last failover: detection (peer's last word to declared failed), arbitration, drain (a real VM's replay of the log it had received), go_live.", "phase"),
 		unprotected: desc("unprotected_seconds_total", "Time this host served the VM with no secondary."),
 		replayLag: desc("replay_lag_seconds",
-			"Real VMs: how far the secondary's replay trails, in guest time: on the primary, the VM's instruction count minus the one the secondary last reported replaying (what the throttle bounds); on the secondary, the log it has received minus what it has replayed."),
+			"Real VMs: how far the secondary's replay trails: on the primary, how long the VM has run since its log reached the instruction count the secondary last reported replaying (what the throttle bounds); on the secondary, in guest time, the log it has received minus what it has replayed."),
 		throttles: desc("throttle_pauses_total", "Real VMs: times the primary paused its VM because the replay lag exceeded max_lag."),
 		throttled: desc("throttled_seconds_total", "Real VMs: time the primary's VM spent paused by the lag throttle."),
 		collectionErrors: prometheus.NewDesc("ftgw_collection_errors_total",
@@ -163,7 +163,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if d.qemu != nil {
 		ch <- prometheus.MustNewConstMetric(c.replayLag, prometheus.GaugeValue, time.Duration(d.replayLag.Load()).Seconds(), vm)
 		ch <- prometheus.MustNewConstMetric(c.throttles, prometheus.CounterValue, float64(d.throttles.Load()), vm)
-		ch <- prometheus.MustNewConstMetric(c.throttled, prometheus.CounterValue, time.Duration(d.throttled.Load()).Seconds(), vm)
+		ch <- prometheus.MustNewConstMetric(c.throttled, prometheus.CounterValue, d.lagClock.frozenFor().Seconds(), vm)
 	}
 	d.mu.Lock()
 	for _, cause := range []string{causePrimaryLost, causeSecondaryLost, causeSwitchover} {

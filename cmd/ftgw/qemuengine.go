@@ -77,10 +77,13 @@ func (e *qemuEngine) StartRecord(ctx context.Context) error {
 	return e.startRecorder(ctx, "", 0, 0)
 }
 
-// recorderLog is one recorder's replay log stream and the guest
-// instruction count it starts at.
+// recorderLog is one recorder's replay log stream: the log position (byte
+// offset) it starts at, and the snapshot it starts from ("" at boot), taken
+// at guest instruction count icount.
 type recorderLog struct {
 	r      io.Reader
+	base   uint64
+	loadvm string
 	icount uint64
 }
 
@@ -106,15 +109,25 @@ func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base, ico
 		return err
 	}
 	e.setQEMU(q)
-	e.logs <- recorderLog{r: q.Log(), icount: icount}
+	e.logs <- recorderLog{r: q.Log(), base: base, loadvm: loadvm, icount: icount}
 	e.log.Info("recording", "pid", q.Pid(), "loadvm", loadvm, "log_base", base)
 	return nil
 }
 
 // StartReplay starts the replayer; it runs as the log arrives through Feed.
-func (e *qemuEngine) StartReplay(ctx context.Context) error {
+// It boots the VM, or, given image, loads the go-live snapshot in it, taken
+// at guest instruction count icount, and follows the log of the recorder
+// that started from that snapshot (re-protection).
+func (e *qemuEngine) StartReplay(ctx context.Context, image string, icount uint64) error {
 	if err := os.MkdirAll(e.dir, 0o755); err != nil {
 		return err
+	}
+	loadvm := ""
+	if image != "" {
+		if err := copyFile(image, replay.VMStatePath(e.dir)); err != nil {
+			return fmt.Errorf("restore %s: %w", image, err)
+		}
+		loadvm = goLiveSnapshot
 	}
 	fifo := filepath.Join(e.dir, "replay.fifo")
 	os.Remove(fifo)
@@ -135,7 +148,7 @@ func (e *qemuEngine) StartReplay(ctx context.Context) error {
 	qctx, cancel := context.WithCancel(ctx)
 	go func() {
 		defer t.Close()
-		q, err := replay.Start(qctx, replay.Config{Machine: e.machine(), Mode: replay.Replay, Dir: e.dir, Tap: t.File(), LogFIFO: fifo})
+		q, err := replay.Start(qctx, replay.Config{Machine: e.machine(), Mode: replay.Replay, Dir: e.dir, Tap: t.File(), LogFIFO: fifo, LoadVM: loadvm})
 		ready <- started{q, err}
 	}()
 	octx, ocancel := context.WithTimeout(ctx, 30*time.Second)
@@ -145,7 +158,12 @@ func (e *qemuEngine) StartReplay(ctx context.Context) error {
 		cancel()
 		return err
 	}
-	relay := replay.NewRelay(w, replay.StreamFraming)
+	var relay *replay.Relay
+	if loadvm != "" {
+		relay = replay.NewRelayFromSnapshot(w, icount)
+	} else {
+		relay = replay.NewRelay(w, replay.StreamFraming)
+	}
 	e.mu.Lock()
 	e.relay = relay
 	e.mu.Unlock()
@@ -158,7 +176,7 @@ func (e *qemuEngine) StartReplay(ctx context.Context) error {
 			return
 		}
 		e.setQEMU(s.q)
-		e.log.Info("replaying", "pid", s.q.Pid())
+		e.log.Info("replaying", "pid", s.q.Pid(), "loadvm", loadvm, "icount", icount)
 		fctx, fcancel := context.WithCancel(qctx)
 		e.mu.Lock()
 		e.follow = func() { fcancel(); cancel() }
@@ -393,4 +411,22 @@ func (e *qemuEngine) Stop() error {
 // position a QEMU has reached is its icount, not a frame count.
 func (e *qemuEngine) InputsConsumed() (uint64, error) {
 	return 0, errors.New("the qemu engine does not count input frames")
+}
+
+// copyFile copies src to dst, replacing it.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }

@@ -16,13 +16,12 @@ import (
 // setUpQEMU starts the real VM: recording on a primary (whose epoch it then
 // claims), replaying on a secondary.
 func (d *daemon) setUpQEMU(ctx context.Context) error {
-	if d.cfg.Restore != "" {
-		return errors.New("restore: a qemu secondary is built from the primary's log, not from a snapshot file")
-	}
 	d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
 	d.engine = d.qemu
+	d.recording = newRecording(d.qemu.dir, d.vm.QEMU.KeepLogBytes)
+	d.lagClock = newLagClock()
 	if d.cfg.Role == roleSecondary {
-		if err := d.qemu.StartReplay(ctx); err != nil {
+		if err := d.qemu.StartReplay(ctx, d.cfg.Restore, d.cfg.RestoreIcount); err != nil {
 			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 		}
 		d.setState(stateStandby)
@@ -48,15 +47,20 @@ func (d *daemon) readQEMULog(ctx context.Context) error {
 			return nil
 		case stream = <-d.qemu.logs:
 		}
-		// The primary's own view of how far its VM has run, for the
-		// throttle: the log is flushed before every transmit and every
-		// 4 KiB, so it trails the VM by little.
+		d.logMu.Lock()
+		d.lastRead.Store(stream.base)
+		d.recording.restart(stream)
+		d.logMu.Unlock()
+		// How far the VM has run, and when, for the throttle: the log is
+		// flushed before every transmit and every 4 KiB, so it trails
+		// the VM by little.
+		d.lagClock.restart(stream.icount)
 		scan := replay.NewLogScanner(replay.StreamFraming)
 		for {
 			n, err := stream.r.Read(buf)
 			if n > 0 {
 				if _, err := scan.Write(buf[:n]); err == nil {
-					d.loggedIcount.Store(stream.icount + scan.Icount())
+					d.lagClock.logged(stream.icount + scan.Icount())
 				}
 				if err := d.shipChunk(buf[:n]); err != nil {
 					return err
@@ -74,20 +78,32 @@ func (d *daemon) readQEMULog(ctx context.Context) error {
 	}
 }
 
+// shipChunk ships the next chunk of the VM's log if there is a secondary,
+// and keeps it in the recording.
 func (d *daemon) shipChunk(chunk []byte) error {
+	d.logMu.Lock()
+	defer d.logMu.Unlock()
 	end := d.lastRead.Add(uint64(len(chunk)))
-	if !d.shipping.Load() {
-		return nil
+	if d.shipping.Load() {
+		pos := d.queueChunk(end)
+		if err := d.primary().QueueLog(pos, chunk); err != nil {
+			// QEMU has gone on past this log; a secondary that misses it
+			// would diverge silently, so stop instead.
+			return fmt.Errorf("append replay log chunk %d: %w", pos, err)
+		}
+		d.primary().Flush()
 	}
-	pos := d.chunks.add(end)
-	d.ackClock.append(pos)
-	if err := d.primary().QueueLog(pos, chunk); err != nil {
-		// QEMU has gone on past this log; a secondary that misses it
-		// would diverge silently, so stop instead.
-		return fmt.Errorf("append replay log chunk %d: %w", pos, err)
-	}
-	d.primary().Flush()
+	// After the send: a reply held for this chunk does not wait on the
+	// disk.
+	d.recording.append(chunk)
 	return nil
+}
+
+// queueChunk numbers the next chunk of log, which ends at byte offset end.
+func (d *daemon) queueChunk(end uint64) (pos uint64) {
+	pos = d.chunks.add(end)
+	d.ackClock.append(pos)
+	return pos
 }
 
 // chunkIndex maps the log channel's positions (one per chunk of replay log)
@@ -98,6 +114,14 @@ type chunkIndex struct {
 	next uint64   // position of ends[0]
 	ends []uint64 // byte offset after each unacknowledged chunk
 	last uint64   // byte offset after the last acknowledged chunk
+}
+
+// restart numbers chunks from position head+1 on, for a new secondary, with
+// the log up to byte offset acked taken as acknowledged.
+func (c *chunkIndex) restart(head, acked uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.next, c.ends, c.last = head+1, nil, acked
 }
 
 // add records a chunk ending at byte offset end and returns its position.
@@ -150,49 +174,68 @@ func (d *daemon) reportReplayProgress(ctx context.Context) error {
 // more than max_lag, and lets it run again once the lag is half that: a
 // secondary that falls behind without bound would take as long to go live.
 //
-// The lag is the instruction count in the VM's log so far minus the count
-// the secondary last reported replaying. That covers all the log not yet
-// replayed, wherever it is (the network, the relay, the FIFO), and a late
-// report can only make the lag look larger: the throttle errs towards
-// pausing early, never late. The count is read from the log, not over QMP:
-// each QMP command wakes the recorder's main loop, which logs a clock
-// checkpoint that the replayer must then take too.
+// The lag is how long the VM has run since its log reached the instruction
+// count the secondary last reported replaying (lagClock). That covers all
+// the log not yet replayed, wherever it is (the network, the relay, the
+// FIFO), and a late report can only make the lag look larger: the throttle
+// errs towards pausing early, never late. The count is read from the log,
+// not over QMP: each QMP command wakes the recorder's main loop, which logs
+// a clock checkpoint that the replayer must then take too.
 func (d *daemon) throttle(ctx context.Context) error {
 	maxLag := d.vm.QEMU.MaxLag
 	tick := time.NewTicker(max(d.cfg.Heartbeat/2, time.Millisecond))
 	defer tick.Stop()
-	var pausedAt time.Time
+	paused := false
+	// A replay that stops moving while the VM is frozen has replayed all
+	// it may: it is held short of the log's end (pkg/replay/hold.go), at
+	// a point that can be a while before it in the VM's running time.
+	// Frozen, the VM would never log what lets the replay on: thaw.
+	stallAfter := 25 * d.cfg.Heartbeat
+	var replayed uint64
+	var moved time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
 		}
-		if !d.hasPeerProgress.Load() {
+		if n := d.peerReplayed.Load(); n != replayed {
+			replayed, moved = n, time.Now()
+		}
+		lag, ok := d.peerLag()
+		if !ok {
 			continue
 		}
-		own := d.loggedIcount.Load()
-		var lag time.Duration
-		if replayed := d.peerReplayed.Load(); own > replayed {
-			lag = time.Duration((own - replayed) << replay.IcountShift)
-		}
 		d.replayLag.Store(int64(lag))
-		paused := !pausedAt.IsZero()
+		// A new secondary catching up on the recording is throttled too
+		// (reprotectRecording): without it, it would trail by all the
+		// time the VM ran alone, for good.
 		switch {
 		case !paused && d.shipping.Load() && lag > maxLag:
 			if err := d.qemu.Pause(true); err != nil {
 				d.log.Warn("throttle: pause the vm", "err", err)
 				continue
 			}
-			pausedAt = time.Now()
+			d.lagClock.freeze()
+			paused = true
 			d.throttles.Add(1)
-		case paused && (lag < maxLag/2 || !d.shipping.Load()):
+		case paused && (lag < maxLag/2 || !d.shipping.Load() || time.Since(moved) >= stallAfter):
 			if err := d.qemu.Pause(false); err != nil {
 				d.log.Warn("throttle: resume the vm", "err", err)
 				continue
 			}
-			d.throttled.Add(int64(time.Since(pausedAt)))
-			pausedAt = time.Time{}
+			d.lagClock.thaw()
+			paused = false
 		}
 	}
+}
+
+// peerLag is how far the secondary's replay trails this primary's VM, in
+// the VM's running time (lagClock), from the secondary's last progress
+// report; ok is false until there is one.
+func (d *daemon) peerLag() (lag time.Duration, ok bool) {
+	if !d.hasPeerProgress.Load() {
+		return 0, false
+	}
+	return d.lagClock.behind(d.peerReplayed.Load()), true
 }

@@ -24,7 +24,8 @@ const causeSwitchover = "switchover"
 
 // waitUntil polls cond every millisecond until it holds, for at most d.
 func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (bool, error)) error {
-	deadline := time.Now().Add(d)
+	start := time.Now()
+	deadline := start.Add(d)
 	for {
 		ok, err := cond()
 		if err != nil {
@@ -36,7 +37,9 @@ func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (b
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return fmt.Errorf("timed out waiting for %s", what)
 		}
-		time.Sleep(time.Millisecond)
+		// Fine-grained for the short waits it times, coarser for long
+		// ones (a real VM's re-protection) so polling costs little.
+		time.Sleep(min(max(time.Since(start)/50, time.Millisecond), 50*time.Millisecond))
 	}
 }
 

@@ -1,0 +1,81 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"strings"
+	"testing"
+)
+
+// The recording keeps one recorder's log; a new recorder starts it afresh,
+// and past its cap it is dropped, with an error that says why, rather than
+// kept in part.
+func TestRecording(t *testing.T) {
+	r := newRecording(t.TempDir(), 10)
+	if _, err := r.reader(); err == nil {
+		t.Fatal("a recording before any recorder started can be read")
+	}
+	r.restart(recorderLog{base: 100, loadvm: goLiveSnapshot, icount: 7})
+	r.append([]byte("abcd"))
+	r.append([]byte("efg"))
+	f, err := r.reader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	got, err := readChunk(f, buf, 0, r.size)
+	if err != nil || string(got) != "abcd" {
+		t.Fatalf("first chunk %q, %v", got, err)
+	}
+	got, err = readChunk(f, buf, 4, r.size)
+	if err != nil || string(got) != "efg" {
+		t.Fatalf("second chunk %q, %v", got, err)
+	}
+	if got, err = readChunk(f, buf, 7, r.size); err != nil || len(got) != 0 {
+		t.Fatalf("at the end: %q, %v", got, err)
+	}
+	f.Close()
+	if r.from.base != 100 || r.from.icount != 7 {
+		t.Fatalf("the recording starts at %+v", r.from)
+	}
+
+	r.restart(recorderLog{base: 200})
+	r.append([]byte("xy"))
+	if raw, _ := os.ReadFile(r.path); !bytes.Equal(raw, []byte("xy")) {
+		t.Fatalf("after restart the file holds %q, want the new recorder's log only", raw)
+	}
+
+	r.append([]byte("123456789")) // 11 bytes in all, over the cap of 10
+	if _, err := r.reader(); err == nil || !strings.Contains(err.Error(), "keep_log_bytes") {
+		t.Fatalf("past the cap: %v, want an error naming keep_log_bytes", err)
+	}
+	if _, err := os.Stat(r.path); !os.IsNotExist(err) {
+		t.Fatalf("the partial recording is still on disk: %v", err)
+	}
+	r.append([]byte("z")) // ignored: no recording to add to
+	if r.size != 2 {
+		t.Fatalf("size %d after the recording was dropped", r.size)
+	}
+}
+
+// Chunk positions go on from a new channel's start head, and acks map back
+// to the byte offsets the chunks end at.
+func TestChunkIndexRestart(t *testing.T) {
+	var c chunkIndex
+	c.add(10)
+	c.add(20) // unacked when the old secondary failed
+	c.restart(5, 30)
+	if got := c.acked(0); got != 30 {
+		t.Fatalf("acked before any new ack: %d, want the offset released at restart (30)", got)
+	}
+	if pos := c.add(40); pos != 6 {
+		t.Fatalf("first new chunk at position %d, want 6", pos)
+	}
+	c.add(50)
+	if got := c.acked(6); got != 40 {
+		t.Fatalf("acked 6: offset %d, want 40", got)
+	}
+	if got := c.acked(7); got != 50 {
+		t.Fatalf("acked 7: offset %d, want 50", got)
+	}
+}
