@@ -34,9 +34,10 @@ type daemon struct {
 	uplink *net.Interface
 	tap    *net.Interface
 
-	dp     *datapath.Datapath
-	owner  *vip.Owner
-	engine Engine
+	dp        *datapath.Datapath
+	owner     *vip.Owner
+	engine    Engine
+	synthetic *syntheticEngine // the engine, for the synthetic guest
 
 	// Primary side.
 	hold       *outputcommit.HoldQueue
@@ -194,7 +195,8 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	if d.vm.Engine == engineQEMU {
 		return d.setUpQEMU(ctx)
 	}
-	d.engine = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.cfg.Restore, d.log)
+	d.synthetic = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.cfg.Restore, d.log)
+	d.engine = d.synthetic
 	if d.cfg.Restore != "" {
 		// The snapshot's frame count is where this guest starts; log
 		// positions after StartPosition come on top of it.
@@ -204,7 +206,7 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		}
 		d.inputBase.Store(consumed - d.cfg.StartPosition)
 	}
-	if err := d.engine.Start(); err != nil {
+	if err := d.synthetic.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
 	if d.cfg.Role == roleSecondary {

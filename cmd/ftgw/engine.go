@@ -13,17 +13,14 @@ import (
 	"github.com/ftgw/ftgw/pkg/guest"
 )
 
-// Engine runs the protected VM on its tap: the synthetic guest here, QEMU
-// record/replay later. The data path is attached before Start, so none of the
-// VM's frames escape the Output Rule.
+// Engine runs the protected VM on its tap: the synthetic guest
+// (syntheticEngine) or a real VM under QEMU record/replay (qemuEngine).
+// Each is started its own way, after the data path is attached, so none of
+// the VM's frames escape the Output Rule.
 type Engine interface {
-	Start() error
 	// Wait returns when the VM has stopped.
 	Wait() error
 	Stop() error
-	// InputsConsumed is how many input frames the VM has taken in and
-	// answered: the log position it has reached.
-	InputsConsumed() (uint64, error)
 }
 
 // syntheticEngine runs `ftgw guest` as a child process that owns the tap the
@@ -112,8 +109,9 @@ func (e *syntheticEngine) Stop() error {
 	return nil
 }
 
-// InputsConsumed asks the guest between frames, so every reply to a frame it
-// counts has been written to the tap.
+// InputsConsumed is how many input frames the guest has taken in and
+// answered: the log position it has reached. It asks the guest between
+// frames, so every reply to a frame it counts has been written to the tap.
 func (e *syntheticEngine) InputsConsumed() (uint64, error) {
 	st, err := guest.QueryState(e.control)
 	if err != nil {

@@ -381,9 +381,6 @@ func (e *qemuEngine) finish(err error) {
 	})
 }
 
-// Start is unused: the daemon starts a QEMU engine by its role.
-func (e *qemuEngine) Start() error { return errors.New("qemu engine: use StartRecord or StartReplay") }
-
 func (e *qemuEngine) Wait() error {
 	<-e.done
 	return e.err
@@ -405,12 +402,6 @@ func (e *qemuEngine) Stop() error {
 	}
 	e.finish(nil)
 	return nil
-}
-
-// InputsConsumed has no meaning for a VM that logs its own input: the log
-// position a QEMU has reached is its icount, not a frame count.
-func (e *qemuEngine) InputsConsumed() (uint64, error) {
-	return 0, errors.New("the qemu engine does not count input frames")
 }
 
 // copyFile copies src to dst, replacing it.

@@ -59,7 +59,7 @@ func snapshotFrames(path string) (uint64, error) {
 
 // consumedPosition is the log position the guest has reached.
 func (d *daemon) consumedPosition() (uint64, error) {
-	n, err := d.engine.InputsConsumed()
+	n, err := d.synthetic.InputsConsumed()
 	return n - d.inputBase.Load(), err
 }
 
