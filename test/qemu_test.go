@@ -299,16 +299,7 @@ func TestRealVMReprotectionThenASecondFailoverLosesNothing(t *testing.T) {
 	first := crashHost(t, lab.NSPrimary)
 	waitLive(t, lab.NSSecondary)
 	waitWrites(t, w, w.Acked()+50) // served alone
-	frozen := func() float64 {
-		return value(t, scrape(t, lab.NSSecondary), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
-	}
-	frozenBefore := frozen()
-	out := ftgw(t, "lab", "reprotect", "--dir", labDir)
-	t.Log(strings.TrimSpace(out))
-	// The new secondary replays the recording no faster than the VM ran
-	// alone (QEMU replays idle time in real time): the throttle pauses
-	// the VM until it has caught up.
-	t.Logf("the throttle paused the VM for %.3fs while the new secondary caught up", frozen()-frozenBefore)
+	reprotectQEMU(t, lab.NSSecondary)
 	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
 	if b["state"] != "protected" || a["state"] != "standby" {
 		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
@@ -356,4 +347,52 @@ func field(line, key string) string {
 		}
 	}
 	return ""
+}
+
+// When the secondary's host dies, the primary goes on alone with the
+// recorder it booted with; its new secondary boots the VM too and replays
+// the whole recording since boot. The pair then fails over to it with
+// every acknowledged write.
+func TestRealVMReprotectionFromBootAfterTheSecondaryIsLost(t *testing.T) {
+	qemuPairUp(t)
+	w := startWriter(t, 500*time.Millisecond)
+	waitWrites(t, w, 30)
+	crashHost(t, lab.NSSecondary)
+	waitFor(t, time.Minute, "the primary to go on alone", func() bool {
+		s, err := tryHostStatus(lab.NSPrimary)
+		return err == nil && s["state"] == "unprotected"
+	})
+	waitWrites(t, w, w.Acked()+30)
+	reprotectQEMU(t, lab.NSPrimary)
+	if a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary); a["state"] != "protected" || b["state"] != "standby" {
+		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+	}
+	waitWrites(t, w, w.Acked()+30)
+	puts, _ := strconv.Atoi(field(lastState(console(t, lab.NSPrimary)), "puts"))
+	waitFor(t, time.Minute, fmt.Sprintf("the new secondary to replay %d PUTs", puts), func() bool {
+		replayed, _ := strconv.Atoi(field(lastState(console(t, lab.NSSecondary)), "puts"))
+		return replayed >= puts
+	})
+	if a, b := console(t, lab.NSPrimary), console(t, lab.NSSecondary); !strings.HasPrefix(a, b) {
+		t.Fatalf("the new secondary's console is not the primary's:\nnew secondary:\n%s\nprimary:\n%s", tailLines(b, 5), tailLines(a, 5))
+	}
+
+	killed := crashHost(t, lab.NSPrimary)
+	waitLive(t, lab.NSSecondary)
+	waitWrites(t, w, w.Acked()+30)
+	check(t, w.Stop(), killed)
+}
+
+// reprotectQEMU runs `ftgw lab reprotect` for the real VM served alone in
+// survivor and logs how long the throttle paused it meanwhile: the new
+// secondary replays the recording no faster than the VM ran alone (QEMU
+// replays idle time in real time), so the VM waits for it to catch up.
+func reprotectQEMU(t *testing.T, survivor string) {
+	t.Helper()
+	frozen := func() float64 {
+		return value(t, scrape(t, survivor), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
+	}
+	before := frozen()
+	t.Log(strings.TrimSpace(ftgw(t, "lab", "reprotect", "--dir", labDir)))
+	t.Logf("the throttle paused the VM for %.3fs while the new secondary caught up", frozen()-before)
 }
