@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../bpf/gateway.h"
@@ -192,13 +193,58 @@ FILE *fopen(const char *path, const char *mode)
 	return is_log(path, mode) ? open_log() : real_fopen(path, mode);
 }
 
+/* What the flushes cost, reported at exit: how many there were, how many
+ * found log bytes to send, the time spent in them, and how that time is
+ * spread (flush_log2[i] counts flushes of 2^i to 2^(i+1) ns). */
+static uint64_t flushes, flushes_sent, flush_ns, flush_log2[64];
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* Everything recorded so far reaches the pipe (and the head) before the
  * frame reaches the tap. fflush takes the stream's lock, so a vCPU thread
  * appending events meanwhile is not torn. */
 static void flush_before_tap(int fd)
 {
-	if (fd == tap_fd && replay_log && fflush(replay_log) != 0)
+	if (fd != tap_fd || !replay_log)
+		return;
+	uint64_t before = sent, start = now_ns();
+	if (fflush(replay_log) != 0)
 		die("flush the replay log");
+	/* Tap writes come from one thread at a time (QEMU's lock), so
+	 * plain counters do. */
+	uint64_t took = now_ns() - start;
+	flush_ns += took;
+	flush_log2[took ? 63 - __builtin_clzll(took) : 0]++;
+	flushes++;
+	if (sent != before)
+		flushes_sent++;
+}
+
+/* The time under which a share of the flushes took (to a power of two). */
+static uint64_t flush_quantile(double q)
+{
+	uint64_t seen = 0;
+	for (int i = 0; i < 64; i++) {
+		seen += flush_log2[i];
+		if (seen >= q * flushes)
+			return 2ull << i;
+	}
+	return 0;
+}
+
+__attribute__((destructor)) static void report_flushes(void)
+{
+	if (flushes)
+		fprintf(stderr, "ftgw-rr: %" PRIu64 " flushes before tap writes, %" PRIu64
+			" of them sent log bytes; %" PRIu64 " ns in all, mean %" PRIu64
+			" ns, p50 < %" PRIu64 " ns, p99 < %" PRIu64 " ns\n",
+			flushes, flushes_sent, flush_ns, flush_ns / flushes,
+			flush_quantile(0.5), flush_quantile(0.99));
 }
 
 ssize_t write(int fd, const void *buf, size_t n)
