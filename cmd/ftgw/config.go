@@ -101,6 +101,11 @@ type QEMUConfig struct {
 	// (all the log since its recorder started); default 1 GiB. An idle
 	// guest logs about 40 KB/s.
 	KeepLogBytes int64 `yaml:"keep_log_bytes"`
+	// MaxCatchUp refuses to re-protect a VM whose recorder has run longer
+	// than this (default 1m): a new secondary replays the whole recording,
+	// about as long as it took, and the throttle pauses the VM until it
+	// has caught up.
+	MaxCatchUp time.Duration `yaml:"max_catch_up"`
 }
 
 const (
@@ -285,6 +290,12 @@ func (q *QEMUConfig) validate(field, ip string) []error {
 	}
 	if q.MaxLag == 0 {
 		q.MaxLag = time.Second
+	}
+	if q.MaxCatchUp == 0 {
+		q.MaxCatchUp = time.Minute
+	}
+	if q.MaxCatchUp < 0 {
+		errs = append(errs, fmt.Errorf("%s.max_catch_up: %s: must not be negative", field, q.MaxCatchUp))
 	}
 	if q.KeepLogBytes == 0 {
 		q.KeepLogBytes = 1 << 30

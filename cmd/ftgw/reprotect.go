@@ -185,6 +185,10 @@ func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Reco
 func (d *daemon) reprotectRecording(peer string) (snapshotReply, error) {
 	rec := d.owner.Current()
 	reply := snapshotReply{Epoch: rec.Epoch}
+	if ran, limit := d.lagClock.recorderRan(), d.vm.QEMU.MaxCatchUp; ran > limit {
+		return reply, fmt.Errorf("reprotect: the VM's recorder has run %s, and a new secondary would replay all of it while the VM waits: more than qemu.max_catch_up (%s); raise it, or restart the pair when the VM may pause",
+			ran.Round(time.Second), limit)
+	}
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
 	r := d.recording
