@@ -69,7 +69,7 @@ func waitForwarded(t *testing.T, r *Relay, icount uint64) Position {
 // Chunks cut anywhere: what reaches the writer is the version header and
 // then whole events only, and Forwarded says how many and what icount.
 func TestRelayForwardsWholeEvents(t *testing.T) {
-	evs := everyEvent()
+	evs := relayedEvents()
 	log, want := joinEvents(evs)
 	stream := append(bytes.Clone(log), StreamHeader...) // the recorder's trailer
 	seed := uint64(time.Now().UnixNano())
@@ -110,6 +110,41 @@ func TestRelayForwardsWholeEvents(t *testing.T) {
 		}
 		if !r.Ended() {
 			t.Error("relay did not see END")
+		}
+	}
+}
+
+// relayedEvents is every event a relay forwards: all but the host's
+// shutdowns.
+func relayedEvents() []logEvent {
+	return slices.DeleteFunc(everyEvent(), func(e logEvent) bool { return hostShutdown(e.kind) })
+}
+
+// The relay leaves out the shutdowns the recorder's host caused (a
+// replayer would quit on them) and forwards everything else, the guest's
+// own shutdowns and resets included, whatever the cuts.
+func TestRelayLeavesOutHostShutdowns(t *testing.T) {
+	all, _ := joinEvents(everyEvent())
+	want, _ := joinEvents(relayedEvents())
+	if len(all)-len(want) != 4 {
+		t.Fatalf("everyEvent has %d bytes of host shutdowns, want 4 one-byte events", len(all)-len(want))
+	}
+	for _, cut := range []int{1, 2, 7, 300} {
+		var out syncBuffer
+		r := NewRelay(&out, StreamFraming)
+		for p := all; len(p) > 0; p = p[min(cut, len(p)):] {
+			if _, err := r.Write(p[:min(cut, len(p))]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if got := out.Bytes(); !bytes.Equal(got, append(bytes.Clone(StreamHeader), want...)) {
+			t.Fatalf("cuts of %d: the writer got %d bytes, want header + %d bytes without the host shutdowns", cut, len(got), len(want))
+		}
+		if fwd := r.Forwarded(); fwd.Bytes != int64(len(want)) {
+			t.Fatalf("cuts of %d: forwarded %d bytes, want %d", cut, fwd.Bytes, len(want))
 		}
 	}
 }
@@ -159,7 +194,7 @@ func TestRelayTailInput(t *testing.T) {
 // Forwarded moves only in whole events, to the boundary the fed bytes
 // reach, and only once the writer has taken them.
 func TestRelayForwardedFollowsWriter(t *testing.T) {
-	log, want := joinEvents(everyEvent())
+	log, want := joinEvents(relayedEvents())
 	g := &gateWriter{gate: make(chan struct{})}
 	r := NewRelay(g, StreamFraming)
 	defer r.Close()
@@ -238,7 +273,7 @@ func TestRelayErrors(t *testing.T) {
 // A regular file's 12-byte header is not forwarded; the replayer gets the
 // 4-byte one.
 func TestRelayFileFraming(t *testing.T) {
-	log, want := joinEvents(everyEvent())
+	log, want := joinEvents(relayedEvents())
 	file := append(append(be32(Version), make([]byte, 8)...), log...)
 	var out syncBuffer
 	r := NewRelay(&out, FileFraming)
@@ -280,7 +315,7 @@ func TestFIFO(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	log, want := joinEvents(everyEvent())
+	log, want := joinEvents(relayedEvents())
 	r := NewRelay(w, StreamFraming)
 	r.Write(log)
 	waitForwarded(t, r, want[len(want)-1].icount)
