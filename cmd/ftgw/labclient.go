@@ -111,15 +111,10 @@ func fetchSnapshotImage(dir, ns, dst string) (icount uint64, ok bool, err error)
 	if icount, err = strconv.ParseUint(resp.Header.Get(snapshotIcountHeader), 10, 64); err != nil {
 		return 0, false, fmt.Errorf("%s: snapshot image without its icount: %w", ns, err)
 	}
-	f, err := os.Create(dst)
-	if err != nil {
-		return 0, false, err
-	}
-	if _, err := io.Copy(f, resp.Body); err != nil {
-		f.Close()
+	if err := writeFile(dst, resp.Body); err != nil {
 		return 0, false, fmt.Errorf("%s: fetch the snapshot image: %w", ns, err)
 	}
-	return icount, true, f.Close()
+	return icount, true, nil
 }
 
 // labGuestState is the state of a host's copy of the VM: the synthetic

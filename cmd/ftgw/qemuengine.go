@@ -411,11 +411,16 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	defer in.Close()
+	return writeFile(dst, in)
+}
+
+// writeFile writes what r holds to dst, replacing it.
+func writeFile(dst string, r io.Reader) error {
 	out, err := os.Create(dst)
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(out, in); err != nil {
+	if _, err := io.Copy(out, r); err != nil {
 		out.Close()
 		return err
 	}
