@@ -56,14 +56,18 @@ func qemuPairUp(t *testing.T, extra ...string) {
 	waitFor(t, time.Minute, "the secondary to replay the guest's boot", func() bool {
 		return strings.Contains(console(t, lab.NSSecondary), "ftgw-init ready")
 	})
-	frozen := func() float64 {
-		return value(t, scrape(t, lab.NSPrimary), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
-	}
 	waitFor(t, time.Minute, "the throttle to let the primary's VM run", func() bool {
-		before := frozen()
+		before := throttledSeconds(t, lab.NSPrimary)
 		time.Sleep(300 * time.Millisecond)
-		return frozen()-before < 0.01
+		return throttledSeconds(t, lab.NSPrimary)-before < 0.01
 	})
+}
+
+// throttledSeconds is how long the throttle has kept the VM on host ns
+// frozen, in all.
+func throttledSeconds(t *testing.T, ns string) float64 {
+	t.Helper()
+	return value(t, scrape(t, ns), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
 }
 
 // console is a host's copy of the VM's serial console: cmd/ftgw-init prints
@@ -393,10 +397,7 @@ func TestRealVMReprotectionFromBootAfterTheSecondaryIsLost(t *testing.T) {
 // replays idle time in real time), so the VM waits for it to catch up.
 func reprotectQEMU(t *testing.T, survivor string) {
 	t.Helper()
-	frozen := func() float64 {
-		return value(t, scrape(t, survivor), "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
-	}
-	before := frozen()
+	before := throttledSeconds(t, survivor)
 	t.Log(strings.TrimSpace(ftgw(t, "lab", "reprotect", "--dir", labDir)))
-	t.Logf("the throttle paused the VM for %.3fs while the new secondary caught up", frozen()-before)
+	t.Logf("the throttle paused the VM for %.3fs while the new secondary caught up", throttledSeconds(t, survivor)-before)
 }
