@@ -2,6 +2,7 @@ package main
 
 import (
 	"sync"
+	"time"
 
 	"github.com/ftgw/ftgw/pkg/datapath"
 )
@@ -60,4 +61,19 @@ func (l *lockedHistogram) snapshot() datapath.LatencyHistogram {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.h
+}
+
+// oldestPending is how long the oldest log position not yet acknowledged
+// (acked+1) has waited, 0 if every position appended is acknowledged.
+func (c *ackClock) oldestPending(acked uint64) time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if acked >= c.head {
+		return 0
+	}
+	window := uint64(len(c.appended))
+	if c.head-acked > window {
+		acked = c.head - window // older than the clock remembers: as old as it can tell
+	}
+	return time.Duration(datapath.MonotonicNs() - c.appended[(acked+1)%window])
 }

@@ -18,7 +18,10 @@ import (
 type Config struct {
 	// Name of this host, as the arbiter records the VM's owner.
 	Name string `yaml:"name"`
-	// Role of this host at start: primary (active) or secondary (standby).
+	// Role of this host on the VM's first boot: the primary boots it and
+	// serves, the secondary boots its copy and follows. Later starts join
+	// whichever host owns the VM then (the arbiter says), whatever this
+	// says: a restarted host's copy is fresh.
 	Role string `yaml:"role"`
 	// Uplink is the host's interface towards the VM's clients.
 	Uplink string `yaml:"uplink"`
@@ -49,22 +52,22 @@ type Config struct {
 	LogRingBytes int `yaml:"log_ring_bytes"`
 	// StateDir holds the guest's control socket.
 	StateDir string `yaml:"state_dir"`
-	// Restore and StartPosition build a new secondary for a primary that
-	// runs alone: its VM starts from Restore, a snapshot of the primary's
-	// taken at log position StartPosition, and follows the log from there.
-	//
-	// A real VM (the qemu engine) is rebuilt from the primary's recording
-	// instead (recording.go): Restore is then a qcow2 image holding the
-	// go-live snapshot the recording started from, taken at guest
-	// instruction count RestoreIcount ("" when it started at boot), and
-	// the log it follows from StartPosition is the whole recording.
-	Restore       string `yaml:"restore"`
-	StartPosition uint64 `yaml:"start_position"`
-	RestoreIcount uint64 `yaml:"restore_icount"`
+	// Restore, StartPosition, RestoreIcount, Incarnation and
+	// TakeoverAfter are written by `ftgw lab reprotect` for a real VM's
+	// new secondary (the qemu engine; a synthetic VM is rebuilt over the
+	// log channel). It replays the survivor's recording (recording.go):
+	// Restore is a qcow2 image holding the go-live snapshot the recording
+	// started from, taken at guest instruction count RestoreIcount, or
+	// "boot" when it started at boot; the log it follows, incarnation
+	// Incarnation, goes on from StartPosition.
+	Restore       string `yaml:"restore,omitempty"`
+	StartPosition uint64 `yaml:"start_position,omitempty"`
+	RestoreIcount uint64 `yaml:"restore_icount,omitempty"`
+	Incarnation   uint64 `yaml:"incarnation,omitempty"`
 	// TakeoverAfter is the log position a new secondary must have received
 	// before it may take over: up to there the log is what the primary
 	// ran alone, whose outputs clients have seen.
-	TakeoverAfter uint64 `yaml:"takeover_after"`
+	TakeoverAfter uint64 `yaml:"takeover_after,omitempty"`
 }
 
 // VMConfig is one protected VM.
@@ -113,11 +116,13 @@ const (
 	engineQEMU      = "qemu"
 )
 
-// PeerConfig is the log channel between the hosts.
+// PeerConfig is the log channel between the hosts. Either host may serve
+// the VM, so each needs both ends: it dials the peer while it serves and
+// accepts it while it follows.
 type PeerConfig struct {
-	// Address the primary dials.
+	// Address is the peer's log channel: where this host dials it.
 	Address string `yaml:"address"`
-	// Listen is where the secondary accepts the primary.
+	// Listen is this host's: where it accepts the peer.
 	Listen string `yaml:"listen"`
 	CA     string `yaml:"ca"`
 	Cert   string `yaml:"cert"`
@@ -168,19 +173,22 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
 	}
 	switch c.Role {
-	case rolePrimary:
-		if _, _, err := net.SplitHostPort(c.Peer.Address); err != nil {
-			bad("peer.address", "a primary needs host:port of its secondary (%v)", err)
-		}
-	case roleSecondary:
-		if _, _, err := net.SplitHostPort(c.Peer.Listen); err != nil {
-			bad("peer.listen", "a secondary needs host:port to accept its primary on (%v)", err)
-		}
+	case rolePrimary, roleSecondary:
 	default:
 		bad("role", "%q: want %q or %q", c.Role, rolePrimary, roleSecondary)
 	}
-	if c.Restore != "" && c.Role != roleSecondary {
-		bad("restore", "only a secondary starts from a snapshot")
+	if _, _, err := net.SplitHostPort(c.Peer.Address); err != nil {
+		bad("peer.address", "%q: want host:port of the peer's log channel, which this host dials while it serves (%v)", c.Peer.Address, err)
+	}
+	if _, _, err := net.SplitHostPort(c.Peer.Listen); err != nil {
+		bad("peer.listen", "%q: want host:port this host accepts its peer on while it follows (%v)", c.Peer.Listen, err)
+	}
+	if c.Restore != "" {
+		if len(c.VMs) == 1 && c.VMs[0].Engine != engineQEMU {
+			bad("restore", "only a real VM (engine qemu) starts from a restore image; a synthetic one is rebuilt over the log channel")
+		} else if _, err := os.Stat(c.Restore); err != nil && c.Restore != bootImage {
+			bad("restore", "%v", err)
+		}
 	}
 	if c.TakeoverAfter < c.StartPosition && c.TakeoverAfter != 0 {
 		bad("takeover_after", "%d: before start_position %d", c.TakeoverAfter, c.StartPosition)

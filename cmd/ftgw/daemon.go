@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -23,10 +24,12 @@ import (
 	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 	"github.com/ftgw/ftgw/pkg/outputcommit"
+	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/vip"
 )
 
-// daemon is one host's side of one protected VM.
+// daemon is one host's side of one protected VM. Where the host stands for
+// the VM is its lifecycle (life, pkg/protect); lifecycle.go moves it.
 type daemon struct {
 	cfg    Config
 	vm     VMConfig
@@ -34,19 +37,38 @@ type daemon struct {
 	uplink *net.Interface
 	tap    *net.Interface
 
-	dp        *datapath.Datapath
-	owner     *vip.Owner
-	engine    Engine
-	synthetic *syntheticEngine // the engine, for the synthetic guest
+	dp    *datapath.Datapath
+	owner *vip.Owner
+	arb   arbiter.Arbiter
+	life  *protect.Machine
+	// lifeMu serializes the transitions that rewire the log channel and
+	// the engine: a failover, a re-protection, a switchover, a rejoin.
+	lifeMu sync.Mutex
 
-	// Primary side.
+	// The VM's engine: the synthetic guest (replaced when a snapshot
+	// rebuilds it) or a real VM under QEMU record/replay.
+	engineMu  sync.Mutex
+	engine    Engine
+	synthetic *syntheticEngine
+
+	// Serving side.
 	hold       *outputcommit.HoldQueue
 	primaryPtr atomic.Pointer[lockstep.Primary] // replaced on re-protection
 	ackClock   ackClock
 	shipDelay  lockedHistogram
-	// Secondary side.
-	secondary *lockstep.Secondary
-	feeder    *guestFeeder
+	// reprotectAt is the log position a new secondary was rebuilt at: the
+	// pair is protected once it has acknowledged it.
+	reprotectAt atomic.Uint64
+	// Following side.
+	secondaryPtr atomic.Pointer[lockstep.Secondary]
+	feeder       *guestFeeder
+
+	// incarnation names the log this host writes or follows (lockstep's
+	// Hello): drawn when its VM's log starts afresh (first boot, go-live),
+	// adopted from the primary when following it. fromBoot: the log's
+	// position 0 is the VM's boot.
+	incarnation atomic.Uint64
+	fromBoot    atomic.Bool
 
 	// The qemu engine (nil for the synthetic guest) logs the VM's input
 	// itself: the log is its replay log, shipped in chunks numbered from
@@ -76,41 +98,38 @@ type daemon struct {
 	inputBase atomic.Uint64
 	lastRead  atomic.Uint64 // the last log position readLog took from the ring
 
-	// Failover.
-	arb         arbiter.Arbiter
-	stopChannel context.CancelFunc // ends the log channel's Run
-	runCtx      context.Context    // and group: for what starts after start-up
-	group       *errgroup.Group
-	shipping    atomic.Bool // the log goes to the secondary (protected)
+	runCtx   context.Context // and group: for what starts after start-up
+	group    *errgroup.Group
+	shipping atomic.Bool // the log goes to a secondary
 
-	mu               sync.Mutex
-	hostState        hostState
-	failovers        map[string]uint64 // by cause
-	lastFailover     *failoverPhases
-	reprotecting     *reprotectStatus // the one under way, or the last one's failure
-	unprotectedSince time.Time
-	unprotectedTotal time.Duration
+	mu           sync.Mutex
+	channel      *logChannel       // the one running, or nil
+	failovers    map[string]uint64 // by cause
+	lastFailover *failoverPhases
+	reprotecting *reprotectStatus // the one under way, or the last one's failure
+}
+
+// logChannel is one run of a log channel, to a primary or a secondary.
+type logChannel struct {
+	stop context.CancelFunc
+	done chan struct{}
 }
 
 // run serves cfg until ctx is done.
 func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err error) {
 	d := &daemon{cfg: cfg, vm: cfg.VMs[0], log: log.With("vm", cfg.VMs[0].Name), failovers: map[string]uint64{}}
 	defer func() { err = errors.Join(err, d.close()) }()
+	d.life = protect.NewMachine(nil, func(from, to protect.State, ev protect.Event) {
+		d.log.Info("lifecycle", "from", from.String(), "event", ev.String(), "to", to.String())
+	})
 
-	if err := d.setUp(ctx, verbose); err != nil {
-		return err
-	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
 	d.runCtx, d.group = ctx, g
-	channelCtx, stopChannel := context.WithCancel(ctx)
-	d.stopChannel = stopChannel
-	defer func() { d.channelStop() }()
-	switch d.state() {
-	case stateProtected:
-		g.Go(func() error { return d.hold.Run(ctx) })
-		g.Go(func() error { return d.primary().Run(channelCtx) })
-	case stateStandby:
-		g.Go(func() error { return d.secondary.Run(channelCtx) })
+	if err := d.setUp(ctx, verbose); err != nil {
+		cancel()
+		return errors.Join(err, ignoreCanceled(g.Wait()))
 	}
 	g.Go(func() error { return d.readLog(ctx) })
 	if d.qemu != nil {
@@ -123,16 +142,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 	g.Go(func() error { return d.watch(ctx) })
 	g.Go(func() error { return d.serveMetrics(ctx) })
 	g.Go(func() error { return d.serveControl(ctx) })
-	g.Go(func() error {
-		// The VM's engine ending is the end of this daemon's job.
-		if err := d.engine.Wait(); err != nil && ctx.Err() == nil {
-			return fmt.Errorf("vm engine: %w", err)
-		}
-		return nil
-	})
-	d.log.Info("serving", "role", cfg.Role, "uplink", cfg.Uplink, "tap", d.vm.Tap, "metrics", cfg.Metrics)
+	d.log.Info("serving", "state", d.state().String(), "first_boot_role", cfg.Role, "uplink", cfg.Uplink, "tap", d.vm.Tap, "metrics", cfg.Metrics)
 	<-ctx.Done()
-	d.engine.Stop()
+	d.channelStop()
+	if e := d.currentEngine(); e != nil {
+		e.Stop()
+	}
 	return ignoreCanceled(g.Wait())
 }
 
@@ -178,60 +193,155 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	if err := d.dp.Attach(d.uplink, d.tap); err != nil {
 		return err
 	}
-
-	if d.cfg.Role == rolePrimary {
-		d.hold, err = outputcommit.Open(d.dp, outputcommit.Config{
-			Tap: d.tap, Uplink: d.uplink, Capacity: d.cfg.HoldCapacity, Logger: d.log,
-		})
-		if err != nil {
-			return err
-		}
-	} else if d.vm.Engine == engineSynthetic {
-		if d.feeder, err = newGuestFeeder(d.tap); err != nil {
-			return err
-		}
-	}
-
 	if d.vm.Engine == engineQEMU {
-		return d.setUpQEMU(ctx)
+		d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
+		d.recording = newRecording(d.qemu.dir, d.vm.QEMU.KeepLogBytes)
+		d.lagClock = newLagClock()
 	}
-	d.synthetic = newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), d.cfg.Restore, d.log)
-	d.engine = d.synthetic
-	if d.cfg.Restore != "" {
-		// The snapshot's frame count is where this guest starts; log
-		// positions after StartPosition come on top of it.
-		consumed, err := snapshotFrames(d.cfg.Restore)
-		if err != nil {
-			return err
-		}
-		d.inputBase.Store(consumed - d.cfg.StartPosition)
-	}
-	if err := d.synthetic.Start(); err != nil {
-		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-	}
-	if d.cfg.Role == roleSecondary {
-		d.setState(stateStandby)
-		return d.newSecondary()
-	}
-	return d.startPrimary(ctx)
-}
 
-// startPrimary claims the VM's epoch and serves it, protected, or stays
-// passive if another host owns it now.
-func (d *daemon) startPrimary(ctx context.Context) error {
-	epoch, passive, err := d.startEpoch(ctx)
+	ev, epoch, err := d.start(ctx)
 	if err != nil {
 		return err
 	}
-	if passive {
-		d.setState(statePassive)
-		return d.publish(vip.RoleStandby, epoch)
+	switch ev {
+	case protect.BootPrimary:
+		return d.bootPrimary(ctx, epoch)
+	case protect.BootSecondary:
+		return d.bootSecondary(ctx)
+	case protect.SnapshotInstalled:
+		return d.restoreSecondary(ctx)
+	default:
+		if err := d.publish(vip.RoleStandby, epoch); err != nil {
+			return err
+		}
+		d.rejoin()
+		return nil
+	}
+}
+
+// bootPrimary boots the VM and serves it, protected, at epoch: the VM's
+// first boot. Output commit is on from the VM's first instruction.
+func (d *daemon) bootPrimary(ctx context.Context, epoch uint64) error {
+	if err := d.ensureHoldQueue(); err != nil {
+		return err
+	}
+	d.incarnation.Store(newIncarnation())
+	d.fromBoot.Store(true)
+	if d.qemu != nil {
+		// The role stays standby (outputs dropped) until published
+		// active below; the boot's log is read meanwhile.
+		if err := d.qemu.StartRecord(ctx); err != nil {
+			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+		}
+		d.superviseEngine(d.qemu)
+	} else if err := d.startSynthetic(""); err != nil {
+		return err
 	}
 	if err := d.publish(vip.RoleActive, epoch); err != nil {
 		return err
 	}
-	d.setState(stateProtected)
-	return d.newPrimary(d.cfg.Peer.Address, 0)
+	d.shipping.Store(true)
+	d.fire(protect.BootPrimary)
+	p, err := d.newPrimary(d.cfg.Peer.Address, 0, nil)
+	if err != nil {
+		return err
+	}
+	d.goChannel(p.Run)
+	return nil
+}
+
+// bootSecondary boots this host's copy of the VM and follows the primary's
+// log from boot.
+func (d *daemon) bootSecondary(ctx context.Context) error {
+	if d.qemu != nil {
+		if err := d.qemu.StartReplay(ctx, "", 0); err != nil {
+			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+		}
+		d.superviseEngine(d.qemu)
+	} else if err := d.startSynthetic(""); err != nil {
+		return err
+	}
+	d.fire(protect.BootSecondary)
+	return d.follow(lockstep.SecondaryConfig{Boot: true})
+}
+
+// restoreSecondary starts a real VM's new secondary from the survivor's
+// go-live snapshot (or boot) and its recording (`ftgw lab reprotect`).
+func (d *daemon) restoreSecondary(ctx context.Context) error {
+	if d.qemu == nil {
+		return errors.New("restore: only a real VM (engine qemu) starts from a restore image; a synthetic one is rebuilt over the log channel")
+	}
+	image := d.cfg.Restore
+	if image == bootImage {
+		image = ""
+	}
+	if err := d.qemu.StartReplay(ctx, image, d.cfg.RestoreIcount); err != nil {
+		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+	}
+	d.superviseEngine(d.qemu)
+	d.fire(protect.SnapshotInstalled)
+	return d.follow(lockstep.SecondaryConfig{StartPosition: d.cfg.StartPosition, Incarnation: d.cfg.Incarnation})
+}
+
+// rejoin drops this host's copy of the VM, which is stale or fresh, and
+// waits for the owner to rebuild it from a snapshot over the log channel.
+// The owner finds it on its own: it dials this host while it serves alone.
+func (d *daemon) rejoin() {
+	if d.qemu != nil {
+		d.log.Warn("this host's copy of the real VM is stale: `ftgw lab reprotect` rebuilds it (a real VM takes no snapshot over the log channel yet)")
+		return
+	}
+	d.stopEngine()
+	if _, ok := d.fire(protect.Rejoin); !ok {
+		return
+	}
+	if err := d.follow(lockstep.SecondaryConfig{}); err != nil {
+		d.log.Error("join the VM's owner", "err", err)
+	}
+}
+
+// follow starts the log channel of a host that follows the VM's owner,
+// from what cfg says it holds.
+func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
+	d.channelStop() // and its listener
+	tlsCfg, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA)
+	if err != nil {
+		return err
+	}
+	cfg.Listen, cfg.TLS, cfg.VM = d.cfg.Peer.Listen, tlsCfg, d.vm.Name
+	cfg.Heartbeat, cfg.Logger = d.cfg.Heartbeat, d.log
+	cfg.Epoch = max(cfg.Epoch, d.owner.Current().Epoch)
+	// The VM takes in either logged frames or QEMU's replay log.
+	if d.qemu != nil {
+		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }
+	} else {
+		if d.feeder == nil {
+			if d.feeder, err = newGuestFeeder(d.tap); err != nil {
+				return err
+			}
+		}
+		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) }
+	}
+	// A synthetic guest is rebuilt from the owner's snapshot when it cannot
+	// follow the owner's log from what it holds.
+	var s *lockstep.Secondary
+	if d.qemu == nil {
+		cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installSnapshot(s, pos, state) }
+	}
+	// The listener may still be held by the channel this one replaces
+	// for a moment after it stopped.
+	for range 50 {
+		if s, err = lockstep.NewSecondary(cfg); err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		return err
+	}
+	d.secondaryPtr.Store(s)
+	d.goChannel(s.Run)
+	return nil
 }
 
 func (d *daemon) publish(role vip.Role, epoch uint64) error {
@@ -259,8 +369,10 @@ func (d *daemon) setOutputMode(mode string) error {
 	default:
 		return fmt.Errorf("output mode %q: want commit, passthrough or hold-all", mode)
 	}
-	if d.hold == nil {
-		return errors.New("output mode: this host does not hold output")
+	if st := d.state(); d.hold == nil || !st.Serves() {
+		// A host that does not serve the VM must never let its output
+		// out, whatever a benchmark asks.
+		return fmt.Errorf("output mode: this host is %s: it does not serve the VM", st)
 	}
 	// Passthrough lets held frames go first, so nothing overtakes them.
 	d.hold.SetPassthrough(rec.Passthrough)
@@ -271,18 +383,25 @@ func (d *daemon) setOutputMode(mode string) error {
 // none.
 func (d *daemon) primary() *lockstep.Primary { return d.primaryPtr.Load() }
 
+// secondary is the log channel from the primary, or nil on a host that
+// never followed one.
+func (d *daemon) secondary() *lockstep.Secondary { return d.secondaryPtr.Load() }
+
 // newPrimary makes the log channel to a secondary at addr that holds the log
-// up to startHead.
-func (d *daemon) newPrimary(addr string, startHead uint64) error {
+// up to startHead; with snapshot, one that holds none of it can be rebuilt.
+func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx context.Context, rebase func(uint64)) ([]byte, error)) (*lockstep.Primary, error) {
 	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d.hasPeerProgress.Store(false) // a new secondary's replay is not the old one's
 	p, err := lockstep.NewPrimary(lockstep.PrimaryConfig{
 		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
+		Incarnation: d.incarnation.Load(), FromBoot: d.fromBoot.Load(),
 		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
-		OnFenced: d.fence,
+		OnFenced:       d.onFenced,
+		Snapshot:       snapshot,
+		OnPeerLacksLog: d.onPeerLacksLog,
 		OnProgress: func(replayedIcount uint64) {
 			d.peerReplayed.Store(replayedIcount)
 			d.hasPeerProgress.Store(true)
@@ -299,9 +418,71 @@ func (d *daemon) newPrimary(addr string, startHead uint64) error {
 		},
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d.primaryPtr.Store(p)
+	return p, nil
+}
+
+// onPeerLacksLog: the secondary that connected holds none of the log the
+// held output waits on (its daemon restarted). It will never acknowledge
+// it: a failure, now, not after the failure timeout.
+func (d *daemon) onPeerLacksLog() {
+	st := d.state()
+	if st != protect.Protected && st != protect.Reprotecting {
+		return
+	}
+	d.log.Warn("the secondary restarted and lacks the log")
+	go d.peerLost(d.runCtx, st, causeSecondaryLost, 0)
+}
+
+// goChannel runs a log channel until channelStop, after stopping the one
+// before it. It returns the channel's context.
+func (d *daemon) goChannel(run func(context.Context) error) context.Context {
+	d.channelStop()
+	ctx, stop := context.WithCancel(d.runCtx)
+	c := &logChannel{stop: stop, done: make(chan struct{})}
+	d.mu.Lock()
+	d.channel = c
+	d.mu.Unlock()
+	d.group.Go(func() error {
+		defer close(c.done)
+		return run(ctx)
+	})
+	return ctx
+}
+
+// channelStop ends the running log channel and waits (briefly) for it:
+// the peer is gone or replaced. Never call it from the channel itself.
+func (d *daemon) channelStop() {
+	d.mu.Lock()
+	c := d.channel
+	d.channel = nil
+	d.mu.Unlock()
+	if c == nil {
+		return
+	}
+	c.stop()
+	select {
+	case <-c.done:
+	case <-time.After(5 * time.Second):
+		d.log.Warn("the log channel did not stop within 5s")
+	}
+}
+
+// ensureHoldQueue opens the hold queue: a host that serves needs one.
+func (d *daemon) ensureHoldQueue() error {
+	if d.hold != nil {
+		return nil
+	}
+	hold, err := outputcommit.Open(d.dp, outputcommit.Config{
+		Tap: d.tap, Uplink: d.uplink, Capacity: d.cfg.HoldCapacity, Logger: d.log,
+	})
+	if err != nil {
+		return err
+	}
+	d.hold = hold
+	d.group.Go(func() error { return d.hold.Run(d.runCtx) })
 	return nil
 }
 
@@ -335,30 +516,10 @@ func (d *daemon) readLog(ctx context.Context) error {
 	})
 }
 
-func (d *daemon) newSecondary() error {
-	tlsCfg, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA)
-	if err != nil {
-		return err
-	}
-	cfg := lockstep.SecondaryConfig{
-		Listen: d.cfg.Peer.Listen, TLS: tlsCfg, VM: d.vm.Name,
-		Heartbeat: d.cfg.Heartbeat, Logger: d.log,
-		StartPosition: d.cfg.StartPosition,
-	}
-	// The VM takes in either logged frames or QEMU's replay log.
-	if d.qemu != nil {
-		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }
-	} else {
-		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) }
-	}
-	d.secondary, err = lockstep.NewSecondary(cfg)
-	return err
-}
-
 func (d *daemon) close() error {
 	var errs []error
-	if d.engine != nil {
-		errs = append(errs, d.engine.Stop())
+	if e := d.currentEngine(); e != nil {
+		errs = append(errs, e.Stop())
 	}
 	if d.hold != nil {
 		errs = append(errs, d.hold.Close())
@@ -377,17 +538,19 @@ func (d *daemon) close() error {
 
 // Status is what /status serves and `ftgw lab status` shows.
 type Status struct {
-	VM        string  `json:"vm"`
-	Host      string  `json:"host"`
-	State     string  `json:"state"`
-	Role      string  `json:"role"`
-	Epoch     uint64  `json:"epoch"`
-	Head      uint64  `json:"head"`
-	Acked     uint64  `json:"acked"`
-	Received  uint64  `json:"received,omitempty"`
-	Held      int     `json:"held"`
-	Connected bool    `json:"connected"`
-	RTTMicros float64 `json:"log_rtt_us"`
+	VM    string `json:"vm"`
+	Host  string `json:"host"`
+	State string `json:"state"`
+	Role  string `json:"role"`
+	Epoch uint64 `json:"epoch"`
+	// Incarnation names the log this host writes or follows (hex).
+	Incarnation string  `json:"incarnation"`
+	Head        uint64  `json:"head"`
+	Acked       uint64  `json:"acked"`
+	Received    uint64  `json:"received,omitempty"`
+	Held        int     `json:"held"`
+	Connected   bool    `json:"connected"`
+	RTTMicros   float64 `json:"log_rtt_us"`
 	// LastFailover is the last failover this host took part in.
 	LastFailover *failoverPhases `json:"last_failover,omitempty"`
 	// UnprotectedSeconds is how long this host has served the VM alone.
@@ -419,7 +582,9 @@ type replayProgress struct {
 
 func (d *daemon) status() Status {
 	rec := d.owner.Current()
-	s := Status{VM: d.vm.Name, Host: d.cfg.Name, State: d.state().String(), Role: vip.RoleName(rec.Role), Epoch: rec.Epoch, Head: d.dp.Head(), Acked: d.dp.Acked()}
+	st := d.state()
+	s := Status{VM: d.vm.Name, Host: d.cfg.Name, State: st.String(), Role: vip.RoleName(rec.Role), Epoch: rec.Epoch,
+		Head: d.dp.Head(), Acked: d.dp.Acked(), Incarnation: fmt.Sprintf("%016x", d.incarnation.Load())}
 	d.mu.Lock()
 	s.LastFailover = d.lastFailover
 	if d.reprotecting != nil {
@@ -427,29 +592,30 @@ func (d *daemon) status() Status {
 		s.Reprotect = &rp
 	}
 	d.mu.Unlock()
-	if rp := s.Reprotect; rp != nil && rp.Error == "" {
+	if rp := s.Reprotect; rp != nil && rp.Error == "" && d.primary() != nil {
 		rp.Acked = d.primary().Acked()
 		if lag, ok := d.peerLag(); ok {
 			rp.ReplayLagSeconds = lag.Seconds()
 		}
 	}
-	s.UnprotectedSeconds = d.unprotectedFor().Seconds()
+	s.UnprotectedSeconds = d.life.AloneFor().Seconds()
 	if d.qemu != nil {
 		s.Replay = d.qemu.progress()
 	}
 	if d.hold != nil {
 		s.Held = d.hold.Stats().Held
 	}
-	// A promoted secondary keeps its stopped channel: show the live one.
-	if p := d.primary(); p != nil && s.State != stateStandby.String() {
+	// The channel of the role this host has now.
+	if p := d.primary(); p != nil && st.Serves() {
 		s.Connected = p.Connected()
 		s.RTTMicros = float64(p.RTT()) / float64(time.Microsecond)
-	} else if d.secondary != nil {
-		// A standby follows its primary's epoch.
-		s.Epoch = max(s.Epoch, d.secondary.PeerEpoch())
-		s.Received = d.secondary.Received()
-		s.Connected = d.secondary.Connected()
-		s.RTTMicros = float64(d.secondary.RTT()) / float64(time.Microsecond)
+	} else if sec := d.secondary(); sec != nil {
+		// A standby follows its primary's epoch and log.
+		s.Epoch = max(s.Epoch, sec.PeerEpoch())
+		s.Received = sec.Received()
+		s.Connected = sec.Connected()
+		s.RTTMicros = float64(sec.RTT()) / float64(time.Microsecond)
+		s.Incarnation = fmt.Sprintf("%016x", sec.Incarnation())
 	}
 	return s
 }
@@ -490,6 +656,11 @@ func (d *daemon) serveControl(ctx context.Context) error {
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
+		return fmt.Errorf("serve control: %w", err)
+	}
+	// Root only, whatever the umask: it can switch the Output Rule off.
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
 		return fmt.Errorf("serve control: %w", err)
 	}
 	return serveHTTP(ctx, ln, mux)

@@ -1,16 +1,20 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/ftgw/ftgw/pkg/guest"
+	"github.com/ftgw/ftgw/pkg/lockstep"
+	"github.com/ftgw/ftgw/pkg/protect"
 )
 
 // Engine runs the protected VM on its tap: the synthetic guest
@@ -118,4 +122,95 @@ func (e *syntheticEngine) InputsConsumed() (uint64, error) {
 		return 0, err
 	}
 	return st.Frames, nil
+}
+
+// currentEngine is the engine running the VM now, or nil.
+func (d *daemon) currentEngine() Engine {
+	d.engineMu.Lock()
+	defer d.engineMu.Unlock()
+	return d.engine
+}
+
+// superviseEngine makes e the VM's engine and watches it: an engine that
+// ends on its own ends the daemon's job; one stopped or replaced by the
+// lifecycle does not.
+func (d *daemon) superviseEngine(e Engine) {
+	d.engineMu.Lock()
+	d.engine = e
+	d.engineMu.Unlock()
+	d.group.Go(func() error {
+		err := e.Wait()
+		d.engineMu.Lock()
+		current := d.engine == e
+		d.engineMu.Unlock()
+		if !current || d.runCtx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			err = errors.New("exited")
+		}
+		return fmt.Errorf("vm engine: %w", err)
+	})
+}
+
+// stopEngine stops the VM's copy on this host: it is stale or about to be
+// replaced.
+func (d *daemon) stopEngine() {
+	d.engineMu.Lock()
+	e := d.engine
+	d.engine, d.synthetic = nil, nil
+	d.engineMu.Unlock()
+	if e != nil {
+		e.Stop()
+	}
+}
+
+// startSynthetic starts the synthetic guest, fresh or from a snapshot
+// file, as the VM's engine.
+func (d *daemon) startSynthetic(restore string) error {
+	e := newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), restore, d.log)
+	if err := e.Start(); err != nil {
+		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+	}
+	d.engineMu.Lock()
+	d.synthetic = e
+	d.engineMu.Unlock()
+	d.superviseEngine(e)
+	return nil
+}
+
+// installSnapshot rebuilds this host's synthetic guest from the owner's
+// snapshot, taken at log position pos, for the log channel s: from here on
+// the guest follows the owner's log from pos+1.
+func (d *daemon) installSnapshot(s *lockstep.Secondary, pos uint64, state []byte) error {
+	var st guest.State
+	if err := json.Unmarshal(state, &st); err != nil {
+		return fmt.Errorf("install snapshot: %w", err)
+	}
+	if st.Frames < pos {
+		return fmt.Errorf("install snapshot: the guest took in %d frames, fewer than the snapshot's log position %d", st.Frames, pos)
+	}
+	from := d.state()
+	if from != protect.Joining && from != protect.Standby || d.secondary() != s {
+		return fmt.Errorf("install snapshot: this host is %s now", from)
+	}
+	path := filepath.Join(d.cfg.StateDir, d.vm.Name+"-snapshot.json")
+	if err := os.WriteFile(path, state, 0o600); err != nil {
+		return fmt.Errorf("install snapshot: %w", err)
+	}
+	d.stopEngine()
+	// The snapshot's frame count is where this guest starts; log
+	// positions after pos come on top of it.
+	d.inputBase.Store(st.Frames - pos)
+	if err := d.startSynthetic(path); err != nil {
+		return err
+	}
+	if _, err := d.life.FireIf(from, protect.SnapshotInstalled); err != nil || d.secondary() != s {
+		// The lifecycle moved on while the guest started (fenced, or a
+		// new channel): this copy is not the one to keep.
+		d.stopEngine()
+		return fmt.Errorf("install snapshot: %w", err)
+	}
+	d.log.Info("rebuilt the VM from the owner's snapshot", "position", pos, "puts", st.Puts)
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/pkg/protect"
 )
 
 // A fault the failover benchmark injects, on the pair as it stands.
@@ -120,9 +121,9 @@ func roles(dir string) (primary, secondary string, err error) {
 			return "", "", fmt.Errorf("%s: %w", host.NS, err)
 		}
 		switch s.State {
-		case stateProtected.String():
+		case protect.Protected.String():
 			primary = host.NS
-		case stateStandby.String():
+		case protect.Standby.String():
 			secondary = host.NS
 		}
 	}
@@ -161,7 +162,7 @@ func runFailover(ctx context.Context, dir string, f fault, run int) (r failoverR
 	// Who serves now, and how its failover went.
 	for _, ns := range []string{primary, secondary} {
 		s, err := daemonStatus(dir, ns)
-		if err != nil || s.State != stateUnprotected.String() {
+		if err != nil || s.State != protect.Unprotected.String() {
 			continue
 		}
 		r.winner = ns

@@ -18,6 +18,7 @@ import (
 
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/pkg/lockstep"
+	"github.com/ftgw/ftgw/pkg/protect"
 )
 
 const labUsage = `Usage:
@@ -157,14 +158,18 @@ func labUp(ctx context.Context, dir string, vm VMConfig, heartbeat, failureTimeo
 		cfg.Metrics = fmt.Sprintf(":%d", lab.MetricsPort)
 		cfg.StateDir = hostDir(dir, host.NS)
 		cfg.VMs = []VMConfig{vm}
+		// Each host dials the other's replication address while it serves
+		// and accepts on its own while it follows.
+		peer := lab.Hosts[1]
+		if host.NS == lab.NSSecondary {
+			peer = lab.Hosts[0]
+		}
 		cfg.Peer = PeerConfig{
-			Address: net.JoinHostPort(lab.ReplSecond.Addr().String(), strconv.Itoa(lab.LogPort)),
+			Address: net.JoinHostPort(peer.Repl.Addr().String(), strconv.Itoa(lab.LogPort)),
+			Listen:  net.JoinHostPort(host.Repl.Addr().String(), strconv.Itoa(lab.LogPort)),
 			CA:      filepath.Join(pki, "ca.pem"),
 			Cert:    filepath.Join(pki, name+".pem"),
 			Key:     filepath.Join(pki, name+"-key.pem"),
-		}
-		if role == roleSecondary {
-			cfg.Peer.Listen, cfg.Peer.Address = cfg.Peer.Address, ""
 		}
 		if err := startDaemon(ctx, dir, host.NS, cfg); err != nil {
 			return err
@@ -308,7 +313,7 @@ func labStatus(w io.Writer, dir string) error {
 		}
 		// Head, acked and held are the primary's; received the secondary's.
 		head, acked, received, held := fmt.Sprint(s.Head), fmt.Sprint(s.Acked), "-", fmt.Sprint(s.Held)
-		if s.State == stateStandby.String() {
+		if s.State == protect.Standby.String() {
 			head, acked, received, held = "-", "-", fmt.Sprint(s.Received), "-"
 		}
 		rtt := "down"

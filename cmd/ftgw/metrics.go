@@ -9,6 +9,7 @@ import (
 
 	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/lockstep"
+	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/vip"
 )
 
@@ -50,7 +51,7 @@ func newCollector(d *daemon) *collector {
 		rtt:   desc("log_rtt_seconds", "Last heartbeat round-trip time on the log channel."),
 		role:  desc("role", "1 for this host's current role for the VM.", "role"),
 		epoch: desc("epoch", "The VM's epoch as this host knows it."),
-		state: desc("state", "1 for this host's state: protected, unprotected, standby or passive.", "state"),
+		state: desc("state", "1 for this host's state for the VM: joining, standby, protected, reprotecting, unprotected, arbitrating, draining or passive (pkg/protect).", "state"),
 		failovers: desc("failovers_total",
 			"Failovers this host took part in, by cause (primary_lost, secondary_lost, switchover), whether it won the arbiter or not.", "cause"),
 		failoverPhase: desc("last_failover_seconds",
@@ -117,14 +118,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 
 	// The live log channel: a promoted secondary keeps its stopped one.
 	var ls *lockstep.Stats
-	if p := d.primary(); p != nil && d.state() != stateStandby {
+	if p := d.primary(); p != nil && d.state().Serves() {
 		st := p.Stats()
 		ls = &st
 		gauge(c.rtt, p.RTT().Seconds())
 		ch <- constHistogram(c.ackLatency, d.ackClock.histogram(), vm)
 		ch <- constHistogram(c.shipDelay, d.shipDelay.snapshot(), vm)
-	} else if d.secondary != nil {
-		st := d.secondary.Stats()
+	} else if s := d.secondary(); s != nil {
+		st := s.Stats()
 		ls = &st
 	}
 	if ls != nil {
@@ -152,14 +153,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(c.epoch, float64(rec.Epoch))
 	current := d.state()
-	for st := stateProtected; st <= statePassive; st++ {
+	for st := range protect.StateLen {
 		v := 0.0
 		if st == current {
 			v = 1
 		}
 		gauge(c.state, v, st.String())
 	}
-	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.unprotectedFor().Seconds(), vm)
+	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.life.AloneFor().Seconds(), vm)
 	if d.qemu != nil {
 		ch <- prometheus.MustNewConstMetric(c.replayLag, prometheus.GaugeValue, time.Duration(d.replayLag.Load()).Seconds(), vm)
 		ch <- prometheus.MustNewConstMetric(c.throttles, prometheus.CounterValue, float64(d.throttles.Load()), vm)

@@ -13,28 +13,6 @@ import (
 	"github.com/ftgw/ftgw/pkg/replay"
 )
 
-// setUpQEMU starts the real VM: recording on a primary (whose epoch it then
-// claims), replaying on a secondary.
-func (d *daemon) setUpQEMU(ctx context.Context) error {
-	d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
-	d.engine = d.qemu
-	d.recording = newRecording(d.qemu.dir, d.vm.QEMU.KeepLogBytes)
-	d.lagClock = newLagClock()
-	if d.cfg.Role == roleSecondary {
-		if err := d.qemu.StartReplay(ctx, d.cfg.Restore, d.cfg.RestoreIcount); err != nil {
-			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-		}
-		d.setState(stateStandby)
-		return d.newSecondary()
-	}
-	// Output commit is on from the VM's first instruction: the role stays
-	// standby (outputs dropped) until startPrimary publishes it active.
-	if err := d.qemu.StartRecord(ctx); err != nil {
-		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-	}
-	return d.startPrimary(ctx)
-}
-
 // readQEMULog ships each recorder's replay log as it comes out of QEMU, in
 // chunks of whatever the pipe holds: a protected primary ships them, any
 // other host only drains the pipe so that QEMU never blocks on it.
@@ -163,9 +141,9 @@ func (d *daemon) reportReplayProgress(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 		}
-		if lag, replayed, ok := d.qemu.ReplayLag(); ok && d.secondary != nil {
+		if lag, replayed, ok := d.qemu.ReplayLag(); ok && d.secondary() != nil {
 			d.replayLag.Store(int64(lag))
-			d.secondary.SetProgress(replayed)
+			d.secondary().SetProgress(replayed)
 		}
 	}
 }

@@ -17,70 +17,96 @@ import (
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/lockstep"
-	"github.com/ftgw/ftgw/pkg/outputcommit"
+	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/replay"
 	"github.com/ftgw/ftgw/pkg/vip"
 )
 
 // Re-protection gives a host that serves the VM alone a new secondary
-// without stopping the VM: the survivor pauses input for a moment, takes its
-// guest's state at log position P, opens a log channel that starts at P and
-// resumes. The new secondary's VM starts from that state and follows the log
-// from P+1; once it has acknowledged P the Output Rule holds again.
+// without stopping the VM. A host that serves alone dials its peer until a
+// daemon there answers (seekSecondary): a host that restarted, or lost the
+// VM to this one, waits for exactly that (rejoin). The survivor pauses input
+// for a moment, takes its guest's state at log position P, restarts the log
+// at P, turns the Output Rule back on and resumes; the state crosses the
+// authenticated log channel with its SHA-256, the new secondary's VM starts
+// from it and follows the log from P+1. Once it has acknowledged P the pair
+// is protected.
 
-// snapshotReply is what the survivor hands the new secondary.
+// snapshotReply is what `ftgw lab reprotect` gets for a real VM's new
+// secondary.
 type snapshotReply struct {
-	Position uint64      `json:"position"`
-	Epoch    uint64      `json:"epoch"`
-	State    guest.State `json:"state,omitzero"`
-	// A real VM: the new secondary replays the survivor's recording, which
-	// starts at boot or, if FromSnapshot, from the go-live snapshot taken
-	// at guest instruction count SnapshotIcount (served at
-	// /reprotect/image). It must hold the log up to TakeoverAfter before
-	// it may take over.
+	Position    uint64 `json:"position"`
+	Epoch       uint64 `json:"epoch"`
+	Incarnation uint64 `json:"incarnation"`
+	// The new secondary replays the survivor's recording, which starts at
+	// boot or, if FromSnapshot, from the go-live snapshot taken at guest
+	// instruction count SnapshotIcount (served at /reprotect/image). It
+	// must hold the log up to TakeoverAfter before it may take over.
 	FromSnapshot   bool   `json:"from_snapshot,omitempty"`
 	SnapshotIcount uint64 `json:"snapshot_icount,omitempty"`
 	TakeoverAfter  uint64 `json:"takeover_after,omitempty"`
 	RecordingBytes int64  `json:"recording_bytes,omitempty"`
 }
 
-// snapshotFrames reads the input count of a snapshot file.
-func snapshotFrames(path string) (uint64, error) {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return 0, fmt.Errorf("read snapshot: %w", err)
-	}
-	var st guest.State
-	if err := json.Unmarshal(raw, &st); err != nil {
-		return 0, fmt.Errorf("read snapshot %s: %w", path, err)
-	}
-	return st.Frames, nil
-}
-
-// consumedPosition is the log position the guest has reached.
+// consumedPosition is the log position the synthetic guest has reached.
 func (d *daemon) consumedPosition() (uint64, error) {
-	n, err := d.synthetic.InputsConsumed()
+	d.engineMu.Lock()
+	e := d.synthetic
+	d.engineMu.Unlock()
+	if e == nil {
+		return 0, errors.New("no synthetic guest runs here")
+	}
+	n, err := e.InputsConsumed()
 	return n - d.inputBase.Load(), err
 }
 
-// startReprotect is the survivor's half: it returns the snapshot the new
-// secondary at peer starts from.
-func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply, error) {
-	if st := d.state(); st != stateUnprotected {
-		return snapshotReply{}, fmt.Errorf("reprotect: this host is %s, not serving alone", st)
-	}
+// seekSecondary lets this host, serving the VM alone, take the first
+// secondary that joins: its log channel dials the peer until a daemon there
+// answers, and rebuilds that daemon's VM from a snapshot.
+func (d *daemon) seekSecondary() {
 	if d.qemu != nil {
-		return d.reprotectRecording(peer)
+		return // a real VM's new secondary comes from `ftgw lab reprotect`
 	}
-	var reply snapshotReply
+	if err := d.ensureHoldQueue(); err != nil {
+		d.log.Error("seek a new secondary", "err", err)
+		return
+	}
+	p, err := d.newPrimary(d.cfg.Peer.Address, d.dp.Head(), d.snapshotForNewSecondary)
+	if err != nil {
+		d.log.Error("seek a new secondary", "err", err)
+		return
+	}
+	ctx := d.goChannel(p.Run)
+	d.group.Go(func() error { return d.awaitProtection(ctx, p, nil) })
+	d.log.Info("serving alone: waiting for a secondary to join", "peer", d.cfg.Peer.Address)
+}
+
+// snapshotForNewSecondary is the survivor's half of a re-protection, run
+// by the log channel when a secondary that holds none of the log connects:
+// it returns the guest's state at log position P, the log restarted at P
+// (rebase) and the Output Rule on again from P.
+func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64)) ([]byte, error) {
+	// The lifecycle's lock, but never against the channel being stopped
+	// by whoever holds it.
+	for !d.lifeMu.TryLock() {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		time.Sleep(time.Millisecond)
+	}
+	defer d.lifeMu.Unlock()
+	from := d.state()
+	if from != protect.Unprotected && from != protect.Reprotecting {
+		return nil, fmt.Errorf("reprotect: this host is %s, not serving", from)
+	}
+	start := time.Now()
 	rec := d.owner.Current()
-	reply.Epoch = rec.Epoch
 	// Input pauses (the VM's frames are dropped at the uplink, as on a
 	// lossy link) so the guest's state sits still at one log position.
 	paused := rec
 	paused.Role = vip.RoleDraining
 	if err := d.owner.Publish(paused); err != nil {
-		return reply, err
+		return nil, err
 	}
 	resumed := false
 	defer func() {
@@ -90,6 +116,7 @@ func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply
 			}
 		}
 	}()
+	var position uint64
 	var stable int
 	err := waitUntil(ctx, 5*time.Second, "the guest to reach the log head", func() (bool, error) {
 		head := d.dp.Head()
@@ -101,54 +128,63 @@ func (d *daemon) startReprotect(ctx context.Context, peer string) (snapshotReply
 			stable = 0
 			return false, nil
 		}
-		reply.Position = head
+		position = head
 		stable++
 		return stable >= 3, nil
 	})
 	if err != nil {
-		return reply, err
-	}
-	control := filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock")
-	if reply.State, err = guest.QueryState(control); err != nil {
-		return reply, err
-	}
-	if got := reply.State.Frames - d.inputBase.Load(); got != reply.Position {
-		return reply, fmt.Errorf("reprotect: the guest moved to position %d during its snapshot at %d", got, reply.Position)
-	}
-	channelCtx, err := d.protectAgain(peer, reply.Position, reply.Position, rec, true)
-	if err != nil {
-		return reply, err
-	}
-	resumed = true
-	d.group.Go(func() error { return d.awaitProtection(channelCtx, reply.Position, nil) })
-	d.log.Info("re-protecting", "secondary", peer, "position", reply.Position, "epoch", reply.Epoch)
-	return reply, nil
-}
-
-// protectAgain opens the log channel to a new secondary that holds the log
-// up to position startHead, ships the log to it from there if shipLive,
-// and turns the Output Rule back on: outputs stamped after acked wait for
-// the new secondary's ack. It returns the channel's context.
-func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Record, shipLive bool) (context.Context, error) {
-	if d.hold == nil {
-		// A secondary that went live has no hold queue yet.
-		hold, err := outputcommit.Open(d.dp, outputcommit.Config{
-			Tap: d.tap, Uplink: d.uplink, Capacity: d.cfg.HoldCapacity, Logger: d.log,
-		})
-		if err != nil {
-			return nil, err
-		}
-		d.hold = hold
-		d.hold.SetPassthrough(true)
-		d.group.Go(func() error { return d.hold.Run(d.runCtx) })
-	}
-	if err := d.newPrimary(peer, startHead); err != nil {
 		return nil, err
 	}
-	channelCtx, stop := context.WithCancel(d.runCtx)
+	d.engineMu.Lock()
+	e := d.synthetic
+	d.engineMu.Unlock()
+	state, err := guest.QueryState(e.control)
+	if err != nil {
+		return nil, err
+	}
+	if got := state.Frames - d.inputBase.Load(); got != position {
+		return nil, fmt.Errorf("reprotect: the guest moved to position %d during its snapshot at %d", got, position)
+	}
+	raw, err := json.Marshal(state)
+	if err != nil {
+		return nil, err
+	}
+	// Everything logged from here on goes to the new secondary, and its
+	// outputs wait for its ack. The head sits still at position, so
+	// nothing falls between.
+	rebase(position)
+	d.reprotectAt.Store(position)
+	d.shipping.Store(true)
+	d.dp.SetAcked(max(d.dp.Acked(), position))
+	d.hold.SetPassthrough(false)
+	if from == protect.Unprotected {
+		d.fire(protect.PeerJoined)
+	}
+	rec.Role, rec.Passthrough = vip.RoleActive, false
+	if err := d.owner.Publish(rec); err != nil {
+		return nil, err
+	}
+	resumed = true
 	d.mu.Lock()
-	d.stopChannel = stop
+	d.reprotecting = &reprotectStatus{TakeoverAfter: position}
 	d.mu.Unlock()
+	d.log.Info("re-protecting: snapshot taken", "position", position, "bytes", len(raw), "input_paused", time.Since(start))
+	return raw, nil
+}
+
+// protectAgain opens the log channel to a new secondary (a real VM's) that
+// holds the log up to position startHead, ships the log to it from there if
+// shipLive, and turns the Output Rule back on: outputs stamped after acked
+// wait for the new secondary's ack. It returns the channel's context.
+func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Record, shipLive bool) (context.Context, *lockstep.Primary, error) {
+	if err := d.ensureHoldQueue(); err != nil {
+		return nil, nil, err
+	}
+	d.hold.SetPassthrough(true)
+	p, err := d.newPrimary(peer, startHead, nil)
+	if err != nil {
+		return nil, nil, err
+	}
 	if shipLive {
 		// Everything logged from here on is queued for the new
 		// secondary; the head sits still at startHead, so nothing falls
@@ -163,13 +199,11 @@ func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Reco
 	d.hold.SetPassthrough(false)
 	rec.Role, rec.Passthrough = vip.RoleActive, false
 	if err := d.owner.Publish(rec); err != nil {
-		stop()
 		d.shipping.Store(false)
-		return nil, err
+		return nil, nil, err
 	}
-	channel := d.primary()
-	d.group.Go(func() error { return channel.Run(channelCtx) })
-	return channelCtx, nil
+	d.fire(protect.PeerJoined)
+	return d.goChannel(p.Run), p, nil
 }
 
 // reprotectRecording re-protects a real VM. Its state cannot be taken at
@@ -184,7 +218,7 @@ func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Reco
 // secondary's ack, as always.
 func (d *daemon) reprotectRecording(peer string) (snapshotReply, error) {
 	rec := d.owner.Current()
-	reply := snapshotReply{Epoch: rec.Epoch}
+	reply := snapshotReply{Epoch: rec.Epoch, Incarnation: d.incarnation.Load()}
 	if ran, limit := d.lagClock.recorderRan(), d.vm.QEMU.MaxCatchUp; ran > limit {
 		return reply, fmt.Errorf("reprotect: the VM's recorder has run %s, and a new secondary would replay all of it while the VM waits: more than qemu.max_catch_up (%s); raise it, or restart the pair when the VM may pause",
 			ran.Round(time.Second), limit)
@@ -206,18 +240,22 @@ func (d *daemon) reprotectRecording(peer string) (snapshotReply, error) {
 	reply.FromSnapshot, reply.SnapshotIcount, reply.RecordingBytes = r.from.loadvm != "", r.from.icount, backlog
 	released := d.lastRead.Load()
 	d.chunks.restart(reply.Position, released)
-	channelCtx, err := d.protectAgain(peer, reply.Position, released, rec, false)
+	d.reprotectAt.Store(reply.TakeoverAfter)
+	channelCtx, p, err := d.protectAgain(peer, reply.Position, released, rec, false)
 	if err != nil {
 		f.Close()
 		return reply, err
 	}
 	c := &catchUp{done: make(chan struct{})}
 	d.group.Go(func() error {
-		c.err = d.shipRecording(channelCtx, f, r.from.base, backlog)
+		c.err = d.shipRecording(channelCtx, p, f, r.from.base, backlog)
 		close(c.done)
 		return nil
 	})
-	d.group.Go(func() error { return d.awaitProtection(channelCtx, reply.TakeoverAfter, c) })
+	d.mu.Lock()
+	d.reprotecting = &reprotectStatus{TakeoverAfter: reply.TakeoverAfter}
+	d.mu.Unlock()
+	d.group.Go(func() error { return d.awaitProtection(channelCtx, p, c) })
 	d.log.Info("re-protecting from the recording", "secondary", peer, "position", reply.Position,
 		"takeover_after", reply.TakeoverAfter, "recording_bytes", backlog, "from_snapshot", reply.FromSnapshot, "epoch", reply.Epoch)
 	return reply, nil
@@ -239,9 +277,8 @@ const catchUpWindow = 256
 // to the new secondary from its start, cut at backlog (the end of what
 // TakeoverAfter covers), and hands over to live shipping (shipChunk) once
 // it has caught up with the file.
-func (d *daemon) shipRecording(ctx context.Context, f *os.File, base uint64, backlog int64) error {
+func (d *daemon) shipRecording(ctx context.Context, p *lockstep.Primary, f *os.File, base uint64, backlog int64) error {
 	defer f.Close()
-	p := d.primary()
 	buf := make([]byte, lockstep.MaxPayload)
 	var off int64
 	for {
@@ -290,27 +327,35 @@ const snapshotIcountHeader = "Ftgw-Snapshot-Icount"
 // that does not come, or stops making progress.
 const reprotectTimeout = 10 * time.Second
 
-// awaitProtection declares the pair protected once the new secondary holds
-// the log up to position: from then on its copy of the VM can take over,
-// and losing it is a failure to handle. A real VM's new secondary must also
-// have caught up (c) and replayed to within max_lag, or a failover would
-// first replay the whole recording. A secondary that never joins, or stops
-// making progress, is given up on: what waited for it is released and the
-// survivor serves alone again.
-func (d *daemon) awaitProtection(ctx context.Context, position uint64, c *catchUp) error {
-	d.mu.Lock()
-	d.reprotecting = &reprotectStatus{TakeoverAfter: position}
-	d.mu.Unlock()
+// awaitProtection declares the pair protected once the new secondary on
+// channel p holds the log up to the position it was rebuilt at
+// (reprotectAt): from then on its copy of the VM can take over, and losing
+// it is a failure to handle. A real VM's new secondary must also have
+// caught up (c) and replayed to within max_lag, or a failover would first
+// replay the whole recording. A new secondary that stops making progress
+// is given up on through the arbiter (protect.ReprotectFailed): it may
+// already count as the VM's copy, so serving alone again at the same epoch
+// could make two hosts serve.
+func (d *daemon) awaitProtection(ctx context.Context, p *lockstep.Primary, c *catchUp) error {
 	deadline := time.Now().Add(reprotectTimeout)
-	var lastAcked, lastReplayed uint64
+	var lastAcked, lastReplayed, lastPosition uint64
 	for ctx.Err() == nil {
-		p := d.primary()
+		switch d.state() {
+		case protect.Unprotected:
+			// Waiting for a secondary to join: as long as it takes.
+			time.Sleep(5 * time.Millisecond)
+			continue
+		case protect.Reprotecting:
+		default:
+			return nil
+		}
+		position := d.reprotectAt.Load()
 		acked, replayed := p.Acked(), d.peerReplayed.Load()
-		if acked != lastAcked || replayed != lastReplayed {
-			lastAcked, lastReplayed = acked, replayed
+		if acked != lastAcked || replayed != lastReplayed || position != lastPosition {
+			lastAcked, lastReplayed, lastPosition = acked, replayed, position
 			deadline = time.Now().Add(reprotectTimeout)
 		}
-		ready := p.Connected() && acked >= position
+		ready := p.Synced() && acked >= position
 		failed := error(nil)
 		if c != nil {
 			select {
@@ -323,12 +368,13 @@ func (d *daemon) awaitProtection(ctx context.Context, position uint64, c *catchU
 			ready = ready && ok && lag <= d.vm.QEMU.MaxLag
 		}
 		if ready && failed == nil {
-			unprotected := d.unprotectedFor()
+			if _, err := d.life.FireIf(protect.Reprotecting, protect.PeerCaughtUp); err != nil {
+				continue
+			}
 			d.mu.Lock()
 			d.reprotecting = nil
 			d.mu.Unlock()
-			d.setState(stateProtected)
-			d.log.Info("re-protected", "position", position, "unprotected_total", unprotected)
+			d.log.Info("re-protected", "position", position, "unprotected_total", d.life.AloneFor())
 			return nil
 		}
 		if failed != nil || time.Now().After(deadline) {
@@ -337,18 +383,32 @@ func (d *daemon) awaitProtection(ctx context.Context, position uint64, c *catchU
 			}
 			d.log.Error("re-protection abandoned", "err", failed)
 			d.mu.Lock()
-			d.reprotecting.Error = failed.Error()
+			d.reprotecting = &reprotectStatus{TakeoverAfter: position, Error: failed.Error()}
 			d.mu.Unlock()
-			d.channelStop()
 			d.logMu.Lock()
 			d.shipping.Store(false)
 			d.logMu.Unlock()
-			d.hold.SetPassthrough(true)
-			return d.publishUnprotected(d.owner.Current().Epoch)
+			d.arbitrate(d.runCtx, protect.Reprotecting, protect.ReprotectFailed, causeSecondaryLost, 0)
+			return nil
 		}
 		time.Sleep(time.Millisecond)
 	}
 	return nil
+}
+
+// startReprotect is a real VM survivor's half of `ftgw lab reprotect`: it
+// returns where the new secondary at peer starts. A synthetic VM needs no
+// command: its survivor takes the first secondary that joins.
+func (d *daemon) startReprotect(peer string) (snapshotReply, error) {
+	d.lifeMu.Lock()
+	defer d.lifeMu.Unlock()
+	if st := d.state(); st != protect.Unprotected {
+		return snapshotReply{}, fmt.Errorf("reprotect: this host is %s, not serving alone", st)
+	}
+	if d.qemu == nil {
+		return snapshotReply{}, errors.New("reprotect: this VM is re-protected on its own: start the daemon on its peer, which joins")
+	}
+	return d.reprotectRecording(peer)
 }
 
 func (d *daemon) serveReprotect(mux *http.ServeMux) {
@@ -358,7 +418,7 @@ func (d *daemon) serveReprotect(mux *http.ServeMux) {
 			http.Error(w, "reprotect wants peer=host:port: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		reply, err := d.startReprotect(r.Context(), peer)
+		reply, err := d.startReprotect(peer)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusConflict)
 			return
@@ -416,7 +476,7 @@ type reprotection struct {
 func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	var survivor, other lab.Host
 	for i, host := range lab.Hosts[:2] {
-		if s, err := daemonStatus(dir, host.NS); err == nil && s.State == stateUnprotected.String() {
+		if s, err := daemonStatus(dir, host.NS); err == nil && (s.State == protect.Unprotected.String() || s.State == protect.Reprotecting.String()) {
 			survivor, other = host, lab.Hosts[1-i]
 		}
 	}
@@ -435,47 +495,14 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	}
 
 	start := time.Now()
-	// A real VM's snapshot image is fetched before the survivor starts
-	// holding output for the new secondary: it does not change meanwhile.
 	realVM := cfg.VMs[0].Engine == engineQEMU
-	var image string
-	var imageIcount uint64
 	if realVM {
-		image = filepath.Join(hostDir(dir, other.NS), "restore.qcow2")
-		var ok bool
-		if imageIcount, ok, err = fetchSnapshotImage(dir, survivor.NS, image); err != nil {
+		if err := restoreConfig(ctx, dir, survivor, other, &cfg, &r); err != nil {
 			return r, err
-		} else if !ok {
-			image = ""
 		}
-	}
-	peer := net.JoinHostPort(other.Repl.Addr().String(), strconv.Itoa(lab.LogPort))
-	raw, err := controlPost(dir, survivor.NS, "/reprotect", url.Values{"peer": {peer}})
-	if err != nil {
-		return r, err
-	}
-	var snap snapshotReply
-	if err := json.Unmarshal([]byte(raw), &snap); err != nil {
-		return r, fmt.Errorf("reprotect reply: %w", err)
-	}
-	r.position, r.epoch, r.recordingBytes = snap.Position, snap.Epoch, snap.RecordingBytes
-	cfg.Role, cfg.StartPosition = roleSecondary, snap.Position
-	cfg.Peer.Listen, cfg.Peer.Address = peer, ""
-	if realVM {
-		if snap.FromSnapshot != (image != "") || snap.SnapshotIcount != imageIcount {
-			return r, fmt.Errorf("reprotect: %s's recording starts from the snapshot at icount %d (%v), the image fetched is at %d",
-				survivor.NS, snap.SnapshotIcount, snap.FromSnapshot, imageIcount)
-		}
-		cfg.Restore, cfg.RestoreIcount, cfg.TakeoverAfter = image, snap.SnapshotIcount, snap.TakeoverAfter
 	} else {
-		state, err := json.Marshal(snap.State)
-		if err != nil {
-			return r, err
-		}
-		cfg.Restore = filepath.Join(hostDir(dir, other.NS), "snapshot.json")
-		if err := os.WriteFile(cfg.Restore, state, 0o600); err != nil {
-			return r, err
-		}
+		// A fresh daemon joins the survivor, which rebuilds it.
+		cfg.Restore, cfg.StartPosition, cfg.RestoreIcount, cfg.TakeoverAfter, cfg.Incarnation = "", 0, 0, 0, 0
 	}
 	if err := startDaemon(ctx, dir, other.NS, cfg); err != nil {
 		return r, err
@@ -492,20 +519,64 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 		switch {
 		case err != nil:
 			return false, err
-		case s.State == stateProtected.String():
+		case s.State == protect.Protected.String():
 			return true, nil
-		case s.State != stateUnprotected.String():
-			return false, fmt.Errorf("%s is %s", survivor.NS, s.State)
-		case s.Reprotect != nil && s.Reprotect.Error != "":
+		case realVM && s.Reprotect != nil && s.Reprotect.Error != "":
 			return false, fmt.Errorf("%s gave up: %s", survivor.NS, s.Reprotect.Error)
+		case s.State != protect.Unprotected.String() && s.State != protect.Reprotecting.String() && s.State != protect.Arbitrating.String():
+			return false, fmt.Errorf("%s is %s", survivor.NS, s.State)
 		}
 		if rp := s.Reprotect; rp != nil && time.Since(lastReport) >= 5*time.Second {
 			lastReport = time.Now()
-			fmt.Fprintf(os.Stderr, "re-protecting: %s acked log position %d of %d, replay lag %.1fs\n",
-				other.NS, rp.Acked, rp.TakeoverAfter, rp.ReplayLagSeconds)
+			fmt.Fprintf(os.Stderr, "re-protecting: %s acked log position %d of %d, replay lag %.1fs%s\n",
+				other.NS, rp.Acked, rp.TakeoverAfter, rp.ReplayLagSeconds, map[bool]string{true: " (last try: " + rp.Error + ")", false: ""}[rp.Error != ""])
 		}
 		return false, nil
 	})
 	r.took, r.unprotected = time.Since(start), s.UnprotectedSeconds
+	if s.Reprotect != nil {
+		r.position = s.Reprotect.TakeoverAfter
+	}
+	r.epoch = s.Epoch
 	return r, err
+}
+
+// bootImage as a real VM's restore image: its new secondary boots the VM
+// and replays the survivor's recording from boot.
+const bootImage = "boot"
+
+// restoreConfig asks a real VM's survivor to re-protect it and writes, into
+// the new secondary's cfg, where it starts: the survivor's go-live snapshot
+// image (fetched first) or boot, and the recording since.
+func restoreConfig(ctx context.Context, dir string, survivor, other lab.Host, cfg *Config, r *reprotection) error {
+	// The snapshot image is fetched before the survivor starts holding
+	// output for the new secondary: it does not change meanwhile.
+	image := filepath.Join(hostDir(dir, other.NS), "restore.qcow2")
+	imageIcount, ok, err := fetchSnapshotImage(dir, survivor.NS, image)
+	if err != nil {
+		return err
+	} else if !ok {
+		image = ""
+	}
+	peer := cfg.Peer.Listen
+	raw, err := controlPost(dir, survivor.NS, "/reprotect", url.Values{"peer": {peer}})
+	if err != nil {
+		return err
+	}
+	var snap snapshotReply
+	if err := json.Unmarshal([]byte(raw), &snap); err != nil {
+		return fmt.Errorf("reprotect reply: %w", err)
+	}
+	r.recordingBytes = snap.RecordingBytes
+	if snap.FromSnapshot != (image != "") || snap.SnapshotIcount != imageIcount {
+		return fmt.Errorf("reprotect: %s's recording starts from the snapshot at icount %d (%v), the image fetched is at %d",
+			survivor.NS, snap.SnapshotIcount, snap.FromSnapshot, imageIcount)
+	}
+	cfg.StartPosition, cfg.Incarnation = snap.Position, snap.Incarnation
+	cfg.Restore, cfg.RestoreIcount, cfg.TakeoverAfter = image, snap.SnapshotIcount, snap.TakeoverAfter
+	if cfg.Restore == "" {
+		// From boot: the survivor's recorder started at boot.
+		cfg.Restore = bootImage
+	}
+	return nil
 }

@@ -11,16 +11,16 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/vip"
 )
-
-const causeSwitchover = "switchover"
 
 // A planned switchover moves the VM from the protected primary to its
 // secondary with no output lost: the primary stops taking input, lets every
 // output of the input it took leave under the Output Rule, and fences itself;
 // the secondary, once its guest has consumed the same log, wins the next
-// epoch and goes live.
+// epoch and goes live. The old primary then joins it, and is rebuilt as its
+// new secondary, as any host that lost the VM is.
 
 // waitUntil polls cond every millisecond until it holds, for at most d.
 func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (bool, error)) error {
@@ -46,13 +46,19 @@ func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (b
 // handOver is the primary's half. It returns the epoch it served and the
 // log position the secondary must reach.
 func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
-	if st := d.state(); st != stateProtected {
-		return 0, 0, fmt.Errorf("switchover: this host is %s, not a protected primary", st)
+	d.lifeMu.Lock()
+	defer d.lifeMu.Unlock()
+	if d.qemu != nil {
+		return 0, 0, errors.New("switchover: a real VM cannot be switched over yet (its replay would have to reach the primary's last instruction); crash-free moves need `ftgw lab reprotect` after a failover")
+	}
+	if _, err := d.life.FireIf(protect.Protected, protect.HandOver); err != nil {
+		return 0, 0, fmt.Errorf("switchover: this host is not a protected primary: %w", err)
 	}
 	rec := d.owner.Current()
 	epoch = rec.Epoch
 	rec.Role = vip.RoleDraining
 	if err := d.owner.Publish(rec); err != nil {
+		d.fire(protect.HandOverAborted)
 		return 0, 0, err
 	}
 	// A frame that passed the old record may still be taking its position:
@@ -76,49 +82,61 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	if err != nil {
 		// Back to serving: nothing was handed over.
 		rec.Role = vip.RoleActive
+		d.fire(protect.HandOverAborted)
 		return 0, 0, errors.Join(err, d.owner.Publish(rec))
 	}
 	if err := d.publish(vip.RoleStandby, epoch); err != nil {
 		return 0, 0, err
 	}
-	d.setState(statePassive)
-	d.channelStop()
+	d.shipping.Store(false)
+	d.fire(protect.HandedOver)
 	d.log.Info("handed over", "epoch", epoch, "head", head)
+	// The standby takes over only once our channel is gone: it follows
+	// its primary's epoch until then. This host joins it afterwards.
+	d.channelStop()
+	d.group.Go(func() error {
+		d.lifeMu.Lock()
+		defer d.lifeMu.Unlock()
+		if d.state() == protect.Passive {
+			d.rejoin()
+		}
+		return nil
+	})
 	return epoch, head, nil
 }
 
 // takeOver is the secondary's half.
 func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhases, error) {
 	phases := failoverPhases{Cause: causeSwitchover}
-	if st := d.state(); st != stateStandby {
+	if st := d.state(); st != protect.Standby {
 		return phases, fmt.Errorf("switchover: this host is %s, not a standby", st)
 	}
 	start := time.Now()
 	err := waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
 		consumed, err := d.consumedPosition()
-		return d.secondary.Received() >= head && consumed >= head, err
+		return d.secondary().Received() >= head && consumed >= head, err
 	})
 	if err != nil {
 		return phases, err
 	}
 	phases.Detection = time.Since(start) // here: catching up with the log
+	d.lifeMu.Lock()
+	defer d.lifeMu.Unlock()
+	if _, err := d.life.FireIf(protect.Standby, protect.TakeOver); err != nil {
+		return phases, fmt.Errorf("switchover: %w", err)
+	}
 	d.channelStop()
-	d.inputBase.Add(d.secondary.Received())
+	if d.arb == nil {
+		d.fire(protect.Lost)
+		d.fence(epoch)
+		return phases, errors.New("switchover: no arbiter configured: this host cannot claim the VM")
+	}
 	won, newEpoch, arbitration := d.claim(ctx, epoch)
 	phases.Won, phases.Epoch, phases.Arbitration = won, newEpoch, arbitration
+	d.settle(ctx, protect.Standby, phases)
 	if !won {
-		d.setState(statePassive)
-		d.recordFailover(phases)
 		return phases, fmt.Errorf("switchover: lost the arbiter at epoch %d", newEpoch)
 	}
-	start = time.Now()
-	if err := d.publishUnprotected(newEpoch); err != nil {
-		return phases, err
-	}
-	d.setState(stateUnprotected)
-	d.announce(ctx)
-	phases.GoLive = time.Since(start)
-	d.recordFailover(phases)
 	return phases, nil
 }
 
@@ -159,9 +177,9 @@ func switchoverCommand(ctx context.Context, args []string) error {
 			return fmt.Errorf("%s: %w", host.NS, err)
 		}
 		switch s.State {
-		case stateProtected.String():
+		case protect.Protected.String():
 			from = host.NS
-		case stateStandby.String():
+		case protect.Standby.String():
 			to = host.NS
 		}
 	}

@@ -2,6 +2,7 @@ package lockstep
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -175,6 +176,8 @@ func TestNewConnectionReplacesOld(t *testing.T) {
 	first := dialFake(t, s.Addr().String(), pki.client)
 	first.sendRecord(hello(0, testVM))
 	first.read()
+	// Connected once the primary speaks past the Hellos: it admitted us.
+	first.sendRecord(ping())
 	waitFor(t, "first connected", s.Connected)
 
 	second := dialFake(t, s.Addr().String(), pki.client)
@@ -182,6 +185,7 @@ func TestNewConnectionReplacesOld(t *testing.T) {
 	if r := second.read(); r.Kind != KindHello {
 		t.Fatalf("second connection got %s, want hello", r.Kind)
 	}
+	second.sendRecord(ping())
 	first.expectClosed()
 	waitFor(t, "second connected", func() bool { return s.Stats().Connects == 2 && s.Connected() })
 	st := s.Stats()
@@ -403,6 +407,11 @@ func TestPrimaryRejectsBadSecondary(t *testing.T) {
 		r.Payload[1] = byte(v)
 		return r
 	}
+	withIncarnation := func(pos, inc uint64) Record {
+		r := hello(pos, testVM)
+		r.Payload = helloPayload(testVM, helloInfo{Incarnation: inc})
+		return r
+	}
 	cases := []struct {
 		name   string
 		reason ErrReason
@@ -412,7 +421,10 @@ func TestPrimaryRejectsBadSecondary(t *testing.T) {
 		{"hello beyond head", ReasonAckBeyondHead, []Record{hello(100, testVM)}},
 		{"ack backwards", ReasonAckBackwards, []Record{hello(0, testVM), {Kind: KindAck, Position: 2, Epoch: 1}, {Kind: KindAck, Position: 1, Epoch: 1}}},
 		{"wrong vm", ReasonWrongVM, []Record{hello(0, "other-vm")}},
-		{"version", ReasonVersion, []Record{withVersion(2)}},
+		{"version", ReasonVersion, []Record{withVersion(1)}},
+		// A restarted secondary: another log, or none, or less than acked.
+		{"other incarnation", ReasonLacksLog, []Record{withIncarnation(3, 0x99)}},
+		{"no log", ReasonLacksLog, []Record{withIncarnation(0, 0)}},
 		{"frame from secondary", ReasonUnexpected, []Record{hello(0, testVM), {Kind: KindRXFrame, Position: 1, Epoch: 1}}},
 		{"no hello", ReasonUnexpected, []Record{{Kind: KindAck, Position: 0, Epoch: 1}}},
 	}
@@ -642,7 +654,7 @@ func TestPairStartsAtASnapshotPosition(t *testing.T) {
 	pki := newPKI(t)
 	var got []uint64
 	var mu sync.Mutex
-	s := startSecondary(t, pki, SecondaryConfig{StartPosition: 40, OnFrame: func(pos uint64, frame []byte) error {
+	s := startSecondary(t, pki, SecondaryConfig{StartPosition: 40, Incarnation: testIncarnation, OnFrame: func(pos uint64, frame []byte) error {
 		mu.Lock()
 		got = append(got, pos)
 		mu.Unlock()
@@ -743,5 +755,126 @@ func TestLogChunksArriveWholeAndInOrder(t *testing.T) {
 	}
 	if sent := p.Stats().RecordsSent[KindQEMULog]; sent < 200 {
 		t.Errorf("%d qemu_log records sent, want at least 200", sent)
+	}
+}
+
+// A secondary that restarted holds none of the log: a primary that can take
+// a snapshot rebuilds it (the state first, then the log from there); one that
+// cannot refuses it and says so, and the refused Hellos never count as the
+// secondary being alive.
+func TestRestartedSecondaryIsRebuiltFromASnapshot(t *testing.T) {
+	pki := newPKI(t)
+	var mu sync.Mutex
+	var installed []string
+	var frames []uint64
+	joiner := startSecondary(t, pki, SecondaryConfig{
+		OnSnapshot: func(pos uint64, state []byte) error {
+			mu.Lock()
+			defer mu.Unlock()
+			installed = append(installed, fmt.Sprintf("%d:%s", pos, state))
+			return nil
+		},
+		OnFrame: func(pos uint64, frame []byte) error {
+			mu.Lock()
+			defer mu.Unlock()
+			frames = append(frames, pos)
+			return nil
+		},
+	})
+
+	// Without a snapshot to give, the primary refuses it.
+	lacks := make(chan struct{}, 100)
+	refusing := newTestPrimary(t, pki, joiner.Addr().String(), PrimaryConfig{OnPeerLacksLog: func() { lacks <- struct{}{} }})
+	appendFrames(t, refusing, 1, 5)
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- refusing.Run(ctx) }()
+	select {
+	case <-lacks:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("OnPeerLacksLog not called; primary errors %v", refusing.Stats().Errors)
+	}
+	waitFor(t, "lacks_log counted", func() bool { return refusing.Stats().Errors[ReasonLacksLog] > 0 })
+	stop()
+	<-done
+	if joiner.Connected() || joiner.Stats().Connects != 0 {
+		t.Error("the joiner counts a refused primary as connected")
+	}
+	if refusing.Stats().Connects != 0 || refusing.Synced() {
+		t.Error("the refusing primary counts the joiner as connected")
+	}
+
+	// With a snapshot, it is rebuilt at the head and follows from there.
+	var p *Primary
+	p = newTestPrimary(t, pki, joiner.Addr().String(), PrimaryConfig{
+		Snapshot: func(_ context.Context, rebase func(uint64)) ([]byte, error) {
+			rebase(p.Head())
+			return []byte("state"), nil
+		},
+	})
+	appendFrames(t, p, 1, 7) // never acked: the joiner gets the state at 7 instead
+	run(t, p.Run)
+	waitFor(t, "the joiner synced", p.Synced)
+	appendFrames(t, p, 8, 12)
+	waitFor(t, "ack 12", func() bool { return p.Acked() == 12 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(installed) != 1 || installed[0] != "7:state" {
+		t.Errorf("snapshots installed %q, want [7:state]", installed)
+	}
+	if fmt.Sprint(frames) != "[8 9 10 11 12]" {
+		t.Errorf("frames after the snapshot %v, want 8..12", frames)
+	}
+	if joiner.Incarnation() != testIncarnation {
+		t.Errorf("joiner follows incarnation %#x, want %#x", joiner.Incarnation(), testIncarnation)
+	}
+}
+
+// A secondary that holds a log refuses another log at the same epoch (a
+// primary restarted with a fresh VM), and never counts it as its primary
+// being alive; it takes no snapshot from it.
+func TestSecondaryRefusesAnotherLogAtItsEpoch(t *testing.T) {
+	pki := newPKI(t)
+	snapshots := 0
+	s := startSecondary(t, pki, SecondaryConfig{
+		Incarnation: testIncarnation, StartPosition: 20, Epoch: 1,
+		OnFrame:    func(uint64, []byte) error { return nil },
+		OnSnapshot: func(uint64, []byte) error { snapshots++; return nil },
+	})
+	time.Sleep(20 * time.Millisecond)
+	quietBefore := s.SinceHeard()
+	fresh := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{
+		Incarnation: 0xf2e54, FromBoot: true,
+		Snapshot: func(_ context.Context, rebase func(uint64)) ([]byte, error) { rebase(0); return []byte("empty"), nil },
+	})
+	run(t, fresh.Run)
+	waitFor(t, "incarnation refusals", func() bool { return s.Stats().Errors[ReasonIncarnation] >= 2 })
+	if s.Connected() || s.Stats().Connects != 0 || snapshots != 0 || s.Received() != 20 {
+		t.Errorf("refused primary got in: connected %v connects %d snapshots %d received %d",
+			s.Connected(), s.Stats().Connects, snapshots, s.Received())
+	}
+	if s.SinceHeard() < quietBefore {
+		t.Errorf("a refused primary counted as alive: silent %s, was %s", s.SinceHeard(), quietBefore)
+	}
+}
+
+// A snapshot that arrives corrupt is refused, never installed.
+func TestCorruptSnapshotIsRefused(t *testing.T) {
+	pki := newPKI(t)
+	installs := 0
+	s := startSecondary(t, pki, SecondaryConfig{OnSnapshot: func(uint64, []byte) error { installs++; return nil }})
+	f := dialFake(t, s.Addr().String(), pki.client)
+	r := hello(9, testVM)
+	r.Payload = helloPayload(testVM, helloInfo{Incarnation: 5})
+	f.sendRecord(r)
+	if got := f.read(); got.Kind != KindHello {
+		t.Fatalf("got %s, want hello", got.Kind)
+	}
+	f.sendRecord(Record{Kind: KindSnapshot, Position: 9, Epoch: 1, Payload: []byte("statf")})
+	f.sendRecord(Record{Kind: KindSnapshotEnd, Position: 9, Epoch: 1, Payload: snapshotTrailer([]byte("state"))})
+	f.expectClosed()
+	waitFor(t, "snapshot error counted", func() bool { return s.Stats().Errors[ReasonSnapshot] == 1 })
+	if installs != 0 || s.Received() != 0 || s.Incarnation() != 0 {
+		t.Errorf("corrupt snapshot installed: %d installs, received %d, incarnation %d", installs, s.Received(), s.Incarnation())
 	}
 }

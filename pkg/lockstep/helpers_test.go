@@ -74,6 +74,9 @@ func startSecondary(t testing.TB, pki testPKI, cfg SecondaryConfig) *Secondary {
 	t.Helper()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.TLS = pki.server
+	if cfg.Incarnation == 0 && cfg.OnSnapshot == nil {
+		cfg.Boot = true // follows the test primaries' log from boot
+	}
 	cfg.VM = testVM
 	cfg.Logger = testLogger(t)
 	s, err := NewSecondary(cfg)
@@ -91,6 +94,9 @@ func newTestPrimary(t testing.TB, pki testPKI, addr string, cfg PrimaryConfig) *
 	cfg.VM = testVM
 	if cfg.Epoch == 0 {
 		cfg.Epoch = 1
+	}
+	if cfg.Incarnation == 0 {
+		cfg.Incarnation, cfg.FromBoot = testIncarnation, true
 	}
 	cfg.Logger = testLogger(t)
 	p, err := NewPrimary(cfg)
@@ -357,8 +363,11 @@ func (f *fakePeer) expectClosed() {
 	}
 }
 
+// testIncarnation is the log the test pairs write and follow, from boot.
+const testIncarnation = 0x1ce
+
 func hello(pos uint64, vm string) Record {
-	return Record{Kind: KindHello, Position: pos, Epoch: 1, Payload: helloPayload(vm)}
+	return Record{Kind: KindHello, Position: pos, Epoch: 1, Payload: helloPayload(vm, helloInfo{Incarnation: testIncarnation, FromBoot: true})}
 }
 
 func ping() Record {

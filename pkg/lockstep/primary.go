@@ -27,6 +27,20 @@ type PrimaryConfig struct {
 	// guest was built from a snapshot taken there): the first frame
 	// appended is StartHead+1. Zero for a pair that starts together.
 	StartHead uint64
+	// Incarnation names this log (see Hello in doc.go); FromBoot says
+	// its position 0 is the VM's boot state.
+	Incarnation uint64
+	FromBoot    bool
+
+	// Snapshot rebuilds a secondary that does not hold the log (it
+	// restarted, or joins afresh): it takes the VM's state with input
+	// paused at the log head P, calls rebase(P) before input resumes, and
+	// returns the state, which goes to the secondary ahead of the log from
+	// P+1. Nil: such a secondary is refused with ErrPeerLacksLog and
+	// OnPeerLacksLog is called.
+	// ctx ends with the channel.
+	Snapshot       func(ctx context.Context, rebase func(pos uint64)) ([]byte, error)
+	OnPeerLacksLog func()
 
 	Heartbeat time.Duration // default DefaultHeartbeat
 	// Timeout declares the link dead when nothing arrives for this long; it
@@ -75,8 +89,11 @@ type Primary struct {
 	sendBatch [][]byte
 
 	connected atomic.Bool
-	rtt       atomic.Int64
-	fenced    sync.Once
+	// synced: the connected secondary has acknowledged since it connected,
+	// so it holds the log (or the snapshot) up to Acked.
+	synced atomic.Bool
+	rtt    atomic.Int64
+	fenced sync.Once
 }
 
 // NewPrimary checks cfg and fills in defaults. Nothing is dialed before Run.
@@ -113,7 +130,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		cfg:   cfg,
 		tls:   tc,
 		log:   cfg.Logger.With("component", "lockstep", "role", "primary", "vm", cfg.VM, "secondary", cfg.Addr),
-		hello: helloPayload(cfg.VM),
+		hello: helloPayload(cfg.VM, helloInfo{Incarnation: cfg.Incarnation, FromBoot: cfg.FromBoot}),
 		wake:  make(chan struct{}, 1),
 		head:  cfg.StartHead,
 		acked: cfg.StartHead,
@@ -233,6 +250,23 @@ func (p *Primary) Acked() uint64 {
 // is still up.
 func (p *Primary) Connected() bool { return p.connected.Load() }
 
+// Synced reports whether the connected secondary has acknowledged the log
+// (or the snapshot it was rebuilt from) since it connected: from then on it
+// holds everything up to Acked.
+func (p *Primary) Synced() bool { return p.connected.Load() && p.synced.Load() }
+
+// rebase restarts the log at pos for a secondary rebuilt from a snapshot
+// taken there: what was kept for resending is dropped (the snapshot holds
+// it) and the next position appended is pos+1. Only Snapshot calls it,
+// with input paused, so nothing is appended meanwhile.
+func (p *Primary) rebase(pos uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	clear(p.unacked)
+	p.unacked, p.unackedBytes = p.unacked[:0], 0
+	p.head, p.acked = pos, pos
+}
+
 // RTT is the last heartbeat round-trip time measured, 0 before the first.
 func (p *Primary) RTT() time.Duration { return time.Duration(p.rtt.Load()) }
 
@@ -288,11 +322,18 @@ func (p *Primary) session(ctx context.Context) (connected bool, err error) {
 	l := newLink(conn, fc, p.cfg.Timeout, &p.stats, p.cfg.Epoch)
 	br := bufio.NewReaderSize(conn, bufSize)
 	buf := make([]byte, MaxPayload)
-	from, err := p.handshake(l, br, buf)
+	from, needSnapshot, err := p.handshake(l, br, buf)
 	if err != nil {
 		return false, err
 	}
+	p.synced.Store(false)
+	if needSnapshot {
+		if from, err = p.sendSnapshot(ctx, l); err != nil {
+			return false, err
+		}
+	}
 
+	p.stats.heard()
 	p.connected.Store(true)
 	p.stats.connects.Add(1)
 	p.log.Info("log channel connected", "resend_from", from+1, "head", p.Head())
@@ -309,29 +350,31 @@ func (p *Primary) session(ctx context.Context) (connected bool, err error) {
 }
 
 // handshake sends our Hello and checks the secondary's. It returns the
-// secondary's position: everything after it gets (re)sent.
-func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (uint64, error) {
+// secondary's position, after which everything gets (re)sent, or that it
+// must be rebuilt from a snapshot first.
+func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (from uint64, needSnapshot bool, err error) {
 	head := p.Head()
 	l.lock()
-	err := l.write(Record{Kind: KindHello, Position: head, Epoch: p.cfg.Epoch, Payload: p.hello})
+	err = l.write(Record{Kind: KindHello, Position: head, Epoch: p.cfg.Epoch, Payload: p.hello})
 	if err == nil {
 		err = l.flush()
 	}
 	l.unlock()
 	if err != nil {
-		return 0, fmt.Errorf("send hello: %w", err)
+		return 0, false, fmt.Errorf("send hello: %w", err)
 	}
 	l.conn.SetReadDeadline(time.Now().Add(p.cfg.Timeout))
 	r, err := ReadRecord(br, buf)
 	if err != nil {
-		return 0, fmt.Errorf("await hello: %w", err)
+		return 0, false, fmt.Errorf("await hello: %w", err)
 	}
 	p.stats.received(r)
 	if r.Kind != KindHello {
-		return 0, fmt.Errorf("await hello: got %s: %w", r.Kind, ErrUnexpected)
+		return 0, false, fmt.Errorf("await hello: got %s: %w", r.Kind, ErrUnexpected)
 	}
-	if err := checkHello(r.Payload, p.cfg.VM); err != nil {
-		return 0, err
+	theirs, err := checkHello(r.Payload, p.cfg.VM)
+	if err != nil {
+		return 0, false, err
 	}
 	if r.Epoch > p.cfg.Epoch {
 		p.fenced.Do(func() {
@@ -340,21 +383,77 @@ func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (uint64, erro
 				p.cfg.OnFenced(r.Epoch)
 			}
 		})
-		return 0, fmt.Errorf("check hello: secondary follows epoch %d, ours is %d: %w", r.Epoch, p.cfg.Epoch, ErrStaleEpoch)
+		return 0, false, fmt.Errorf("check hello: secondary follows epoch %d, ours is %d: %w", r.Epoch, p.cfg.Epoch, ErrStaleEpoch)
 	}
 	p.mu.Lock()
 	head, acked := p.head, p.acked // head may have moved since our Hello
 	p.mu.Unlock()
 	// The Hello position is only where to resume sending, not an ack, so
 	// that SetAckHold on the secondary also holds across reconnects.
+	lacks := ""
 	switch {
+	case theirs.NeedSnapshot:
+		lacks = "it asks for a snapshot"
+	case theirs.Incarnation != p.cfg.Incarnation:
+		lacks = fmt.Sprintf("it follows log incarnation %#x, ours is %#x", theirs.Incarnation, p.cfg.Incarnation)
 	case r.Position > head:
-		return 0, fmt.Errorf("check hello: secondary has %d, head is %d: %w", r.Position, head, ErrAckBeyondHead)
+		return 0, false, fmt.Errorf("check hello: secondary has %d, head is %d: %w", r.Position, head, ErrAckBeyondHead)
 	case r.Position < acked:
-		// It lost frames it had acked, and we no longer have them.
-		return 0, fmt.Errorf("check hello: secondary has %d, already acked %d: %w", r.Position, acked, ErrAckBackwards)
+		// It lost frames it had acked (a restart), and we no longer
+		// have them.
+		lacks = fmt.Sprintf("it has position %d, already acked %d", r.Position, acked)
 	}
-	return r.Position, nil
+	if lacks == "" {
+		return r.Position, false, nil
+	}
+	if p.cfg.Snapshot == nil {
+		// The output waiting on this secondary will never be
+		// acknowledged by it.
+		if p.cfg.OnPeerLacksLog != nil {
+			p.cfg.OnPeerLacksLog()
+		}
+		return 0, false, fmt.Errorf("check hello: %s: %w", lacks, ErrPeerLacksLog)
+	}
+	p.log.Info("the secondary does not hold the log: rebuilding it from a snapshot", "why", lacks)
+	return 0, true, nil
+}
+
+// sendSnapshot takes the VM's state (PrimaryConfig.Snapshot), which moves
+// the log to start at its position, and sends it: SnapshotChunk records,
+// then SnapshotEnd with its length and SHA-256. It returns the position
+// the log goes on from.
+func (p *Primary) sendSnapshot(ctx context.Context, l *link) (uint64, error) {
+	var at uint64
+	rebased := false
+	state, err := p.cfg.Snapshot(ctx, func(pos uint64) {
+		p.rebase(pos)
+		at, rebased = pos, true
+	})
+	if err != nil {
+		return 0, fmt.Errorf("take snapshot: %w", err)
+	}
+	if !rebased {
+		return 0, errors.New("take snapshot: the log was not rebased at the snapshot")
+	}
+	if len(state) > MaxSnapshot {
+		return 0, fmt.Errorf("send snapshot: %d bytes, max %d: %w", len(state), MaxSnapshot, ErrSnapshot)
+	}
+	l.lock()
+	defer l.unlock()
+	for off := 0; off < len(state); off += MaxPayload {
+		chunk := state[off:min(off+MaxPayload, len(state))]
+		if err := l.write(Record{Kind: KindSnapshot, Position: at, Epoch: p.cfg.Epoch, Payload: chunk}); err != nil {
+			return 0, fmt.Errorf("send snapshot: %w", err)
+		}
+	}
+	if err := l.write(Record{Kind: KindSnapshotEnd, Position: at, Epoch: p.cfg.Epoch, Payload: snapshotTrailer(state)}); err != nil {
+		return 0, fmt.Errorf("send snapshot: %w", err)
+	}
+	if err := l.flush(); err != nil {
+		return 0, fmt.Errorf("send snapshot: %w", err)
+	}
+	p.log.Info("sent snapshot", "position", at, "bytes", len(state))
+	return at, nil
 }
 
 // writeLoop sends the RXFrames AppendFrame's callers could not send
@@ -420,9 +519,13 @@ func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 			return err
 		}
 		p.stats.received(r)
+		p.stats.heard()
 		switch r.Kind {
 		case KindAck:
 			err = p.ack(r.Position)
+			if err == nil {
+				p.synced.Store(true)
+			}
 		case KindHeartbeat:
 			err = l.onHeartbeat(r, &p.rtt)
 		case KindProgress:

@@ -2,6 +2,8 @@ package lockstep
 
 import (
 	"bufio"
+	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,8 +17,11 @@ const (
 	HeaderLen  = 32
 	MaxPayload = 65536 // largest payload ReadRecord accepts
 	MaxFrame   = 9216  // largest Ethernet frame Primary.AppendFrame accepts
-	Version    = 1     // protocol version carried in Hello
+	Version    = 2     // protocol version carried in Hello
 	MaxVMName  = 255   // longest VM name in a Hello
+	// MaxSnapshot bounds the VM state a secondary takes in before its log
+	// (SnapshotChunk records): it is held in memory until it is whole.
+	MaxSnapshot = 256 << 20
 
 	heartbeatLen = 16 // Heartbeat payload: send time, echo
 )
@@ -25,22 +30,26 @@ const (
 type Kind uint8
 
 const (
-	KindHello     Kind = 1 + iota // handshake, both directions
-	KindRXFrame                   // primary → secondary: one logged frame
-	KindHeartbeat                 // both directions: liveness and RTT
-	KindAck                       // secondary → primary: highest contiguous position
-	KindQEMULog                   // primary → secondary: a chunk of the VM engine's replay log
-	KindProgress                  // secondary → primary: how far its replay trails the log
-	KindLen                       // number of kinds + 1; not a kind
+	KindHello       Kind = 1 + iota // handshake, both directions
+	KindRXFrame                     // primary → secondary: one logged frame
+	KindHeartbeat                   // both directions: liveness and RTT
+	KindAck                         // secondary → primary: highest contiguous position
+	KindQEMULog                     // primary → secondary: a chunk of the VM engine's replay log
+	KindProgress                    // secondary → primary: how far its replay trails the log
+	KindSnapshot                    // primary → secondary: a piece of the VM's state the log starts from
+	KindSnapshotEnd                 // primary → secondary: the state's length and SHA-256
+	KindLen                         // number of kinds + 1; not a kind
 )
 
 var kindNames = [KindLen]string{
-	KindHello:     "hello",
-	KindRXFrame:   "rx_frame",
-	KindHeartbeat: "heartbeat",
-	KindAck:       "ack",
-	KindQEMULog:   "qemu_log",
-	KindProgress:  "progress",
+	KindHello:       "hello",
+	KindRXFrame:     "rx_frame",
+	KindHeartbeat:   "heartbeat",
+	KindAck:         "ack",
+	KindQEMULog:     "qemu_log",
+	KindProgress:    "progress",
+	KindSnapshot:    "snapshot",
+	KindSnapshotEnd: "snapshot_end",
 }
 
 func (k Kind) String() string {
@@ -79,6 +88,17 @@ var (
 	// already followed lost a failover it may not know about. It must not
 	// release anything on its own again (fencing).
 	ErrStaleEpoch = errors.New("stale epoch")
+	// ErrIncarnation: the peer's log is another incarnation of the VM's
+	// log than the one this host holds, at the same epoch: a primary that
+	// restarted with a fresh VM. Following it would graft a different
+	// history onto the acknowledged one.
+	ErrIncarnation = errors.New("log incarnation mismatch")
+	// ErrPeerLacksLog: the secondary does not hold the log the primary's
+	// outputs wait on (it restarted, or follows another incarnation), and
+	// this primary has no snapshot to rebuild it from.
+	ErrPeerLacksLog = errors.New("secondary lacks the log")
+	// ErrSnapshot: a snapshot that arrived cut, too long or corrupt.
+	ErrSnapshot = errors.New("bad snapshot")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -174,29 +194,89 @@ func ReadRecord(r *bufio.Reader, buf []byte) (Record, error) {
 	}, nil
 }
 
-// helloPayload encodes a Hello payload: version, VM name length, VM name.
-func helloPayload(vm string) []byte {
-	p := binary.BigEndian.AppendUint16(nil, Version)
-	p = binary.BigEndian.AppendUint16(p, uint16(len(vm)))
-	return append(p, vm...)
+// helloInfo is what a Hello carries besides the VM name: which log the sender
+// writes or follows, and how it may follow it.
+type helloInfo struct {
+	// Incarnation names the log: a random number a host draws whenever it
+	// starts the VM's log afresh (first boot, go-live). 0: no log yet.
+	Incarnation uint64
+	// FromBoot (primary): position 0 of this log is the VM's boot state,
+	// so a secondary that booted the same VM can follow it from 0.
+	FromBoot bool
+	// NeedSnapshot (secondary): it cannot follow this log from what it
+	// holds and wants the VM's state first (Snapshot records).
+	NeedSnapshot bool
 }
 
-// checkHello checks a peer's Hello payload against our version and VM.
-// A malformed payload is reported as a version mismatch: it is what a peer
-// speaking another protocol version would most likely send.
-func checkHello(p []byte, vm string) error {
+const (
+	helloFromBoot     = 1 << 0
+	helloNeedSnapshot = 1 << 1
+)
+
+// helloPayload encodes a Hello payload: version, VM name length, VM name,
+// incarnation, flags.
+func helloPayload(vm string, h helloInfo) []byte {
+	p := binary.BigEndian.AppendUint16(nil, Version)
+	p = binary.BigEndian.AppendUint16(p, uint16(len(vm)))
+	p = append(p, vm...)
+	p = binary.BigEndian.AppendUint64(p, h.Incarnation)
+	var flags byte
+	if h.FromBoot {
+		flags |= helloFromBoot
+	}
+	if h.NeedSnapshot {
+		flags |= helloNeedSnapshot
+	}
+	return append(p, flags)
+}
+
+// checkHello checks a peer's Hello payload against our version and VM and
+// returns what else it says. A malformed payload is reported as a version
+// mismatch: it is what a peer speaking another protocol version would most
+// likely send.
+func checkHello(p []byte, vm string) (helloInfo, error) {
 	if len(p) < 4 {
-		return fmt.Errorf("check hello: payload %d bytes: %w", len(p), ErrVersion)
+		return helloInfo{}, fmt.Errorf("check hello: payload %d bytes: %w", len(p), ErrVersion)
 	}
 	if v := binary.BigEndian.Uint16(p[0:2]); v != Version {
-		return fmt.Errorf("check hello: peer speaks version %d, we speak %d: %w", v, Version, ErrVersion)
+		return helloInfo{}, fmt.Errorf("check hello: peer speaks version %d, we speak %d: %w", v, Version, ErrVersion)
 	}
 	n := int(binary.BigEndian.Uint16(p[2:4]))
-	if len(p) != 4+n {
-		return fmt.Errorf("check hello: VM name length %d, payload %d bytes: %w", n, len(p), ErrVersion)
+	if len(p) != 4+n+9 {
+		return helloInfo{}, fmt.Errorf("check hello: VM name length %d, payload %d bytes: %w", n, len(p), ErrVersion)
 	}
-	if got := string(p[4:]); got != vm {
-		return fmt.Errorf("check hello: peer is for VM %q, we are for %q: %w", got, vm, ErrWrongVM)
+	if got := string(p[4 : 4+n]); got != vm {
+		return helloInfo{}, fmt.Errorf("check hello: peer is for VM %q, we are for %q: %w", got, vm, ErrWrongVM)
+	}
+	flags := p[4+n+8]
+	if flags&^(helloFromBoot|helloNeedSnapshot) != 0 {
+		return helloInfo{}, fmt.Errorf("check hello: unknown flags %#x: %w", flags, ErrVersion)
+	}
+	return helloInfo{
+		Incarnation:  binary.BigEndian.Uint64(p[4+n:]),
+		FromBoot:     flags&helloFromBoot != 0,
+		NeedSnapshot: flags&helloNeedSnapshot != 0,
+	}, nil
+}
+
+// snapshotTrailer is the SnapshotEnd payload: the state's length and its
+// SHA-256, so a secondary never starts its VM from a state that arrived
+// cut or corrupt (each record's CRC only covers that record).
+func snapshotTrailer(state []byte) []byte {
+	sum := sha256.Sum256(state)
+	return append(binary.BigEndian.AppendUint64(nil, uint64(len(state))), sum[:]...)
+}
+
+// checkSnapshot checks a whole snapshot against its SnapshotEnd payload.
+func checkSnapshot(state, trailer []byte) error {
+	if len(trailer) != 8+sha256.Size {
+		return fmt.Errorf("check snapshot: trailer of %d bytes: %w", len(trailer), ErrSnapshot)
+	}
+	if n := binary.BigEndian.Uint64(trailer); n != uint64(len(state)) {
+		return fmt.Errorf("check snapshot: %d bytes arrived, %d sent: %w", len(state), n, ErrSnapshot)
+	}
+	if sum := sha256.Sum256(state); !bytes.Equal(sum[:], trailer[8:]) {
+		return fmt.Errorf("check snapshot: SHA-256 mismatch: %w", ErrSnapshot)
 	}
 	return nil
 }

@@ -21,7 +21,7 @@ func TestKindAndReasonNames(t *testing.T) {
 			t.Errorf("reason %d has no name", r)
 		}
 	}
-	if got := KindLen.String(); got != "Kind(7)" {
+	if got := KindLen.String(); got != "Kind(9)" {
 		t.Errorf("KindLen.String() = %q", got)
 	}
 }
@@ -31,7 +31,7 @@ func TestRecordRoundTrip(t *testing.T) {
 	binary.BigEndian.PutUint64(hb, 12345)
 	big := bytes.Repeat([]byte{0xab}, MaxPayload)
 	recs := []Record{
-		{Kind: KindHello, Position: 7, Epoch: 3, Payload: helloPayload("vm1")},
+		{Kind: KindHello, Position: 7, Epoch: 3, Payload: helloPayload("vm1", helloInfo{Incarnation: 7})},
 		{Kind: KindRXFrame, Position: 1<<63 + 5, Epoch: 1, Payload: []byte("an ethernet frame")},
 		{Kind: KindRXFrame, Position: 2, Payload: big}, // largest payload allowed
 		{Kind: KindHeartbeat, Epoch: 9, Payload: hb},
@@ -117,9 +117,37 @@ func TestReadRecordErrors(t *testing.T) {
 	}
 }
 
+func TestHelloRoundTrip(t *testing.T) {
+	for _, h := range []helloInfo{{}, {Incarnation: 0xfeedface, FromBoot: true}, {Incarnation: 1, NeedSnapshot: true}} {
+		got, err := checkHello(helloPayload("vm", h), "vm")
+		if err != nil || got != h {
+			t.Errorf("hello %+v came back as %+v, %v", h, got, err)
+		}
+	}
+}
+
+func TestSnapshotTrailer(t *testing.T) {
+	state := []byte("the VM's state")
+	if err := checkSnapshot(state, snapshotTrailer(state)); err != nil {
+		t.Errorf("whole snapshot refused: %v", err)
+	}
+	for name, got := range map[string][]byte{
+		"cut":     state[:5],
+		"corrupt": []byte("the VM's statE"),
+		"longer":  append(append([]byte{}, state...), 0),
+	} {
+		if err := checkSnapshot(got, snapshotTrailer(state)); !errors.Is(err, ErrSnapshot) {
+			t.Errorf("%s snapshot: err = %v, want ErrSnapshot", name, err)
+		}
+	}
+	if err := checkSnapshot(state, snapshotTrailer(state)[:9]); !errors.Is(err, ErrSnapshot) {
+		t.Errorf("short trailer: err = %v, want ErrSnapshot", err)
+	}
+}
+
 func TestCheckHello(t *testing.T) {
 	withVersion := func(v uint16) []byte {
-		p := helloPayload("vm")
+		p := helloPayload("vm", helloInfo{})
 		binary.BigEndian.PutUint16(p, v)
 		return p
 	}
@@ -128,14 +156,15 @@ func TestCheckHello(t *testing.T) {
 		payload []byte
 		want    error
 	}{
-		{"ok", helloPayload("vm"), nil},
-		{"wrong vm", helloPayload("other"), ErrWrongVM},
-		{"version", withVersion(2), ErrVersion},
+		{"ok", helloPayload("vm", helloInfo{}), nil},
+		{"wrong vm", helloPayload("other", helloInfo{}), ErrWrongVM},
+		{"version", withVersion(1), ErrVersion},
+		{"unknown flag", append(helloPayload("vm", helloInfo{})[:len(helloPayload("vm", helloInfo{}))-1], 0x80), ErrVersion},
 		{"short", []byte{0, 1}, ErrVersion},
-		{"name length", append(helloPayload("vm"), 'x'), ErrVersion},
+		{"name length", append(helloPayload("vm", helloInfo{}), 'x'), ErrVersion},
 	}
 	for _, tt := range tests {
-		if err := checkHello(tt.payload, "vm"); !errors.Is(err, tt.want) || (tt.want == nil && err != nil) {
+		if _, err := checkHello(tt.payload, "vm"); !errors.Is(err, tt.want) || (tt.want == nil && err != nil) {
 			t.Errorf("%s: err = %v, want %v", tt.name, err, tt.want)
 		}
 	}

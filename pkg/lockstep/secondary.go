@@ -37,6 +37,17 @@ type SecondaryConfig struct {
 	// StartPosition is the log position this secondary's VM was built at
 	// (from a snapshot): it asks for frames from StartPosition+1 on.
 	StartPosition uint64
+	// Incarnation names the log the VM was built from (0: none yet).
+	// Boot: the VM is at its boot state, so it may follow a log that
+	// starts at boot (the primary's FromBoot) from position 0.
+	Incarnation uint64
+	Boot        bool
+	// OnSnapshot rebuilds the VM from a primary's snapshot taken at log
+	// position pos, when it cannot follow the primary's log from what it
+	// holds: then the log goes on from pos+1. Called from the same
+	// goroutine as OnFrame; an error closes the connection. Nil: such a
+	// primary is refused.
+	OnSnapshot func(pos uint64, state []byte) error
 
 	Logger   *slog.Logger // default slog.Default()
 	Listener net.Listener // optional (tests); plain TCP, TLS is added here
@@ -47,10 +58,11 @@ type Secondary struct {
 	cfg   SecondaryConfig
 	ln    net.Listener
 	log   *slog.Logger
-	hello []byte
 	stats counters
 
-	received atomic.Uint64 // highest contiguous position delivered to OnFrame
+	received    atomic.Uint64 // highest contiguous position delivered to OnFrame
+	incarnation atomic.Uint64 // of the log received; 0 before there is one
+	boot        atomic.Bool   // the VM is still at its boot state
 
 	progress    atomic.Uint64 // replay lag in ns, for the primary
 	hasProgress atomic.Bool
@@ -91,12 +103,13 @@ func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
 		}
 	}
 	s := &Secondary{
-		cfg:   cfg,
-		ln:    ln,
-		log:   cfg.Logger.With("component", "lockstep", "role", "secondary", "vm", cfg.VM),
-		hello: helloPayload(cfg.VM),
+		cfg: cfg,
+		ln:  ln,
+		log: cfg.Logger.With("component", "lockstep", "role", "secondary", "vm", cfg.VM),
 	}
 	s.received.Store(cfg.StartPosition)
+	s.incarnation.Store(cfg.Incarnation)
+	s.boot.Store(cfg.Boot && cfg.StartPosition == 0)
 	s.peerEpoch.Store(cfg.Epoch)
 	return s, nil
 }
@@ -106,6 +119,13 @@ func (s *Secondary) Addr() net.Addr { return s.ln.Addr() }
 
 // Received is the highest contiguous position delivered to OnFrame.
 func (s *Secondary) Received() uint64 { return s.received.Load() }
+
+// Incarnation is the log this secondary holds, 0 before it has one.
+func (s *Secondary) Incarnation() uint64 { return s.incarnation.Load() }
+
+// HoldsLog reports whether this secondary holds a log a primary admitted:
+// only then is its VM a copy of the primary's that may take over.
+func (s *Secondary) HoldsLog() bool { return s.incarnation.Load() != 0 }
 
 // Connected reports whether a primary is connected past the Hello exchange.
 func (s *Secondary) Connected() bool { return s.connected.Load() }
@@ -146,6 +166,10 @@ type incoming struct {
 	buf         []byte
 	peer        string
 	epoch, head uint64 // from the primary's Hello
+	incarnation uint64 // the primary's log
+	// snapshot: this secondary cannot follow the primary's log from what
+	// it holds and waits for the VM's state first.
+	snapshot bool
 }
 
 // Run accepts primaries until ctx is done, then closes the listener and
@@ -275,36 +299,61 @@ func (s *Secondary) greet(ctx context.Context, raw net.Conn, fc *closer) (*incom
 	if r.Kind != KindHello {
 		return nil, fmt.Errorf("await hello: got %s: %w", r.Kind, ErrUnexpected)
 	}
-	if err := checkHello(r.Payload, s.cfg.VM); err != nil {
+	theirs, err := checkHello(r.Payload, s.cfg.VM)
+	if err != nil {
 		// Answer anyway, so the primary logs the mismatch itself instead of
 		// an unexplained EOF.
-		l := newLink(conn, fc, s.cfg.Timeout, &s.stats, r.Epoch)
-		l.lock()
-		if l.write(Record{Kind: KindHello, Position: s.received.Load(), Epoch: r.Epoch, Payload: s.hello}) == nil {
-			l.flush()
-		}
-		l.unlock()
+		s.answerRefused(conn, fc, r.Epoch)
 		return nil, err
 	}
-	if known := s.peerEpoch.Load(); r.Epoch < known {
+	known := s.peerEpoch.Load()
+	if r.Epoch < known {
 		// A primary that lost a failover: tell it the epoch it lost to.
-		l := newLink(conn, fc, s.cfg.Timeout, &s.stats, known)
-		l.lock()
-		if l.write(Record{Kind: KindHello, Position: s.received.Load(), Epoch: known, Payload: s.hello}) == nil {
-			l.flush()
-		}
-		l.unlock()
+		s.answerRefused(conn, fc, known)
 		return nil, fmt.Errorf("check hello: primary at epoch %d, following %d: %w", r.Epoch, known, ErrStaleEpoch)
 	}
-	return &incoming{
-		conn:  conn,
-		fc:    fc,
-		br:    br,
-		buf:   buf,
-		peer:  raw.RemoteAddr().String(),
-		epoch: r.Epoch,
-		head:  r.Position,
-	}, nil
+	in := &incoming{
+		conn:        conn,
+		fc:          fc,
+		br:          br,
+		buf:         buf,
+		peer:        raw.RemoteAddr().String(),
+		epoch:       r.Epoch,
+		head:        r.Position,
+		incarnation: theirs.Incarnation,
+	}
+	switch mine := s.incarnation.Load(); {
+	case mine != 0 && mine == theirs.Incarnation:
+	case mine == 0 && s.boot.Load() && theirs.FromBoot:
+		// Both VMs booted the same way: follow this log from boot.
+	case mine != 0 && r.Epoch == known:
+		// Another log at the epoch we follow: a primary that restarted
+		// with a fresh VM. Taking it (or its snapshot) would throw away
+		// the acknowledged history this host holds. No answer: the
+		// primary must not take this refusal for a secondary to replace.
+		return nil, fmt.Errorf("check hello: primary's log is incarnation %#x at epoch %d, we hold %#x: %w",
+			theirs.Incarnation, r.Epoch, mine, ErrIncarnation)
+	default:
+		// A fresh host, or a newer owner's log: the VM's state first.
+		if s.cfg.OnSnapshot == nil {
+			s.answerRefused(conn, fc, r.Epoch)
+			return nil, fmt.Errorf("check hello: cannot follow log incarnation %#x from %#x and takes no snapshot: %w",
+				theirs.Incarnation, mine, ErrIncarnation)
+		}
+		in.snapshot = true
+	}
+	return in, nil
+}
+
+// answerRefused answers a refused primary's Hello with ours at epoch.
+func (s *Secondary) answerRefused(conn *tls.Conn, fc *closer, epoch uint64) {
+	l := newLink(conn, fc, s.cfg.Timeout, &s.stats, epoch)
+	l.lock()
+	h := helloPayload(s.cfg.VM, helloInfo{Incarnation: s.incarnation.Load()})
+	if l.write(Record{Kind: KindHello, Position: s.received.Load(), Epoch: epoch, Payload: h}) == nil {
+		l.flush()
+	}
+	l.unlock()
 }
 
 // session serves one admitted primary until the connection ends.
@@ -315,18 +364,23 @@ func (s *Secondary) session(in *incoming) error {
 	if in.epoch > s.peerEpoch.Load() {
 		s.peerEpoch.Store(in.epoch)
 	}
+	if !in.snapshot && s.incarnation.Load() == 0 {
+		s.incarnation.Store(in.incarnation) // following from boot
+	}
 	received := s.received.Load()
+	mine := helloInfo{Incarnation: s.incarnation.Load(), NeedSnapshot: in.snapshot}
 
 	// Our Hello tells the primary where to resume; the Ack that follows is
 	// what releases its held output, so it respects SetAckHold. s.cur is
 	// published before hold is read, under l's lock: either SetAckHold(false)
 	// sees the link and sends the ack after our Hello, or we see hold false.
+	// A secondary waiting for a snapshot acks once it has it.
 	l.lock()
-	err := l.write(Record{Kind: KindHello, Position: received, Epoch: l.epoch, Payload: s.hello})
+	err := l.write(Record{Kind: KindHello, Position: received, Epoch: l.epoch, Payload: helloPayload(s.cfg.VM, mine)})
 	s.mu.Lock()
 	s.cur = l
 	s.mu.Unlock()
-	if err == nil && !s.hold.Load() {
+	if err == nil && !s.hold.Load() && !in.snapshot {
 		err = l.write(Record{Kind: KindAck, Position: received, Epoch: l.epoch})
 		l.lastAck = received
 	}
@@ -342,21 +396,20 @@ func (s *Secondary) session(in *incoming) error {
 	if err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
-
-	s.connected.Store(true)
-	s.stats.connects.Add(1)
-	s.log.Info("primary connected", "primary", in.peer, "epoch", in.epoch, "primary_head", in.head, "received", received)
-	if in.head < received {
+	if in.head < received && !in.snapshot {
 		s.log.Warn("primary's head is behind what we received; it will refuse to resume", "primary_head", in.head, "received", received)
 	}
+	// Connected once the primary has admitted us too: its first record
+	// after the Hellos (a ping, or the snapshot) says so.
 	defer func() {
-		s.connected.Store(false)
-		s.stats.disconnects.Add(1)
+		if s.connected.Swap(false) {
+			s.stats.disconnects.Add(1)
+		}
 	}()
 
 	var wg sync.WaitGroup
 	wg.Go(func() { fc.fail(s.pingLoop(l, fc.done)) })
-	fc.fail(s.readLoop(l, in.br, in.buf))
+	fc.fail(s.readLoop(l, in))
 	wg.Wait()
 	return fc.err
 }
@@ -400,8 +453,12 @@ func (s *Secondary) sendProgress(l *link) error {
 
 // readLoop delivers frames and acks each batch: once the bufio.Reader has
 // nothing buffered, everything the primary flushed together has been
-// handled, and one Ack covers it all.
-func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
+// handled, and one Ack covers it all. A snapshot, if the primary sends one,
+// comes first.
+func (s *Secondary) readLoop(l *link, in *incoming) error {
+	br, buf := in.br, in.buf
+	var snapshot []byte // the state arrived so far
+	first := true
 	for {
 		if br.Buffered() == 0 {
 			l.conn.SetReadDeadline(time.Now().Add(s.cfg.Timeout))
@@ -411,11 +468,46 @@ func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 			return err
 		}
 		s.stats.received(r)
+		s.stats.heard()
+		if first {
+			first = false
+			s.connected.Store(true)
+			s.stats.connects.Add(1)
+			s.log.Info("primary connected", "primary", in.peer, "epoch", in.epoch, "primary_head", in.head,
+				"received", s.received.Load(), "snapshot", in.snapshot || r.Kind == KindSnapshot || r.Kind == KindSnapshotEnd)
+		}
 		switch r.Kind {
-		case KindRXFrame:
-			err = s.deliver(r, s.cfg.OnFrame)
-		case KindQEMULog:
-			err = s.deliver(r, s.cfg.OnLog)
+		case KindRXFrame, KindQEMULog:
+			if in.snapshot {
+				return fmt.Errorf("handle record: %s before the snapshot this secondary waits for: %w", r.Kind, ErrUnexpected)
+			}
+			handle := s.cfg.OnFrame
+			if r.Kind == KindQEMULog {
+				handle = s.cfg.OnLog
+			}
+			err = s.deliver(r, handle)
+		case KindSnapshot:
+			if s.cfg.OnSnapshot == nil {
+				return fmt.Errorf("handle record: %s, which this secondary does not take: %w", r.Kind, ErrUnexpected)
+			}
+			in.snapshot = true
+			if len(snapshot)+len(r.Payload) > MaxSnapshot {
+				return fmt.Errorf("receive snapshot: over %d bytes: %w", MaxSnapshot, ErrSnapshot)
+			}
+			snapshot = append(snapshot, r.Payload...)
+			continue // acked once installed
+		case KindSnapshotEnd:
+			if s.cfg.OnSnapshot == nil {
+				return fmt.Errorf("handle record: %s, which this secondary does not take: %w", r.Kind, ErrUnexpected)
+			}
+			if err := s.install(in, r, snapshot); err != nil {
+				return err
+			}
+			snapshot = nil
+			if err := s.sendAck(l, true); err != nil {
+				return err
+			}
+			continue
 		case KindHeartbeat:
 			err = l.onHeartbeat(r, &s.rtt)
 		default: // a second Hello, or an Ack
@@ -424,12 +516,29 @@ func (s *Secondary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 		if err != nil {
 			return err
 		}
-		if br.Buffered() == 0 {
+		if br.Buffered() == 0 && !in.snapshot {
 			if err := s.sendAck(l, false); err != nil {
 				return err
 			}
 		}
 	}
+}
+
+// install checks a whole snapshot and rebuilds the VM from it: from now on
+// this secondary holds the primary's log up to the snapshot's position.
+func (s *Secondary) install(in *incoming, end Record, state []byte) error {
+	if err := checkSnapshot(state, end.Payload); err != nil {
+		return err
+	}
+	if err := s.cfg.OnSnapshot(end.Position, state); err != nil {
+		return fmt.Errorf("install snapshot at %d: %w: %w", end.Position, errDeliver, err)
+	}
+	s.received.Store(end.Position)
+	s.incarnation.Store(in.incarnation)
+	s.boot.Store(false)
+	in.snapshot = false
+	s.log.Info("installed snapshot", "position", end.Position, "bytes", len(state), "incarnation", fmt.Sprintf("%#x", in.incarnation))
+	return nil
 }
 
 func (s *Secondary) deliver(r Record, handle func(pos uint64, payload []byte) error) error {

@@ -28,6 +28,9 @@ const (
 	ReasonBacklogFull // AppendFrame refused: MaxUnacked bytes already wait for an ack
 	ReasonDeliver     // SecondaryConfig.OnFrame returned an error
 	ReasonStaleEpoch  // the peer's epoch is older than one already seen: it lost a failover
+	ReasonIncarnation // the peer's log is another incarnation at the same epoch
+	ReasonLacksLog    // the secondary does not hold the log and no snapshot can rebuild it
+	ReasonSnapshot    // a snapshot arrived cut, too long or corrupt
 	ReasonLen         // number of reasons; not a reason
 )
 
@@ -48,6 +51,9 @@ var reasonNames = [ReasonLen]string{
 	ReasonBacklogFull:   "backlog_full",
 	ReasonDeliver:       "deliver",
 	ReasonStaleEpoch:    "stale_epoch",
+	ReasonIncarnation:   "incarnation",
+	ReasonLacksLog:      "lacks_log",
+	ReasonSnapshot:      "snapshot",
 }
 
 func (r ErrReason) String() string {
@@ -69,6 +75,9 @@ func reasonOf(err error) ErrReason {
 	}{
 		{ErrAuth, ReasonAuth},
 		{ErrStaleEpoch, ReasonStaleEpoch},
+		{ErrIncarnation, ReasonIncarnation},
+		{ErrPeerLacksLog, ReasonLacksLog},
+		{ErrSnapshot, ReasonSnapshot},
 		{errDeliver, ReasonDeliver},
 		{ErrBadMagic, ReasonBadMagic},
 		{ErrChecksum, ReasonChecksum},
@@ -105,11 +114,15 @@ type counters struct {
 	recSent, recRecv, bytesSent, bytesRecv [KindLen]atomic.Uint64
 	errors                                 [ReasonLen]atomic.Uint64
 	connects, disconnects, duplicates      atomic.Uint64
-	// lastHeard is when the peer last sent a valid record (monoNow), for
-	// failure detection: log traffic counts as liveness as much as
-	// heartbeats do.
+	// lastHeard is when the peer last sent a valid record on an admitted
+	// connection (monoNow), for failure detection: log traffic counts as
+	// liveness as much as heartbeats do. A peer that is refused at its
+	// Hello is not alive for the VM, however often it comes back.
 	lastHeard atomic.Uint64
 }
+
+// heard notes that the peer of an admitted connection spoke.
+func (c *counters) heard() { c.lastHeard.Store(monoNow()) }
 
 func (c *counters) sent(k Kind, n int) {
 	if k < KindLen {
@@ -119,7 +132,6 @@ func (c *counters) sent(k Kind, n int) {
 }
 
 func (c *counters) received(r Record) {
-	c.lastHeard.Store(monoNow())
 	if r.Kind < KindLen {
 		c.recRecv[r.Kind].Add(1)
 		c.bytesRecv[r.Kind].Add(uint64(HeaderLen + len(r.Payload)))
