@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -124,7 +126,8 @@ func released(t *testing.T, ns string) float64 {
 
 // Cut the replication link with both hosts alive: each sees the other fail,
 // both ask the arbiter, exactly one wins and serves; the other releases
-// nothing from the cut on.
+// nothing from the cut on and joins the winner, which rebuilds it once the
+// link is back.
 func TestReplicationLinkCutLetsExactlyOneHostServe(t *testing.T) {
 	labUp(t)
 	w := startWriter(t, 30*time.Millisecond)
@@ -143,12 +146,12 @@ func TestReplicationLinkCutLetsExactlyOneHostServe(t *testing.T) {
 	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
 	var winner, loser string
 	switch {
-	case a["state"] == "unprotected" && b["state"] == "passive":
+	case a["state"] == "unprotected" && b["state"] == "joining":
 		winner, loser = lab.NSPrimary, lab.NSSecondary
-	case b["state"] == "unprotected" && a["state"] == "passive":
+	case b["state"] == "unprotected" && a["state"] == "joining":
 		winner, loser = lab.NSSecondary, lab.NSPrimary
 	default:
-		t.Fatalf("want one unprotected host and one passive: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+		t.Fatalf("want one unprotected host and one joining it: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
 	}
 	if a["epoch"] != b["epoch"] {
 		t.Errorf("epochs differ: %s %v, %s %v", lab.NSPrimary, a["epoch"], lab.NSSecondary, b["epoch"])
@@ -158,7 +161,25 @@ func TestReplicationLinkCutLetsExactlyOneHostServe(t *testing.T) {
 		t.Errorf("%s lost the arbiter but released %v outputs after the cut", loser, now-loserBefore)
 	}
 	gap := check(t, acked, cut)
-	t.Logf("link cut: %s won, %s passive; client gap %.1fms", winner, loser, float64(gap)/float64(time.Millisecond))
+	t.Logf("link cut: %s won, %s joining; client gap %.1fms", winner, loser, float64(gap)/float64(time.Millisecond))
+
+	setReplLink(t, true)
+	healed := time.Now()
+	waitPair(t, winner, loser, 10*time.Second)
+	t.Logf("link back: %s rebuilt %s as its secondary in %s", winner, loser, time.Since(healed).Round(time.Millisecond))
+}
+
+// waitPair waits until primary serves the VM protected, with secondary its
+// standby at the same epoch: a pair that re-protected itself.
+func waitPair(t *testing.T, primary, secondary string, timeout time.Duration) {
+	t.Helper()
+	var p, s map[string]any
+	waitFor(t, timeout, primary+" protected with "+secondary+" its standby", func() bool {
+		var err1, err2 error
+		p, err1 = tryHostStatus(primary)
+		s, err2 = tryHostStatus(secondary)
+		return err1 == nil && err2 == nil && p["state"] == "protected" && s["state"] == "standby" && p["epoch"] == s["epoch"]
+	})
 }
 
 // Fifty random failovers (host crash, daemon kill, secondary crash, link
@@ -179,7 +200,8 @@ func TestFiftyRandomFailoversLoseNothing(t *testing.T) {
 }
 
 // A planned switchover under a write load: the VM moves to the standby with
-// no acknowledged write lost; the old primary stays passive.
+// no acknowledged write lost; the old primary joins it and becomes its
+// secondary.
 func TestSwitchoverUnderLoadLosesNothing(t *testing.T) {
 	labUp(t)
 	w := startWriter(t, 30*time.Millisecond)
@@ -191,12 +213,13 @@ func TestSwitchoverUnderLoadLosesNothing(t *testing.T) {
 	waitWrites(t, w, w.Acked()+300)
 	acked := w.Stop()
 
-	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
-	if a["state"] != "passive" || b["state"] != "unprotected" || b["epoch"].(float64) != 2 {
-		t.Fatalf("after switchover: %s %v/%v, %s %v/epoch %v", lab.NSPrimary, a["state"], a["role"], lab.NSSecondary, b["state"], b["epoch"])
+	waitPair(t, lab.NSSecondary, lab.NSPrimary, 10*time.Second)
+	if b := hostStatus(t, lab.NSSecondary); b["epoch"].(float64) != 2 {
+		t.Fatalf("after switchover %s serves at epoch %v, want 2", lab.NSSecondary, b["epoch"])
 	}
 	gap := check(t, acked, at)
-	t.Logf("switchover client gap %.1fms", float64(gap)/float64(time.Millisecond))
+	t.Logf("switchover client gap %.1fms; %s protected again %s after the switchover began",
+		float64(gap)/float64(time.Millisecond), lab.NSSecondary, time.Since(at).Round(time.Millisecond))
 }
 
 // After a failover the survivor runs alone; re-protection builds a new
@@ -243,9 +266,9 @@ func checkTwoFailovers(t *testing.T, w *lab.Writer, first, second time.Time) (ti
 }
 
 // The old primary, restarted after a failover with its old configuration,
-// finds in the arbiter that it lost the epoch and stays passive: no
-// failback by surprise. It can then be made the new secondary.
-func TestRestartedOldPrimaryStaysPassiveThenBecomesSecondary(t *testing.T) {
+// finds in the arbiter that the VM has an owner and joins it: no failback
+// by surprise, and no command. The owner rebuilds it as its new secondary.
+func TestRestartedOldPrimaryJoinsAsTheNewSecondary(t *testing.T) {
 	labUp(t)
 	w := startWriter(t, 30*time.Millisecond)
 	waitWrites(t, w, 200)
@@ -273,34 +296,37 @@ func TestRestartedOldPrimaryStaysPassiveThenBecomesSecondary(t *testing.T) {
 	}
 
 	// Restart the old primary as it was.
-	restart := exec.Command("ip", "netns", "exec", lab.NSPrimary, ftgwBin, "run", "--config", filepath.Join(labDir, lab.NSPrimary, "ftgw.yaml"))
-	restart.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := restart.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go restart.Wait()
-	var a map[string]any
-	waitFor(t, 10*time.Second, "the restarted old primary to answer", func() bool {
-		var err error
-		a, err = tryHostStatus(lab.NSPrimary)
-		return err == nil
-	})
-	if a["state"] != "passive" || a["role"] != "standby" || a["epoch"].(float64) != 2 {
-		t.Fatalf("restarted old primary: state %v role %v epoch %v, want passive standby at epoch 2", a["state"], a["role"], a["epoch"])
+	restarted := time.Now()
+	restartDaemon(t, lab.NSPrimary)
+	waitPair(t, lab.NSSecondary, lab.NSPrimary, 10*time.Second)
+	t.Logf("the restarted old primary is the new secondary %s after its start", time.Since(restarted).Round(time.Millisecond))
+	if a := hostStatus(t, lab.NSPrimary); a["role"] != "standby" || a["epoch"].(float64) != 2 {
+		t.Fatalf("restarted old primary: role %v epoch %v, want standby at epoch 2", a["role"], a["epoch"])
 	}
 	waitWrites(t, w, w.Acked()+200) // ftgw-b still serves
-
-	out := ftgw(t, "lab", "reprotect", "--dir", labDir)
-	t.Log(strings.TrimSpace(out))
-	waitWrites(t, w, w.Acked()+200)
 	acked := w.Stop()
-	a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary)
-	if a["state"] != "standby" || b["state"] != "protected" {
-		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
-	}
 	primary, secondary := waitReplicated(t)
 	if primary.Digest != secondary.Digest {
 		t.Error("the new secondary's VM differs from the primary's")
 	}
 	check(t, acked, crashed)
+}
+
+// restartDaemon starts the daemon of a lab host again with its own
+// configuration, as a host's init system would.
+func restartDaemon(t *testing.T, ns string) {
+	t.Helper()
+	log, err := os.OpenFile(filepath.Join(labDir, ns, "ftgw.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	restart := exec.Command("ip", "netns", "exec", ns, ftgwBin, "run", "--config", filepath.Join(labDir, ns, "ftgw.yaml"))
+	restart.Stdout, restart.Stderr = log, log
+	restart.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := restart.Start(); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(labDir, ns, "ftgw.pid"), []byte(strconv.Itoa(restart.Process.Pid)), 0o644)
+	go restart.Wait()
 }

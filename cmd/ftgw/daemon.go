@@ -389,7 +389,7 @@ func (d *daemon) secondary() *lockstep.Secondary { return d.secondaryPtr.Load() 
 
 // newPrimary makes the log channel to a secondary at addr that holds the log
 // up to startHead; with snapshot, one that holds none of it can be rebuilt.
-func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx context.Context, rebase func(uint64)) ([]byte, error)) (*lockstep.Primary, error) {
+func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx context.Context, rebase func(uint64) error) ([]byte, error)) (*lockstep.Primary, error) {
 	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
 	if err != nil {
 		return nil, err
@@ -494,6 +494,10 @@ func (d *daemon) readLog(ctx context.Context) error {
 		return d.readQEMULog(ctx)
 	}
 	return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
+		// Uncontended but for a re-protection, which starts shipping
+		// between two frames.
+		d.logMu.Lock()
+		defer d.logMu.Unlock()
 		d.lastRead.Store(e.Position)
 		if !d.shipping.Load() {
 			return nil

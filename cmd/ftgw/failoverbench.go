@@ -159,10 +159,11 @@ func runFailover(ctx context.Context, dir string, f fault, run int) (r failoverR
 		return r
 	}
 	acked := wr.Stop()
-	// Who serves now, and how its failover went.
+	// Who serves now, and how its failover went: alone, or already with
+	// its peer rebuilt (a host that lost the arbiter joins the winner).
 	for _, ns := range []string{primary, secondary} {
 		s, err := daemonStatus(dir, ns)
-		if err != nil || s.State != protect.Unprotected.String() {
+		if err != nil || s.Role != "active" {
 			continue
 		}
 		r.winner = ns
@@ -177,14 +178,29 @@ func runFailover(ctx context.Context, dir string, f fault, run int) (r failoverR
 	if r.check, r.err = lab.Check(acked, at); r.err != nil {
 		return r
 	}
+	start := time.Now()
 	if f.name == "replication link cut" {
+		// Both hosts live: once the link is back, the winner rebuilds
+		// the loser on its own.
 		if r.err = lab.SetReplLink(true); r.err != nil {
 			return r
 		}
+		r.err = waitProtected(ctx, dir, r.winner, 10*time.Second)
+		r.reprotect, r.unprotected = time.Since(start), time.Since(at)
+		return r
 	}
+	// A crashed host comes back: its daemon starts and joins.
 	rp, err := reprotect(ctx, dir)
 	r.reprotect, r.unprotected, r.err = rp.took, time.Since(at), err
 	return r
+}
+
+// waitProtected waits until the daemon in ns serves the VM protected.
+func waitProtected(ctx context.Context, dir, ns string, timeout time.Duration) error {
+	return waitUntil(ctx, timeout, ns+" to be protected", func() (bool, error) {
+		s, err := daemonStatus(dir, ns)
+		return err == nil && s.State == protect.Protected.String(), nil
+	})
 }
 
 func printFailoverTable(w io.Writer, runs []failoverRun) error {

@@ -82,10 +82,19 @@ func (d *daemon) seekSecondary() {
 }
 
 // snapshotForNewSecondary is the survivor's half of a re-protection, run
-// by the log channel when a secondary that holds none of the log connects:
-// it returns the guest's state at log position P, the log restarted at P
-// (rebase) and the Output Rule on again from P.
-func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64)) ([]byte, error) {
+// by the log channel when a secondary that holds none of the log connects.
+// The VM never pauses:
+//
+//  1. From the last log position read, X, every frame is queued for the new
+//     secondary and every output of input after X waits for its ack: the
+//     Output Rule is on again.
+//  2. Once the guest has consumed X, its state is taken at whatever
+//     position P >= X it has reached (the guest answers between frames).
+//  3. The log restarts at P (rebase): the frames queued after P follow the
+//     state. Outputs stamped up to P may leave: the state holds their
+//     input, and no copy that lacks it can take over (this host was alone
+//     until now, and the new one is not caught up).
+func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64) error) ([]byte, error) {
 	// The lifecycle's lock, but never against the channel being stopped
 	// by whoever holds it.
 	for !d.lifeMu.TryLock() {
@@ -101,74 +110,59 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 	}
 	start := time.Now()
 	rec := d.owner.Current()
-	// Input pauses (the VM's frames are dropped at the uplink, as on a
-	// lossy link) so the guest's state sits still at one log position.
-	paused := rec
-	paused.Role = vip.RoleDraining
-	if err := d.owner.Publish(paused); err != nil {
-		return nil, err
+
+	d.logMu.Lock() // readLog takes no frame meanwhile: none falls between
+	queuedFrom := d.lastRead.Load()
+	err := rebase(queuedFrom)
+	if err == nil {
+		d.shipping.Store(true)
 	}
-	resumed := false
-	defer func() {
-		if !resumed {
-			if err := d.owner.Publish(rec); err != nil {
-				d.log.Error("resume input", "err", err)
-			}
-		}
-	}()
-	var position uint64
-	var stable int
-	err := waitUntil(ctx, 5*time.Second, "the guest to reach the log head", func() (bool, error) {
-		head := d.dp.Head()
-		consumed, err := d.consumedPosition()
-		if err != nil {
-			return false, err
-		}
-		if consumed != head || d.lastRead.Load() != head || d.dp.Head() != head {
-			stable = 0
-			return false, nil
-		}
-		position = head
-		stable++
-		return stable >= 3, nil
-	})
+	d.logMu.Unlock()
 	if err != nil {
 		return nil, err
 	}
-	d.engineMu.Lock()
-	e := d.synthetic
-	d.engineMu.Unlock()
-	state, err := guest.QueryState(e.control)
-	if err != nil {
-		return nil, err
-	}
-	if got := state.Frames - d.inputBase.Load(); got != position {
-		return nil, fmt.Errorf("reprotect: the guest moved to position %d during its snapshot at %d", got, position)
-	}
-	raw, err := json.Marshal(state)
-	if err != nil {
-		return nil, err
-	}
-	// Everything logged from here on goes to the new secondary, and its
-	// outputs wait for its ack. The head sits still at position, so
-	// nothing falls between.
-	rebase(position)
-	d.reprotectAt.Store(position)
-	d.shipping.Store(true)
-	d.dp.SetAcked(max(d.dp.Acked(), position))
+	d.dp.SetAcked(max(d.dp.Acked(), queuedFrom))
 	d.hold.SetPassthrough(false)
-	if from == protect.Unprotected {
-		d.fire(protect.PeerJoined)
-	}
 	rec.Role, rec.Passthrough = vip.RoleActive, false
 	if err := d.owner.Publish(rec); err != nil {
 		return nil, err
 	}
-	resumed = true
+	if from == protect.Unprotected {
+		d.fire(protect.PeerJoined)
+	}
+
+	var state guest.State
+	err = waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
+		consumed, err := d.consumedPosition()
+		return consumed >= queuedFrom, err
+	})
+	if err == nil {
+		d.engineMu.Lock()
+		e := d.synthetic
+		d.engineMu.Unlock()
+		state, err = guest.QueryState(e.control)
+	}
+	var raw []byte
+	if err == nil {
+		raw, err = json.Marshal(state)
+	}
+	position := state.Frames - d.inputBase.Load()
+	if err == nil {
+		err = rebase(position)
+	}
+	if err != nil {
+		// The Output Rule stays on: the channel tries again, or the
+		// re-protection is abandoned through the arbiter.
+		return nil, err
+	}
+	d.reprotectAt.Store(position)
+	d.dp.SetAcked(max(d.dp.Acked(), position))
+	d.hold.ReleaseUpTo(position)
 	d.mu.Lock()
 	d.reprotecting = &reprotectStatus{TakeoverAfter: position}
 	d.mu.Unlock()
-	d.log.Info("re-protecting: snapshot taken", "position", position, "bytes", len(raw), "input_paused", time.Since(start))
+	d.log.Info("re-protecting: snapshot taken, the VM never paused", "queued_from", queuedFrom, "position", position,
+		"bytes", len(raw), "took", time.Since(start))
 	return raw, nil
 }
 

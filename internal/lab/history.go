@@ -182,10 +182,7 @@ func StartLoad(cfg LoadConfig) (_ *Load, err error) {
 	deadline := time.Now().Add(cfg.MaxTime)
 	var running sync.WaitGroup
 	for id, c := range clients {
-		running.Go(func() {
-			defer c.Close()
-			l.runClient(id, c, cfg, deadline)
-		})
+		running.Go(func() { l.runClient(id, c, cfg, deadline) })
 	}
 	go func() {
 		running.Wait()
@@ -195,6 +192,7 @@ func StartLoad(cfg LoadConfig) (_ *Load, err error) {
 }
 
 func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.Time) {
+	defer func() { c.Close() }()
 	keys := make([]string, cfg.Keys)
 	for i := range keys {
 		keys[i] = fmt.Sprintf("k%d", i)
@@ -227,6 +225,15 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 			l.acked.Add(1)
 		}
 		l.history.Add(op)
+		if err != nil {
+			// The reply may still come, late (held output released
+			// after a failover): from a new port, it cannot be taken
+			// for the answer to a later request on the same key.
+			if fresh, derr := clientDial(cfg.Timeout); derr == nil {
+				c.Close()
+				c = fresh
+			}
+		}
 	}
 }
 

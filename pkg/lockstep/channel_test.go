@@ -807,15 +807,26 @@ func TestRestartedSecondaryIsRebuiltFromASnapshot(t *testing.T) {
 	// With a snapshot, it is rebuilt at the head and follows from there.
 	var p *Primary
 	p = newTestPrimary(t, pki, joiner.Addr().String(), PrimaryConfig{
-		Snapshot: func(_ context.Context, rebase func(uint64)) ([]byte, error) {
-			rebase(p.Head())
+		Snapshot: func(_ context.Context, rebase func(uint64) error) ([]byte, error) {
+			// Queue from 5 on while the state is taken, at 7: frames 8
+			// and 9 arrive meanwhile and go after the state.
+			if err := rebase(5); err != nil {
+				return nil, err
+			}
+			appendFrames(t, p, 8, 9)
+			if err := rebase(7); err != nil {
+				return nil, err
+			}
+			if err := rebase(6); err == nil {
+				t.Error("rebase went back")
+			}
 			return []byte("state"), nil
 		},
 	})
 	appendFrames(t, p, 1, 7) // never acked: the joiner gets the state at 7 instead
 	run(t, p.Run)
 	waitFor(t, "the joiner synced", p.Synced)
-	appendFrames(t, p, 8, 12)
+	appendFrames(t, p, 10, 12)
 	waitFor(t, "ack 12", func() bool { return p.Acked() == 12 })
 	mu.Lock()
 	defer mu.Unlock()
@@ -845,7 +856,7 @@ func TestSecondaryRefusesAnotherLogAtItsEpoch(t *testing.T) {
 	quietBefore := s.SinceHeard()
 	fresh := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{
 		Incarnation: 0xf2e54, FromBoot: true,
-		Snapshot: func(_ context.Context, rebase func(uint64)) ([]byte, error) { rebase(0); return []byte("empty"), nil },
+		Snapshot: func(_ context.Context, rebase func(uint64) error) ([]byte, error) { return []byte("empty"), rebase(0) },
 	})
 	run(t, fresh.Run)
 	waitFor(t, "incarnation refusals", func() bool { return s.Stats().Errors[ReasonIncarnation] >= 2 })

@@ -33,13 +33,13 @@ type PrimaryConfig struct {
 	FromBoot    bool
 
 	// Snapshot rebuilds a secondary that does not hold the log (it
-	// restarted, or joins afresh): it takes the VM's state with input
-	// paused at the log head P, calls rebase(P) before input resumes, and
-	// returns the state, which goes to the secondary ahead of the log from
-	// P+1. Nil: such a secondary is refused with ErrPeerLacksLog and
-	// OnPeerLacksLog is called.
-	// ctx ends with the channel.
-	Snapshot       func(ctx context.Context, rebase func(pos uint64)) ([]byte, error)
+	// restarted, or joins afresh): it returns the VM's state at some log
+	// position P and calls rebase(P) (see Primary.rebase; it may call it
+	// earlier at a lower position, to start queueing the log from there
+	// while it takes the state). The state goes to the secondary ahead of
+	// the log from P+1. ctx ends with the channel. Nil: such a secondary
+	// is refused with ErrPeerLacksLog and OnPeerLacksLog is called.
+	Snapshot       func(ctx context.Context, rebase func(pos uint64) error) ([]byte, error)
 	OnPeerLacksLog func()
 
 	Heartbeat time.Duration // default DefaultHeartbeat
@@ -255,16 +255,30 @@ func (p *Primary) Connected() bool { return p.connected.Load() }
 // holds everything up to Acked.
 func (p *Primary) Synced() bool { return p.connected.Load() && p.synced.Load() }
 
-// rebase restarts the log at pos for a secondary rebuilt from a snapshot
-// taken there: what was kept for resending is dropped (the snapshot holds
-// it) and the next position appended is pos+1. Only Snapshot calls it,
-// with input paused, so nothing is appended meanwhile.
-func (p *Primary) rebase(pos uint64) {
+// rebase makes pos the log position a new secondary is rebuilt at: what
+// was kept for resending up to pos is dropped (the snapshot holds it), what
+// comes after stays queued for it, and the next position appended is at
+// least pos+1. It refuses a pos before what is already acknowledged.
+func (p *Primary) rebase(pos uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	clear(p.unacked)
-	p.unacked, p.unackedBytes = p.unacked[:0], 0
-	p.head, p.acked = pos, pos
+	switch {
+	case pos >= p.head:
+		clear(p.unacked)
+		p.unacked, p.unackedBytes = p.unacked[:0], 0
+		p.head, p.acked = pos, pos
+	case pos >= p.acked:
+		n := int(pos - p.acked)
+		for i := range n {
+			p.unackedBytes -= len(p.unacked[i])
+			p.unacked[i] = nil
+		}
+		p.unacked = p.unacked[n:]
+		p.acked = pos
+	default:
+		return fmt.Errorf("rebase at %d: already acked %d: %w", pos, p.acked, ErrAckBackwards)
+	}
+	return nil
 }
 
 // RTT is the last heartbeat round-trip time measured, 0 before the first.
@@ -425,9 +439,12 @@ func (p *Primary) handshake(l *link, br *bufio.Reader, buf []byte) (from uint64,
 func (p *Primary) sendSnapshot(ctx context.Context, l *link) (uint64, error) {
 	var at uint64
 	rebased := false
-	state, err := p.cfg.Snapshot(ctx, func(pos uint64) {
-		p.rebase(pos)
+	state, err := p.cfg.Snapshot(ctx, func(pos uint64) error {
+		if err := p.rebase(pos); err != nil {
+			return err
+		}
 		at, rebased = pos, true
+		return nil
 	})
 	if err != nil {
 		return 0, fmt.Errorf("take snapshot: %w", err)
