@@ -87,7 +87,9 @@ func (d *daemon) watch(ctx context.Context) error {
 			}
 			if silent := p.SinceHeard(); silent > d.cfg.FailureTimeout {
 				d.peerLost(ctx, st, causeSecondaryLost, silent)
-			} else if stuck := d.ackClock.oldestPending(p.Acked()); stuck > d.cfg.FailureTimeout && d.outputWaits() {
+			} else if stuck := min(d.ackClock.oldestPending(p.Acked()), p.SinceAck()); stuck > d.cfg.FailureTimeout && d.outputWaits() && p.Synced() {
+				// (A new secondary starting its VM from the snapshot
+				// acks nothing meanwhile: awaitProtection bounds that.)
 				d.log.Warn("the secondary is connected but acknowledges nothing", "oldest_unacked", stuck)
 				d.peerLost(ctx, st, causeSecondaryLost, stuck)
 			}
@@ -138,7 +140,12 @@ func (d *daemon) arbitrate(ctx context.Context, from protect.State, ev protect.E
 	if _, err := d.life.FireIf(from, ev); err != nil {
 		return // someone else moved this host meanwhile
 	}
-	known := d.knownEpoch()
+	known := d.owner.Current().Epoch
+	if from == protect.Standby {
+		// The epoch of the log this copy holds, not a newer one it saw
+		// without following it: that owner may have released more.
+		known = d.secondary().LogEpoch()
+	}
 	d.log.Warn("peer failed", "cause", cause, "silent", silent, "epoch", known, "was", from)
 	d.channelStop()
 	won, epoch, arbitration := d.claim(ctx, known)
@@ -208,16 +215,6 @@ func (d *daemon) goLive(ctx context.Context) (drain time.Duration, err error) {
 		d.inputBase.Add(received)
 	}
 	return drain, nil
-}
-
-// knownEpoch is the newest epoch this host knows for the VM: its own
-// record's, or the primary's it follows.
-func (d *daemon) knownEpoch() uint64 {
-	epoch := d.owner.Current().Epoch
-	if s := d.secondary(); s != nil {
-		epoch = max(epoch, s.PeerEpoch())
-	}
-	return epoch
 }
 
 // claim runs the arbiter's test-and-set for the epoch this host knows. An

@@ -510,6 +510,9 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	lastReport := time.Now()
 	err = waitUntil(ctx, timeout, "the pair to be protected", func() (bool, error) {
 		s, err = daemonStatus(dir, survivor.NS)
+		if err == nil && s.Reprotect != nil {
+			r.position = s.Reprotect.TakeoverAfter
+		}
 		switch {
 		case err != nil:
 			return false, err
@@ -527,11 +530,7 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 		}
 		return false, nil
 	})
-	r.took, r.unprotected = time.Since(start), s.UnprotectedSeconds
-	if s.Reprotect != nil {
-		r.position = s.Reprotect.TakeoverAfter
-	}
-	r.epoch = s.Epoch
+	r.took, r.unprotected, r.epoch = time.Since(start), s.UnprotectedSeconds, s.Epoch
 	return r, err
 }
 

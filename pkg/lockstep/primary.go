@@ -91,9 +91,10 @@ type Primary struct {
 	connected atomic.Bool
 	// synced: the connected secondary has acknowledged since it connected,
 	// so it holds the log (or the snapshot) up to Acked.
-	synced atomic.Bool
-	rtt    atomic.Int64
-	fenced sync.Once
+	synced  atomic.Bool
+	lastAck atomic.Uint64 // monoNow of the last Ack received, or of the connect
+	rtt     atomic.Int64
+	fenced  sync.Once
 }
 
 // NewPrimary checks cfg and fills in defaults. Nothing is dialed before Run.
@@ -348,6 +349,7 @@ func (p *Primary) session(ctx context.Context) (connected bool, err error) {
 	}
 
 	p.stats.heard()
+	p.lastAck.Store(monoNow())
 	p.connected.Store(true)
 	p.stats.connects.Add(1)
 	p.log.Info("log channel connected", "resend_from", from+1, "head", p.Head())
@@ -541,6 +543,7 @@ func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 		case KindAck:
 			err = p.ack(r.Position)
 			if err == nil {
+				p.lastAck.Store(monoNow())
 				p.synced.Store(true)
 			}
 		case KindHeartbeat:
@@ -555,6 +558,9 @@ func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 		if err != nil {
 			return err
 		}
+		// Handling may have taken a while (OnAck releases output), with
+		// the secondary's records waiting unread: it was not silent.
+		p.stats.heard()
 	}
 }
 
@@ -587,6 +593,11 @@ func (p *Primary) ack(pos uint64) error {
 	}
 	return nil
 }
+
+// SinceAck is how long the connected secondary has sent no Ack (since it
+// connected, if it sent none): with output waiting, a secondary that
+// answers heartbeats but acknowledges nothing is as good as lost.
+func (p *Primary) SinceAck() time.Duration { return time.Duration(monoNow() - p.lastAck.Load()) }
 
 // SinceHeard is how long the secondary has sent nothing (heartbeats, log
 // records, acks): the input to failure detection.

@@ -66,7 +66,8 @@ type Secondary struct {
 
 	progress    atomic.Uint64 // replay lag in ns, for the primary
 	hasProgress atomic.Bool
-	peerEpoch   atomic.Uint64 // the epoch of the last primary admitted
+	peerEpoch   atomic.Uint64 // the newest epoch a primary was admitted at
+	logEpoch    atomic.Uint64 // the epoch of the log this secondary holds
 	hold        atomic.Bool
 	connected   atomic.Bool
 	rtt         atomic.Int64
@@ -111,6 +112,7 @@ func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
 	s.incarnation.Store(cfg.Incarnation)
 	s.boot.Store(cfg.Boot && cfg.StartPosition == 0)
 	s.peerEpoch.Store(cfg.Epoch)
+	s.logEpoch.Store(cfg.Epoch)
 	return s, nil
 }
 
@@ -364,8 +366,15 @@ func (s *Secondary) session(in *incoming) error {
 	if in.epoch > s.peerEpoch.Load() {
 		s.peerEpoch.Store(in.epoch)
 	}
-	if !in.snapshot && s.incarnation.Load() == 0 {
-		s.incarnation.Store(in.incarnation) // following from boot
+	if in.snapshot {
+		// A newer owner's log, or none held: what this host holds is
+		// no copy of the VM that may take over any more.
+		s.incarnation.Store(0)
+	} else {
+		if s.incarnation.Load() == 0 {
+			s.incarnation.Store(in.incarnation) // following from boot
+		}
+		s.logEpoch.Store(max(s.logEpoch.Load(), in.epoch))
 	}
 	received := s.received.Load()
 	mine := helloInfo{Incarnation: s.incarnation.Load(), NeedSnapshot: in.snapshot}
@@ -503,6 +512,9 @@ func (s *Secondary) readLoop(l *link, in *incoming) error {
 			if err := s.install(in, r, snapshot); err != nil {
 				return err
 			}
+			// Starting the VM took a while, with the primary's
+			// heartbeats waiting unread: it was not silent.
+			s.stats.heard()
 			snapshot = nil
 			if err := s.sendAck(l, true); err != nil {
 				return err
@@ -516,6 +528,8 @@ func (s *Secondary) readLoop(l *link, in *incoming) error {
 		if err != nil {
 			return err
 		}
+		// A slow delivery (a full tap queue) is not a silent primary.
+		s.stats.heard()
 		if br.Buffered() == 0 && !in.snapshot {
 			if err := s.sendAck(l, false); err != nil {
 				return err
@@ -535,6 +549,7 @@ func (s *Secondary) install(in *incoming, end Record, state []byte) error {
 	}
 	s.received.Store(end.Position)
 	s.incarnation.Store(in.incarnation)
+	s.logEpoch.Store(in.epoch)
 	s.boot.Store(false)
 	in.snapshot = false
 	s.log.Info("installed snapshot", "position", end.Position, "bytes", len(state), "incarnation", fmt.Sprintf("%#x", in.incarnation))
@@ -585,6 +600,11 @@ func (s *Secondary) sendAck(l *link, force bool) error {
 // records, acks): the input to failure detection.
 func (s *Secondary) SinceHeard() time.Duration { return s.stats.sinceHeard() }
 
-// PeerEpoch is the epoch of the last primary that connected: the epoch this
-// secondary was protecting, which it must name to claim the VM.
+// PeerEpoch is the newest epoch a primary was admitted at: a primary at an
+// older one is refused (fenced).
 func (s *Secondary) PeerEpoch() uint64 { return s.peerEpoch.Load() }
+
+// LogEpoch is the epoch of the log this secondary holds: the one it must
+// name to claim the VM. A newer owner seen but not yet followed does not
+// count: its log is not here.
+func (s *Secondary) LogEpoch() uint64 { return s.logEpoch.Load() }
