@@ -209,10 +209,12 @@ func (d *daemon) goLive(ctx context.Context) (drain time.Duration, err error) {
 			return drain, err
 		}
 	} else {
-		// This host's own log starts at 0; the guest has taken in every
-		// frame received (the tap keeps their order ahead of anything
-		// logged from now on).
-		d.inputBase.Add(received)
+		// This host's own log goes on from its data path's head (0 on a
+		// host that never served); the guest has taken in, or will
+		// before anything logged from now on (the tap keeps their
+		// order), every frame received. (Unsigned arithmetic wraps: only
+		// differences of these counts mean anything.)
+		d.inputBase.Store(d.inputBase.Load() + received - d.dp.Head())
 	}
 	return drain, nil
 }

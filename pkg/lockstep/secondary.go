@@ -512,9 +512,6 @@ func (s *Secondary) readLoop(l *link, in *incoming) error {
 			if err := s.install(in, r, snapshot); err != nil {
 				return err
 			}
-			// Starting the VM took a while, with the primary's
-			// heartbeats waiting unread: it was not silent.
-			s.stats.heard()
 			snapshot = nil
 			if err := s.sendAck(l, true); err != nil {
 				return err
@@ -547,6 +544,9 @@ func (s *Secondary) install(in *incoming, end Record, state []byte) error {
 	if err := s.cfg.OnSnapshot(end.Position, state); err != nil {
 		return fmt.Errorf("install snapshot at %d: %w: %w", end.Position, errDeliver, err)
 	}
+	// Starting the VM took a while, with the primary's heartbeats waiting
+	// unread: it was not silent. Noted before this copy may take over.
+	s.stats.heard()
 	s.received.Store(end.Position)
 	s.incarnation.Store(in.incarnation)
 	s.logEpoch.Store(in.epoch)
