@@ -13,7 +13,7 @@ setup:
 
 # ftgw and, beside it, the library the recording QEMU runs with (preload/).
 build:
-	$(GO) build -o $(FTGW) ./cmd/ftgw
+	$(GO) build -buildvcs=auto -o $(FTGW) ./cmd/ftgw
 	$(CC) -O2 -Wall -Wextra -shared -fPIC -o bin/ftgw-rr.so preload/ftgw-rr.c -ldl
 
 # The Linux guest image: Debian's cloud kernel and an initramfs whose /init is

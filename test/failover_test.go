@@ -208,7 +208,7 @@ func TestSwitchoverUnderLoadLosesNothing(t *testing.T) {
 	waitWrites(t, w, 300)
 
 	at := time.Now()
-	out := ftgw(t, "switchover", "--dir", labDir)
+	out := ftgw(t, "lab", "switchover", "--dir", labDir)
 	t.Log(strings.TrimSpace(out))
 	waitWrites(t, w, w.Acked()+300)
 	acked := w.Stop()

@@ -20,7 +20,7 @@ func startLoad(t *testing.T) *lab.Load {
 	t.Helper()
 	l, err := lab.StartLoad(lab.LoadConfig{
 		Clients: 4, Keys: 5, WriteFraction: 0.6,
-		Timeout: 500 * time.Millisecond, MaxOps: 200_000, MaxTime: 2 * time.Minute,
+		Timeout: 250 * time.Millisecond, MaxOps: 200_000, MaxTime: 2 * time.Minute,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -311,6 +311,7 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	cfg.Listen, cfg.TLS, cfg.VM = d.cfg.Peer.Listen, tlsCfg, d.vm.Name
 	cfg.Heartbeat, cfg.Logger = d.cfg.Heartbeat, d.log
 	cfg.Epoch = max(cfg.Epoch, d.owner.Current().Epoch)
+	cfg.OnHandOver = d.onHandOver
 	// The VM takes in either logged frames or QEMU's replay log.
 	if d.qemu != nil {
 		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }

@@ -33,6 +33,8 @@ const labUsage = `Usage:
       after a failover: a new secondary on the other host, built from the
       survivor's VM at a log position (a real VM: from its go-live snapshot
       and its log since), without restarting the VM
+  ftgw lab switchover [--dir DIR]
+      planned move of the VM from the lab's protected primary to its standby
   ftgw lab traffic [--requests N]
       key-value writes from ftgw-c to the VM, then the commit latency
 `
@@ -42,6 +44,10 @@ const defaultLabDir = "/run/ftgw/lab"
 func labCommand(ctx context.Context, args []string) error {
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, labUsage)
+		return errUsage
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Print(labUsage)
 		return flag.ErrHelp
 	}
 	fs := flag.NewFlagSet("lab "+args[0], flag.ContinueOnError)
@@ -84,9 +90,11 @@ func labCommand(ctx context.Context, args []string) error {
 		return labTraffic(ctx, os.Stdout, *dir, *requests)
 	case "reprotect":
 		return labReprotect(ctx, append([]string{"--dir", *dir}, fs.Args()...))
+	case "switchover":
+		return labSwitchover(ctx, *dir)
 	}
-	fmt.Fprint(os.Stderr, labUsage)
-	return flag.ErrHelp
+	fmt.Fprintf(os.Stderr, "ftgw lab: unknown command %q\n\n%s", args[0], labUsage)
+	return errUsage
 }
 
 func hostDir(dir, ns string) string { return filepath.Join(dir, ns) }

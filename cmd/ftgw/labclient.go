@@ -50,8 +50,13 @@ func controlClient(sock string) *http.Client {
 }
 
 func daemonStatus(dir, ns string) (Status, error) {
+	return statusAt(controlPath(hostDir(dir, ns)))
+}
+
+// statusAt reads the status of the daemon whose control socket is socket.
+func statusAt(socket string) (Status, error) {
 	var s Status
-	resp, err := controlClient(controlPath(hostDir(dir, ns))).Get("http://ftgw/status")
+	resp, err := controlClient(socket).Get("http://ftgw/status")
 	if err != nil {
 		return s, err
 	}
@@ -60,31 +65,33 @@ func daemonStatus(dir, ns string) (Status, error) {
 }
 
 func setOutputMode(dir, ns, mode string) error {
-	resp, err := controlClient(controlPath(hostDir(dir, ns))).PostForm("http://ftgw/output-mode", url.Values{"mode": {mode}})
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("set output mode %s on %s: %s", mode, ns, strings.TrimSpace(string(msg)))
-	}
-	return nil
+	_, err := controlPost(dir, ns, "/output-mode", url.Values{"mode": {mode}})
+	return err
 }
 
-// controlPost posts form to a daemon's control endpoint and returns the
-// reply body.
+// controlPost posts form to a lab daemon's control endpoint and returns
+// the reply body.
 func controlPost(dir, ns, path string, form url.Values) (string, error) {
-	client := controlClient(controlPath(hostDir(dir, ns)))
+	reply, err := controlPostSocket(controlPath(hostDir(dir, ns)), path, form)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", ns, err)
+	}
+	return reply, nil
+}
+
+// controlPostSocket posts form to the control endpoint of the daemon at
+// socket and returns the reply body.
+func controlPostSocket(socket, path string, form url.Values) (string, error) {
+	client := controlClient(socket)
 	client.Timeout = 30 * time.Second
 	resp, err := client.PostForm("http://ftgw"+path, form)
 	if err != nil {
-		return "", fmt.Errorf("%s %s: %w", ns, path, err)
+		return "", fmt.Errorf("%s: %w", path, err)
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s %s: %s", ns, path, strings.TrimSpace(string(body)))
+		return "", fmt.Errorf("%s: %s", path, strings.TrimSpace(string(body)))
 	}
 	return strings.TrimSpace(string(body)), nil
 }

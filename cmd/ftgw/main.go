@@ -22,12 +22,16 @@ const usage = `ftgw: fault tolerance for VMs, with the Output Rule enforced in X
 
 Usage:
   ftgw run --config FILE [--verbose]   serve one host's side of a protected VM
+  ftgw status [--socket PATH]          where this host stands for its VM
+  ftgw switchover [--socket PATH]      planned move of the VM from this host to its standby
+  ftgw reprotect [--socket PATH]       wait until the VM this host serves is protected again
+  ftgw version                         the version of ftgw
   ftgw guest --tap T --ip IP --mac MAC  run the synthetic deterministic guest
-  ftgw lab up|down|status [flags]       the two-host lab on this machine
-  ftgw bench [flags]                    measure the lab: commit latency and rates
-  ftgw bench --failover N               N random failovers under load, checked
-  ftgw switchover [--dir DIR]           planned move of the lab's VM to its standby
+  ftgw lab up|down|status|...          the two-host lab on this machine
+  ftgw bench [flags]                   measure the lab: commit latency and rates
+  ftgw bench --failover N              N random failovers under load, checked
 
+The daemon's control socket (default /run/ftgw/control.sock) is root's only.
 Run "ftgw COMMAND -h" for a command's flags.
 `
 
@@ -43,28 +47,39 @@ func main() {
 	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
 	case "run":
 		err = runCommand(ctx, args)
+	case "status":
+		err = statusCommand(ctx, args)
+	case "switchover":
+		err = switchoverCommand(ctx, args)
+	case "reprotect":
+		err = reprotectCommand(ctx, args)
+	case "version", "--version":
+		err = versionCommand(args)
 	case "guest":
 		err = guestCommand(ctx, args)
 	case "lab":
 		err = labCommand(ctx, args)
 	case "bench":
 		err = benchCommand(ctx, args)
-	case "switchover":
-		err = switchoverCommand(ctx, args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:
 		fmt.Fprintf(os.Stderr, "ftgw: unknown command %q\n\n%s", cmd, usage)
 		os.Exit(2)
 	}
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(2)
-		}
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(0) // -h: the usage went out, as asked
+	case errors.Is(err, errUsage):
+		os.Exit(2)
+	case err != nil:
 		fmt.Fprintf(os.Stderr, "ftgw %s: %v\n", os.Args[1], err)
 		os.Exit(1)
 	}
 }
+
+// errUsage: the command line was wrong; the usage went to stderr.
+var errUsage = errors.New("usage")
 
 func newLogger(verbose bool) *slog.Logger {
 	level := slog.LevelInfo
@@ -75,7 +90,7 @@ func newLogger(verbose bool) *slog.Logger {
 }
 
 func runCommand(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs := newFlagSet("run", "--config FILE [--verbose]", "Serve one host's side of a protected VM, as its configuration says.")
 	configPath := fs.String("config", "", "YAML configuration `file`")
 	verbose := fs.Bool("verbose", false, "debug logs and the full BPF verifier log on load errors")
 	if err := fs.Parse(args); err != nil {
@@ -95,7 +110,7 @@ func runCommand(ctx context.Context, args []string) error {
 }
 
 func guestCommand(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("guest", flag.ContinueOnError)
+	fs := newFlagSet("guest", "--tap T --ip IP --mac MAC [--control SOCK] [--restore FILE]", "Run the synthetic deterministic guest on a tap (the daemon starts it).")
 	tapName := fs.String("tap", "", "tap device the guest owns")
 	ipFlag := fs.String("ip", "", "the guest's IPv4 address")
 	macFlag := fs.String("mac", "", "the guest's MAC address")

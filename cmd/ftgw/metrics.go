@@ -2,6 +2,7 @@ package main
 
 import (
 	"math"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -22,7 +23,7 @@ type collector struct {
 	commitLatency, ackLatency, shipDelay, held, head, acked, logBytes, logRecords, suppressed, dropped,
 	frames, channelErrors, rtt, role, epoch, collectionErrors,
 	state, failovers, failoverPhase, unprotected,
-	replayLag, throttles, throttled *prometheus.Desc
+	replayLag, throttles, throttled, buildInfo *prometheus.Desc
 }
 
 func newCollector(d *daemon) *collector {
@@ -61,6 +62,8 @@ func newCollector(d *daemon) *collector {
 			"Real VMs: how far the secondary's replay trails: on the primary, how long the VM has run since its log reached the instruction count the secondary last reported replaying (what the throttle bounds); on the secondary, in guest time, the log it has received minus what it has replayed."),
 		throttles: desc("throttle_pauses_total", "Real VMs: times the primary paused its VM because the replay lag exceeded max_lag."),
 		throttled: desc("throttled_seconds_total", "Real VMs: time the primary's VM spent paused by the lag throttle."),
+		buildInfo: prometheus.NewDesc("ftgw_build_info",
+			"1, labelled with the version and VCS revision of ftgw and the Go that built it.", []string{"version", "revision", "goversion"}, nil),
 		collectionErrors: prometheus.NewDesc("ftgw_collection_errors_total",
 			"Errors reading data-path state at scrape time.", nil, nil),
 	}
@@ -178,6 +181,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	d.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(c.collectionErrors, prometheus.CounterValue, float64(c.errors.Load()))
+	version, revision := buildVersion()
+	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, version, revision, runtime.Version())
 }
 
 // constHistogram turns a power-of-two nanosecond histogram into Prometheus

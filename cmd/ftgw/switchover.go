@@ -2,12 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
+	"io"
 	"net/http"
-	"net/url"
-	"strconv"
+	"os"
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
@@ -51,6 +51,9 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	if d.qemu != nil {
 		return 0, 0, errors.New("switchover: a real VM cannot be switched over yet (its replay would have to reach the primary's last instruction); crash-free moves need `ftgw lab reprotect` after a failover")
 	}
+	if p := d.primary(); p == nil || !p.Synced() {
+		return 0, 0, errors.New("switchover: the secondary is not connected")
+	}
 	if _, err := d.life.FireIf(protect.Protected, protect.HandOver); err != nil {
 		return 0, 0, fmt.Errorf("switchover: this host is not a protected primary: %w", err)
 	}
@@ -90,9 +93,13 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	}
 	d.shipping.Store(false)
 	d.fire(protect.HandedOver)
+	// The standby takes over once it has consumed the log up to head; this
+	// host joins it afterwards. Were the word lost, the standby would find
+	// this host silent and ask the arbiter all the same.
+	if err := d.primary().HandOver(head); err != nil {
+		d.log.Warn("tell the standby to take over", "err", err)
+	}
 	d.log.Info("handed over", "epoch", epoch, "head", head)
-	// The standby takes over only once our channel is gone: it follows
-	// its primary's epoch until then. This host joins it afterwards.
 	d.channelStop()
 	d.group.Go(func() error {
 		d.lifeMu.Lock()
@@ -140,69 +147,83 @@ func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhas
 	return phases, nil
 }
 
+// switchoverReply is what POST /switchover answers.
+type switchoverReply struct {
+	Epoch   uint64        `json:"epoch"`
+	Head    uint64        `json:"head"`
+	Drained time.Duration `json:"drained_ns"`
+}
+
 func (d *daemon) serveSwitchover(mux *http.ServeMux) {
-	mux.HandleFunc("POST /switchover/hand-over", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /switchover", func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
 		epoch, head, err := d.handOver(r.Context())
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusConflict)
 			return
 		}
-		fmt.Fprintf(w, "%d %d\n", epoch, head)
-	})
-	mux.HandleFunc("POST /switchover/take-over", func(w http.ResponseWriter, r *http.Request) {
-		epoch, err1 := strconv.ParseUint(r.FormValue("epoch"), 10, 64)
-		head, err2 := strconv.ParseUint(r.FormValue("head"), 10, 64)
-		if err := errors.Join(err1, err2); err != nil {
-			http.Error(w, "take-over wants epoch and head: "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		if _, err := d.takeOver(r.Context(), epoch, head); err != nil {
-			http.Error(w, err.Error(), http.StatusConflict)
-		}
+		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start)})
 	})
 }
 
-// switchoverCommand moves the lab's VM from its protected primary to the
-// standby, whichever hosts those are now.
+// onHandOver is the primary's word, over the log channel, to take over.
+func (d *daemon) onHandOver(epoch, head uint64) {
+	go func() {
+		if _, err := d.takeOver(d.runCtx, epoch, head); err != nil {
+			d.log.Error("switchover", "err", err)
+		}
+	}()
+}
+
+// switchoverCommand moves a protected VM from the daemon at --socket, its
+// primary, to its standby, and waits until the old primary is the new
+// standby.
 func switchoverCommand(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("switchover", flag.ContinueOnError)
-	dir := fs.String("dir", defaultLabDir, "the lab's directory")
+	fs := newFlagSet("switchover", "[--socket PATH]", "Planned move of the VM from this host, its protected primary, to its standby, with no output lost.\nIt returns once this host is the new standby.")
+	socket := socketFlag(fs)
+	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the pair to be protected again")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var from, to string
-	for _, host := range lab.Hosts[:2] {
-		s, err := daemonStatus(*dir, host.NS)
-		if err != nil {
-			return fmt.Errorf("%s: %w", host.NS, err)
-		}
-		switch s.State {
-		case protect.Protected.String():
-			from = host.NS
-		case protect.Standby.String():
-			to = host.NS
-		}
-	}
-	if from == "" || to == "" {
-		return errors.New("switchover needs a protected primary and a standby (see `ftgw lab status`)")
-	}
+	return switchover(ctx, os.Stdout, *socket, *timeout)
+}
+
+func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Duration) error {
 	start := time.Now()
-	reply, err := controlPost(*dir, from, "/switchover/hand-over", nil)
+	raw, err := controlPostSocket(socket, "/switchover", nil)
 	if err != nil {
 		return err
 	}
-	var epoch, head uint64
-	if _, err := fmt.Sscanf(reply, "%d %d", &epoch, &head); err != nil {
-		return fmt.Errorf("hand-over reply %q: %w", reply, err)
+	var reply switchoverReply
+	if err := json.Unmarshal([]byte(raw), &reply); err != nil {
+		return fmt.Errorf("switchover reply: %w", err)
 	}
-	drained := time.Since(start)
-	if _, err := controlPost(*dir, to, "/switchover/take-over", url.Values{
-		"epoch": {strconv.FormatUint(epoch, 10)}, "head": {strconv.FormatUint(head, 10)},
-	}); err != nil {
-		return err
+	fmt.Fprintf(w, "switchover: handed over epoch %d at log position %d after %s of drain\n", reply.Epoch, reply.Head, reply.Drained.Round(10*time.Microsecond))
+	var s Status
+	err = waitUntil(ctx, timeout, "this host to be the new standby", func() (bool, error) {
+		s, err = statusAt(socket)
+		return err == nil && s.State == protect.Standby.String() && s.Epoch > reply.Epoch, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w (this host is %s)", err, s.State)
 	}
-	fmt.Printf("switchover: %s handed over epoch %d at log position %d in %s; %s took over in %s (%s in all)\n",
-		from, epoch, head, drained.Round(10*time.Microsecond), to, (time.Since(start) - drained).Round(10*time.Microsecond),
-		time.Since(start).Round(10*time.Microsecond))
+	fmt.Fprintf(w, "switchover: the peer serves at epoch %d, protected again with this host as its standby, %s after the switchover began\n",
+		s.Epoch, time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// labSwitchover switches the lab's VM over from whichever host is its
+// protected primary now.
+func labSwitchover(ctx context.Context, dir string) error {
+	var from string
+	for _, host := range lab.Hosts[:2] {
+		if s, err := daemonStatus(dir, host.NS); err == nil && s.State == protect.Protected.String() {
+			from = host.NS
+		}
+	}
+	if from == "" {
+		return errors.New("switchover needs a protected primary (see `ftgw lab status`)")
+	}
+	fmt.Printf("switchover from %s\n", from)
+	return switchover(ctx, os.Stdout, controlPath(hostDir(dir, from)), 30*time.Second)
 }

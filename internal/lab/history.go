@@ -148,6 +148,8 @@ func (cfg LoadConfig) validate() error {
 // is recorded as indeterminate.
 type Load struct {
 	history  History
+	paused   atomic.Bool
+	inFlight atomic.Int64 // operations begun and not yet ended
 	acked    atomic.Int64
 	started  atomic.Int64 // operations begun, against MaxOps
 	stop     chan struct{}
@@ -206,6 +208,14 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 		if !time.Now().Before(deadline) || l.started.Add(1) > int64(cfg.MaxOps) {
 			return
 		}
+		for l.paused.Load() {
+			select {
+			case <-l.stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+		l.inFlight.Add(1)
 		op := Op{Client: id, Key: keys[rand.IntN(len(keys))], Kind: OpGet}
 		var err error
 		op.Invoke = time.Now()
@@ -225,6 +235,7 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 			l.acked.Add(1)
 		}
 		l.history.Add(op)
+		l.inFlight.Add(-1)
 		if err != nil {
 			// The reply may still come, late (held output released
 			// after a failover): from a new port, it cannot be taken
@@ -236,6 +247,23 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 		}
 	}
 }
+
+// Pause stops the clients between operations, and returns once none is
+// under way (or after timeout): the VM's state sits still for a look.
+func (l *Load) Pause(timeout time.Duration) error {
+	l.paused.Store(true)
+	deadline := time.Now().Add(timeout)
+	for l.inFlight.Load() > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pause load: %d operations still under way after %s", l.inFlight.Load(), timeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
+}
+
+// Resume lets the clients go on after Pause.
+func (l *Load) Resume() { l.paused.Store(false) }
 
 // Ops is the number of operations finished so far, acknowledged or not.
 func (l *Load) Ops() int { return l.history.Len() }

@@ -320,7 +320,7 @@ func TestSecondaryRejectsBadInput(t *testing.T) {
 		{"truncated record", ReasonTruncated, false, func(have uint64) []byte { return frame(have + 1)[:HeaderLen+10] }},
 		{"out of order frame", ReasonOutOfOrder, false, func(have uint64) []byte { return frame(have + 2) }},
 		{"unknown kind", ReasonUnknownKind, false, func(have uint64) []byte {
-			return AppendRecord(nil, Record{Kind: 9, Position: have + 1, Epoch: 1})
+			return AppendRecord(nil, Record{Kind: KindLen, Position: have + 1, Epoch: 1})
 		}},
 		{"bad checksum", ReasonChecksum, false, func(have uint64) []byte {
 			b := frame(have + 1)
@@ -339,6 +339,12 @@ func TestSecondaryRejectsBadInput(t *testing.T) {
 			return AppendRecord(nil, Record{Kind: KindQEMULog, Position: 1, Epoch: 1})
 		}},
 		{"second hello", ReasonUnexpected, false, func(have uint64) []byte { return AppendRecord(nil, hello(have, testVM)) }},
+		{"snapshot not taken", ReasonUnexpected, false, func(have uint64) []byte {
+			return AppendRecord(nil, Record{Kind: KindSnapshot, Position: have, Epoch: 1, Payload: []byte("x")})
+		}},
+		{"hand-over not taken", ReasonUnexpected, false, func(have uint64) []byte {
+			return AppendRecord(nil, Record{Kind: KindHandOver, Position: have, Epoch: 1})
+		}},
 		{"wrong vm", ReasonWrongVM, true, func(uint64) []byte { return AppendRecord(nil, hello(0, "other-vm")) }},
 	}
 	for _, tc := range cases {
@@ -887,5 +893,40 @@ func TestCorruptSnapshotIsRefused(t *testing.T) {
 	waitFor(t, "snapshot error counted", func() bool { return s.Stats().Errors[ReasonSnapshot] == 1 })
 	if installs != 0 || s.Received() != 0 || s.Incarnation() != 0 {
 		t.Errorf("corrupt snapshot installed: %d installs, received %d, incarnation %d", installs, s.Received(), s.Incarnation())
+	}
+}
+
+// A switchover's hand-over reaches the secondary after every frame before
+// it, with the primary's epoch.
+func TestHandOverFollowsTheLog(t *testing.T) {
+	pki := newPKI(t)
+	type handOver struct{ epoch, head, received uint64 }
+	got := make(chan handOver, 1)
+	var s *Secondary
+	s = startSecondary(t, pki, SecondaryConfig{
+		OnFrame:    func(uint64, []byte) error { return nil },
+		OnHandOver: func(epoch, head uint64) { got <- handOver{epoch, head, s.Received()} },
+	})
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{Epoch: 4})
+	if err := p.HandOver(0); err == nil {
+		t.Error("hand-over with no secondary connected succeeded")
+	}
+	run(t, p.Run)
+	waitFor(t, "connected", p.Connected)
+	for pos := uint64(1); pos <= 20; pos++ {
+		if err := p.QueueFrame(pos, frameFor(pos)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.HandOver(20); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case h := <-got:
+		if h != (handOver{4, 20, 20}) {
+			t.Errorf("hand-over %+v, want epoch 4 at head 20 with 20 received", h)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no hand-over")
 	}
 }

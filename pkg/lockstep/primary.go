@@ -594,6 +594,31 @@ func (p *Primary) ack(pos uint64) error {
 	return nil
 }
 
+// HandOver tells the connected secondary to take the VM over at this
+// primary's epoch once it holds the log up to head (a planned switchover).
+// The caller has stopped serving first; it fails if no secondary is
+// connected.
+func (p *Primary) HandOver(head uint64) error {
+	p.sendMu.Lock()
+	defer p.sendMu.Unlock()
+	l := p.sendLink
+	if l == nil || !p.connected.Load() {
+		return errors.New("hand over: no secondary connected")
+	}
+	if err := p.sendPendingLocked(); err != nil {
+		return fmt.Errorf("hand over: %w", err)
+	}
+	l.lock()
+	defer l.unlock()
+	if err := l.write(Record{Kind: KindHandOver, Position: head, Epoch: p.cfg.Epoch}); err != nil {
+		return fmt.Errorf("hand over: %w", err)
+	}
+	if err := l.flush(); err != nil {
+		return fmt.Errorf("hand over: %w", err)
+	}
+	return nil
+}
+
 // SinceAck is how long the connected secondary has sent no Ack (since it
 // connected, if it sent none): with output waiting, a secondary that
 // answers heartbeats but acknowledges nothing is as good as lost.

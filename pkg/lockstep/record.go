@@ -38,6 +38,7 @@ const (
 	KindProgress                    // secondary → primary: how far its replay trails the log
 	KindSnapshot                    // primary → secondary: a piece of the VM's state the log starts from
 	KindSnapshotEnd                 // primary → secondary: the state's length and SHA-256
+	KindHandOver                    // primary → secondary: take the VM over (switchover)
 	KindLen                         // number of kinds + 1; not a kind
 )
 
@@ -50,6 +51,7 @@ var kindNames = [KindLen]string{
 	KindProgress:    "progress",
 	KindSnapshot:    "snapshot",
 	KindSnapshotEnd: "snapshot_end",
+	KindHandOver:    "hand_over",
 }
 
 func (k Kind) String() string {

@@ -21,7 +21,7 @@ func TestKindAndReasonNames(t *testing.T) {
 			t.Errorf("reason %d has no name", r)
 		}
 	}
-	if got := KindLen.String(); got != "Kind(9)" {
+	if got := KindLen.String(); got != "Kind(10)" {
 		t.Errorf("KindLen.String() = %q", got)
 	}
 }

@@ -48,6 +48,11 @@ type SecondaryConfig struct {
 	// goroutine as OnFrame; an error closes the connection. Nil: such a
 	// primary is refused.
 	OnSnapshot func(pos uint64, state []byte) error
+	// OnHandOver is the primary's word, in a planned switchover, that it
+	// stopped serving at epoch and that this secondary may take the VM
+	// over once it holds the log up to head. From the same goroutine as
+	// OnFrame: it must not block. Nil: the record is refused.
+	OnHandOver func(epoch, head uint64)
 
 	Logger   *slog.Logger // default slog.Default()
 	Listener net.Listener // optional (tests); plain TCP, TLS is added here
@@ -519,6 +524,11 @@ func (s *Secondary) readLoop(l *link, in *incoming) error {
 			continue
 		case KindHeartbeat:
 			err = l.onHeartbeat(r, &s.rtt)
+		case KindHandOver:
+			if s.cfg.OnHandOver == nil || in.snapshot {
+				return fmt.Errorf("handle record: %s, which this secondary does not take now: %w", r.Kind, ErrUnexpected)
+			}
+			s.cfg.OnHandOver(r.Epoch, r.Position)
 		default: // a second Hello, or an Ack
 			err = fmt.Errorf("handle record: %s from primary: %w", r.Kind, ErrUnexpected)
 		}
