@@ -30,9 +30,9 @@ const labUsage = `Usage:
   ftgw lab down [--dir DIR]      stop the daemons and remove the lab
   ftgw lab status [--dir DIR]    roles, log positions and guest states
   ftgw lab reprotect [--dir DIR]
-      after a failover: a new secondary on the other host, built from the
-      survivor's VM at a log position (a real VM: from its go-live snapshot
-      and its log since), without restarting the VM
+      after a failover: start the other host's daemon again; it joins and the
+      survivor rebuilds it from its VM's state, without pausing the VM (a real
+      VM: from its go-live snapshot and its log since)
   ftgw lab switchover [--dir DIR]
       planned move of the VM from the lab's protected primary to its standby
   ftgw lab traffic [--requests N]

@@ -26,7 +26,8 @@
 // Every record is a 32-byte header and a payload, all big-endian:
 //
 //	off  0  u32  magic 0x4654474c ("FTGL")
-//	off  4  u8   kind: 1 Hello, 2 RXFrame, 3 Heartbeat, 4 Ack, 5 QEMULog, 6 Progress
+//	off  4  u8   kind: 1 Hello, 2 RXFrame, 3 Heartbeat, 4 Ack, 5 QEMULog, 6 Progress,
+//	             7 Snapshot, 8 SnapshotEnd, 9 HandOver
 //	off  5  u8   flags, 0
 //	off  6  u16  reserved, 0
 //	off  8  u32  payload length, at most MaxPayload (65536)
@@ -36,7 +37,7 @@
 //
 // A reader rejects a record with a wrong magic (ErrBadMagic), a length over
 // MaxPayload before reading the payload (ErrTooLong), a CRC mismatch
-// (ErrChecksum), a kind outside 1..6 or nonzero flags/reserved bits
+// (ErrChecksum), a kind outside 1..9 or nonzero flags/reserved bits
 // (ErrUnknownKind: the sender speaks a variant we do not), or an end of
 // stream inside a record (ErrTruncated). Any protocol error closes the
 // connection, is logged and counted by reason in Stats.Errors, and the
@@ -44,16 +45,47 @@
 //
 // # Kinds
 //
-// Hello (first record each way): payload u16 version (Version = 1), u16
-// VM-name length, VM name. The primary speaks first with position = its head;
-// the secondary answers with position = its highest contiguous received
-// position, and the primary resends everything after it. The secondary
-// answers even when the version (ErrVersion) or VM (ErrWrongVM) does not
-// match, so that both sides log the mismatch, then closes. On the primary, a
-// secondary position beyond the head is ErrAckBeyondHead and one below the
-// acked position (the secondary lost acked frames) ErrAckBackwards. The Hello
-// position is not an ack: the secondary sends a separate Ack right after its
-// Hello unless acks are held (SetAckHold).
+// Hello (first record each way): payload u16 version (Version = 2), u16
+// VM-name length, VM name, u64 log incarnation, u8 flags (1: FromBoot, the
+// primary's log starts at the VM's boot; 2: NeedSnapshot, the secondary
+// cannot follow the log from what it holds). The incarnation names the
+// log: a host draws a new one whenever the VM's log starts afresh on it (0:
+// none yet). The primary speaks first with position = its head; the
+// secondary decides how it can follow:
+//
+//   - its own incarnation: it resumes, answering with position = its highest
+//     contiguous received position, and the primary resends everything after
+//     it;
+//   - none, with its VM at its boot state, and a FromBoot log: it adopts the
+//     log and follows it from 0;
+//   - another incarnation at the very epoch it follows: refused with
+//     ErrIncarnation and no answer (a primary that restarted with a fresh
+//     VM; its log would graft another history onto the acknowledged one);
+//   - otherwise (a fresh host, or a newer owner's log): it answers with
+//     NeedSnapshot and drops what it held, which may no longer take over.
+//
+// The primary rebuilds a secondary that needs a snapshot, or whose position
+// is below what was acked (it restarted), from PrimaryConfig.Snapshot: the
+// VM's state as Snapshot records (payload: a piece of it, position = the
+// log position P it was taken at), then SnapshotEnd (u64 length, SHA-256);
+// the log goes on from P+1. A secondary refuses a cut, over-long
+// (MaxSnapshot) or corrupt state with ErrSnapshot, and acks P once its VM
+// runs from it. Without Snapshot the primary refuses such a secondary with
+// ErrPeerLacksLog and tells OnPeerLacksLog. The secondary answers even when
+// the version (ErrVersion) or VM (ErrWrongVM) does not match, so that both
+// sides log the mismatch, then closes. On the primary, a secondary position
+// beyond the head is ErrAckBeyondHead. The Hello position is not an ack: the
+// secondary sends a separate Ack right after its Hello unless acks are held
+// (SetAckHold) or it waits for a snapshot.
+//
+// A connection counts as admitted, and its peer as alive, only past the
+// Hellos: a secondary counts its primary connected from the first record
+// after them (a ping, or the snapshot). A peer refused at its Hello,
+// however often it comes back, never looks alive.
+//
+// HandOver (primary → secondary): a planned switchover. The primary has
+// stopped serving at its epoch; the secondary may take the VM over once it
+// holds the log up to position (SecondaryConfig.OnHandOver).
 //
 // RXFrame (primary → secondary): position = the frame's log position,
 // payload = the raw Ethernet frame (AppendFrame refuses frames over MaxFrame,
@@ -94,12 +126,14 @@
 //     connection is an answer to one of our pings: RTT = now - echo, no
 //     reply. Anything else is a ping: answer it immediately.
 //
-// QEMULog: reserved for the VM's replay log; decoded as a known kind, but
-// the secondary rejects it for now (ErrUnexpected), like any kind sent in the
-// wrong direction or a second Hello.
+// A kind sent in the wrong direction, a second Hello, or a kind this end has
+// no handler for is refused (ErrUnexpected).
 //
 // Epoch is stamped on every record (PrimaryConfig.Epoch; the secondary echoes
-// the primary's) for failover; nothing here acts on it yet.
+// the primary's). A secondary refuses a primary older than the newest epoch
+// it admitted (ErrStaleEpoch, answered with that epoch so the primary knows
+// it is fenced); LogEpoch is the epoch of the log it holds, the one it names
+// to claim the VM.
 //
 // # Latency
 //
