@@ -2,12 +2,9 @@ package test
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,21 +34,7 @@ type deployHost struct {
 func (h deployHost) config() string  { return filepath.Join(h.dir, "ftgw.yaml") }
 func (h deployHost) control() string { return filepath.Join(h.dir, "state", "control.sock") }
 
-func (h deployHost) status() (map[string]any, error) {
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", h.control())
-		},
-	}}
-	resp, err := client.Get("http://ftgw/status")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	var s map[string]any
-	return s, json.NewDecoder(resp.Body).Decode(&s)
-}
+func (h deployHost) status() (map[string]any, error) { return statusAt(h.control()) }
 
 func (h deployHost) guest(t *testing.T) guest.State {
 	t.Helper()

@@ -67,7 +67,11 @@ func hostStatus(t *testing.T, ns string) map[string]any {
 }
 
 func tryHostStatus(ns string) (map[string]any, error) {
-	sock := filepath.Join(labDir, ns, "control.sock")
+	return statusAt(filepath.Join(labDir, ns, "control.sock"))
+}
+
+// statusAt reads the status of the daemon whose control socket is sock.
+func statusAt(sock string) (map[string]any, error) {
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer

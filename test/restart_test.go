@@ -52,6 +52,24 @@ func checkHistory(t *testing.T, h *lab.History, fault time.Time) lab.HistoryResu
 	return res
 }
 
+// protectedAgain waits until primary serves the VM protected with
+// secondary its standby, then for 300 more acknowledged operations, and
+// judges the history from the fault on; it fails t if both hosts were ever
+// seen active meanwhile. It returns the result and how long after the fault
+// the pair was protected again.
+func protectedAgain(t *testing.T, l *lab.Load, primary, secondary string, fault time.Time, both <-chan int, stop chan struct{}) (lab.HistoryResult, time.Duration) {
+	t.Helper()
+	waitPair(t, primary, secondary, 20*time.Second)
+	after := time.Since(fault)
+	waitAcked(t, l, l.Acked()+300)
+	close(stop)
+	res := checkHistory(t, l.Stop(), fault)
+	if n := <-both; n > 0 {
+		t.Errorf("both hosts active in %d samples", n)
+	}
+	return res, after
+}
+
 // watchServing samples both hosts' roles until stop is closed and returns
 // how many samples found both active: two hosts releasing for one VM.
 func watchServing(stop <-chan struct{}) <-chan int {
@@ -88,16 +106,7 @@ func TestSecondaryDaemonCrashRestartLosesNothing(t *testing.T) {
 			killed := crashHost(t, lab.NSSecondary)
 			restartDaemon(t, lab.NSSecondary)
 			stop := make(chan struct{})
-			both := watchServing(stop)
-			waitPair(t, lab.NSPrimary, lab.NSSecondary, 20*time.Second)
-			protectedAfter := time.Since(killed)
-			waitAcked(t, l, l.Acked()+300)
-			close(stop)
-			res := checkHistory(t, l.Stop(), killed)
-
-			if n := <-both; n > 0 {
-				t.Errorf("both hosts active in %d samples", n)
-			}
+			res, protectedAfter := protectedAgain(t, l, lab.NSPrimary, lab.NSSecondary, killed, watchServing(stop), stop)
 			if b := hostStatus(t, lab.NSSecondary); b["last_failover"] != nil {
 				t.Errorf("the restarted secondary took part in a failover: %v", b["last_failover"])
 			}
@@ -132,14 +141,7 @@ func TestPrimaryDaemonCrashRestartNeverServesTwice(t *testing.T) {
 	if sawRestarted["role"] == "active" {
 		t.Errorf("the restarted primary serves with a fresh VM: %v", sawRestarted)
 	}
-	waitPair(t, lab.NSSecondary, lab.NSPrimary, 20*time.Second)
-	protectedAfter := time.Since(killed)
-	waitAcked(t, l, l.Acked()+300)
-	close(stop)
-	res := checkHistory(t, l.Stop(), killed)
-	if n := <-both; n > 0 {
-		t.Errorf("both hosts active in %d samples", n)
-	}
+	res, protectedAfter := protectedAgain(t, l, lab.NSSecondary, lab.NSPrimary, killed, both, stop)
 	b := hostStatus(t, lab.NSSecondary)
 	if b["epoch"].(float64) != 2 {
 		t.Errorf("%s serves at epoch %v, want 2", lab.NSSecondary, b["epoch"])

@@ -101,6 +101,8 @@ type daemon struct {
 	runCtx   context.Context // and group: for what starts after start-up
 	group    *errgroup.Group
 	shipping atomic.Bool // the log goes to a secondary
+	// handingOver: a switchover froze the real VM; the throttle keeps off.
+	handingOver atomic.Bool
 
 	mu           sync.Mutex
 	channel      *logChannel       // the one running, or nil

@@ -177,6 +177,14 @@ func (d *daemon) throttle(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 		}
+		if d.handingOver.Load() {
+			// The switchover froze the VM, and thaws it if it gives up.
+			if paused {
+				d.lagClock.thaw()
+				paused = false
+			}
+			continue
+		}
 		if n := d.peerReplayed.Load(); n != replayed {
 			replayed, moved = n, time.Now()
 		}

@@ -44,14 +44,12 @@ func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (b
 }
 
 // handOver is the primary's half. It returns the epoch it served and the
-// log position the secondary must reach.
+// log position (on the log channel) the secondary must reach.
 func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	d.lifeMu.Lock()
 	defer d.lifeMu.Unlock()
-	if d.qemu != nil {
-		return 0, 0, errors.New("switchover: a real VM cannot be switched over yet (its replay would have to reach the primary's last instruction); crash-free moves need `ftgw lab reprotect` after a failover")
-	}
-	if p := d.primary(); p == nil || !p.Synced() {
+	p := d.primary()
+	if p == nil || !p.Synced() {
 		return 0, 0, errors.New("switchover: the secondary is not connected")
 	}
 	if _, err := d.life.FireIf(protect.Protected, protect.HandOver); err != nil {
@@ -59,23 +57,39 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	}
 	rec := d.owner.Current()
 	epoch = rec.Epoch
-	rec.Role = vip.RoleDraining
-	if err := d.owner.Publish(rec); err != nil {
+	draining := rec
+	draining.Role = vip.RoleDraining
+	if err := d.owner.Publish(draining); err != nil {
 		d.fire(protect.HandOverAborted)
 		return 0, 0, err
 	}
+	if d.qemu != nil {
+		// A real VM never sits still by itself (its recorder logs clock
+		// checkpoints while idle): it is frozen, so that its log ends.
+		d.handingOver.Store(true)
+		if err := d.qemu.Pause(true); err != nil {
+			d.handingOver.Store(false)
+			d.fire(protect.HandOverAborted)
+			return 0, 0, errors.Join(err, d.owner.Publish(rec))
+		}
+	}
 	// A frame that passed the old record may still be taking its position:
-	// the head must hold still, the guest have answered everything up to it
-	// and every answer have left.
+	// the log must hold still, every answer to it have left, and the
+	// secondary hold all of it.
 	var stable int
 	err = waitUntil(ctx, 5*time.Second, "the guest's last outputs to leave", func() (bool, error) {
-		head = d.dp.Head()
-		consumed, err := d.consumedPosition()
-		if err != nil {
-			return false, err
+		logged := d.dp.Head()
+		drained := d.dp.Acked() >= logged && d.hold.Stats().Held == 0 && d.dp.Pending() == 0
+		if d.qemu != nil {
+			drained = drained && d.lastRead.Load() == logged
+		} else {
+			consumed, err := d.consumedPosition()
+			if err != nil {
+				return false, err
+			}
+			drained = drained && consumed == logged
 		}
-		drained := consumed == head && d.dp.Acked() >= head && d.hold.Stats().Held == 0 && d.dp.Pending() == 0 && d.dp.Head() == head
-		if !drained {
+		if !drained || d.dp.Head() != logged {
 			stable = 0
 			return false, nil
 		}
@@ -84,10 +98,14 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	})
 	if err != nil {
 		// Back to serving: nothing was handed over.
-		rec.Role = vip.RoleActive
+		if d.qemu != nil {
+			d.qemu.Pause(false)
+			d.handingOver.Store(false)
+		}
 		d.fire(protect.HandOverAborted)
 		return 0, 0, errors.Join(err, d.owner.Publish(rec))
 	}
+	head = p.Head()
 	if err := d.publish(vip.RoleStandby, epoch); err != nil {
 		return 0, 0, err
 	}
@@ -96,11 +114,18 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	// The standby takes over once it has consumed the log up to head; this
 	// host joins it afterwards. Were the word lost, the standby would find
 	// this host silent and ask the arbiter all the same.
-	if err := d.primary().HandOver(head); err != nil {
+	if err := p.HandOver(head); err != nil {
 		d.log.Warn("tell the standby to take over", "err", err)
 	}
 	d.log.Info("handed over", "epoch", epoch, "head", head)
 	d.channelStop()
+	if d.qemu != nil {
+		// Its copy is stale from here: a real VM is rebuilt by `ftgw lab
+		// reprotect`, not over the log channel.
+		d.stopEngine()
+		d.handingOver.Store(false)
+		return epoch, head, nil
+	}
 	d.group.Go(func() error {
 		d.lifeMu.Lock()
 		defer d.lifeMu.Unlock()
@@ -120,6 +145,10 @@ func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhas
 	}
 	start := time.Now()
 	err := waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
+		if d.qemu != nil {
+			// Going live replays what was received to its end.
+			return d.secondary().Received() >= head, nil
+		}
 		consumed, err := d.consumedPosition()
 		return d.secondary().Received() >= head && consumed >= head, err
 	})
@@ -152,6 +181,9 @@ type switchoverReply struct {
 	Epoch   uint64        `json:"epoch"`
 	Head    uint64        `json:"head"`
 	Drained time.Duration `json:"drained_ns"`
+	// Rejoins: this host joins the new primary and is rebuilt as its
+	// standby (not a real VM yet: `ftgw lab reprotect`).
+	Rejoins bool `json:"rejoins"`
 }
 
 func (d *daemon) serveSwitchover(mux *http.ServeMux) {
@@ -162,7 +194,7 @@ func (d *daemon) serveSwitchover(mux *http.ServeMux) {
 			http.Error(w, err.Error(), http.StatusConflict)
 			return
 		}
-		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start)})
+		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start), Rejoins: d.qemu == nil})
 	})
 }
 
@@ -199,6 +231,10 @@ func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Du
 		return fmt.Errorf("switchover reply: %w", err)
 	}
 	fmt.Fprintf(w, "switchover: handed over epoch %d at log position %d after %s of drain\n", reply.Epoch, reply.Head, reply.Drained.Round(10*time.Microsecond))
+	if !reply.Rejoins {
+		fmt.Fprintln(w, "switchover: the standby takes over; this host's copy of the real VM is stopped (rebuild it with `ftgw lab reprotect`)")
+		return nil
+	}
 	var s Status
 	err = waitUntil(ctx, timeout, "this host to be the new standby", func() (bool, error) {
 		s, err = statusAt(socket)
@@ -225,5 +261,21 @@ func labSwitchover(ctx context.Context, dir string) error {
 		return errors.New("switchover needs a protected primary (see `ftgw lab status`)")
 	}
 	fmt.Printf("switchover from %s\n", from)
-	return switchover(ctx, os.Stdout, controlPath(hostDir(dir, from)), 30*time.Second)
+	start := time.Now()
+	if err := switchover(ctx, os.Stdout, controlPath(hostDir(dir, from)), 30*time.Second); err != nil {
+		return err
+	}
+	to := lab.Hosts[0].NS
+	if to == from {
+		to = lab.Hosts[1].NS
+	}
+	// A real VM's standby replays to the end of the log first.
+	return waitUntil(ctx, 2*time.Minute, to+" to serve the VM", func() (bool, error) {
+		s, err := daemonStatus(dir, to)
+		if err == nil && s.Role == "active" {
+			fmt.Printf("switchover: %s serves at epoch %d, %s after the switchover began\n", to, s.Epoch, time.Since(start).Round(time.Millisecond))
+			return true, nil
+		}
+		return false, nil
+	})
 }
