@@ -28,7 +28,9 @@ type Event struct {
 	} `json:"timestamp"`
 }
 
-// Monitor is a QMP connection; it has the shape of go-qemu's qmp.Monitor.
+// Monitor is a QMP connection, in the shape of go-qemu's qmp.Monitor (but
+// Run returns the reply's "return" member): pkg/replay/goqemu adapts a
+// SocketMonitor to go-qemu, and says why ftgw keeps its own client.
 type Monitor interface {
 	Connect() error
 	Disconnect() error
