@@ -51,8 +51,9 @@ type daemon struct {
 	engine    Engine
 	synthetic *syntheticEngine
 
-	// Serving side.
+	// Serving side: the Output Rule (gate) over the hold queue.
 	hold       *outputcommit.HoldQueue
+	gate       *outputcommit.Gate
 	primaryPtr atomic.Pointer[lockstep.Primary] // replaced on re-protection
 	ackClock   ackClock
 	shipDelay  lockedHistogram
@@ -361,25 +362,12 @@ func (d *daemon) ownerRecord(role vip.Role, epoch uint64) vip.Record {
 // (every output through the hold queue, released as soon as its stamp is
 // acknowledged).
 func (d *daemon) setOutputMode(mode string) error {
-	rec := d.owner.Current()
-	rec.Passthrough, rec.HoldAll = false, false
-	switch mode {
-	case "commit":
-	case "passthrough":
-		rec.Passthrough = true
-	case "hold-all":
-		rec.HoldAll = true
-	default:
-		return fmt.Errorf("output mode %q: want commit, passthrough or hold-all", mode)
-	}
-	if st := d.state(); d.hold == nil || !st.Serves() {
+	if st := d.state(); d.gate == nil || !st.Serves() {
 		// A host that does not serve the VM must never let its output
 		// out, whatever a benchmark asks.
 		return fmt.Errorf("output mode: this host is %s: it does not serve the VM", st)
 	}
-	// Passthrough lets held frames go first, so nothing overtakes them.
-	d.hold.SetPassthrough(rec.Passthrough)
-	return d.owner.Publish(rec)
+	return d.gate.Mode(mode)
 }
 
 // primary is the log channel to the secondary, or nil on a host that has
@@ -414,10 +402,7 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 			if d.qemu != nil {
 				pos = d.chunks.acked(pos) // the byte offset the chunk ends at
 			}
-			// The fast path first, so frames stamped <= pos that arrive
-			// after the queue drains go straight out.
-			d.dp.SetAcked(pos)
-			d.hold.ReleaseUpTo(pos)
+			d.gate.Ack(pos)
 		},
 	})
 	if err != nil {
@@ -473,7 +458,8 @@ func (d *daemon) channelStop() {
 	}
 }
 
-// ensureHoldQueue opens the hold queue: a host that serves needs one.
+// ensureHoldQueue opens the hold queue and its gate: a host that serves
+// needs them.
 func (d *daemon) ensureHoldQueue() error {
 	if d.hold != nil {
 		return nil
@@ -484,7 +470,7 @@ func (d *daemon) ensureHoldQueue() error {
 	if err != nil {
 		return err
 	}
-	d.hold = hold
+	d.hold, d.gate = hold, outputcommit.NewGate(d.dp, hold, d.owner)
 	d.group.Go(func() error { return d.hold.Run(d.runCtx) })
 	return nil
 }

@@ -179,12 +179,14 @@ func (d *daemon) settle(ctx context.Context, from protect.State, phases failover
 	// missed the failover is rebuilt from a snapshot, never resumed.
 	d.incarnation.Store(newIncarnation())
 	d.fromBoot.Store(false)
-	// The commit point: one map update and this host serves the VM alone.
+	// The commit point: one map update and this host serves the VM alone;
+	// what was held can go: no one else serves the VM.
 	d.shipping.Store(false)
-	if d.hold != nil {
-		d.hold.SetPassthrough(true) // what was held can go: no one else serves the VM
+	err := d.ensureHoldQueue()
+	if err == nil {
+		err = d.gate.Open(d.ownerRecord(vip.RoleActive, phases.Epoch))
 	}
-	if err := d.publishUnprotected(phases.Epoch); err != nil {
+	if err != nil {
 		d.log.Error("go on unprotected", "err", err)
 		d.fence(phases.Epoch)
 		return
@@ -284,12 +286,6 @@ func (d *daemon) onFenced(epoch uint64) {
 		defer d.lifeMu.Unlock()
 		d.fence(epoch)
 	}()
-}
-
-func (d *daemon) publishUnprotected(epoch uint64) error {
-	rec := d.ownerRecord(vip.RoleActive, epoch)
-	rec.Passthrough = true
-	return d.owner.Publish(rec)
 }
 
 func (d *daemon) recordFailover(p failoverPhases) {

@@ -121,10 +121,9 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 	if err != nil {
 		return nil, err
 	}
-	d.dp.SetAcked(max(d.dp.Acked(), queuedFrom))
-	d.hold.SetPassthrough(false)
-	rec.Role, rec.Passthrough = vip.RoleActive, false
-	if err := d.owner.Publish(rec); err != nil {
+	// The log up to X needs no ack: this host served it alone.
+	d.gate.Ack(queuedFrom)
+	if err := d.gate.Enforce(rec); err != nil {
 		return nil, err
 	}
 	if from == protect.Unprotected {
@@ -156,8 +155,7 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 		return nil, err
 	}
 	d.reprotectAt.Store(position)
-	d.dp.SetAcked(max(d.dp.Acked(), position))
-	d.hold.ReleaseUpTo(position)
+	d.gate.Ack(position)
 	d.mu.Lock()
 	d.reprotecting = &reprotectStatus{TakeoverAfter: position}
 	d.mu.Unlock()
@@ -174,7 +172,6 @@ func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Reco
 	if err := d.ensureHoldQueue(); err != nil {
 		return nil, nil, err
 	}
-	d.hold.SetPassthrough(true)
 	p, err := d.newPrimary(peer, startHead, nil)
 	if err != nil {
 		return nil, nil, err
@@ -189,10 +186,9 @@ func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Reco
 	// up: every output of input after acked waits for its ack. Were they
 	// released now, a new secondary that took over before it caught up
 	// would lack inputs whose outputs clients already saw.
-	d.dp.SetAcked(max(d.dp.Acked(), acked))
-	d.hold.SetPassthrough(false)
-	rec.Role, rec.Passthrough = vip.RoleActive, false
-	if err := d.owner.Publish(rec); err != nil {
+	d.gate.Ack(acked)
+	rec.Role = vip.RoleActive
+	if err := d.gate.Enforce(rec); err != nil {
 		d.shipping.Store(false)
 		return nil, nil, err
 	}

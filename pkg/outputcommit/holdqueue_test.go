@@ -33,6 +33,7 @@ var (
 // the test holds, playing the guest.
 type host struct {
 	dp    *datapath.Datapath
+	owner *vip.Owner
 	hold  *outputcommit.HoldQueue
 	guest *tap.Tap
 	lan   *packet.Conn // on peer0: what leaves the uplink, and where inputs come from
@@ -120,7 +121,7 @@ func newHost(t *testing.T, capacity int) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lan.Close() })
-	return &host{dp: dp, hold: hold, guest: guest, lan: lan, peer: peer}
+	return &host{dp: dp, owner: owner, hold: hold, guest: guest, lan: lan, peer: peer}
 }
 
 func frame(dst, src net.HardwareAddr, tag byte) []byte {
@@ -285,4 +286,45 @@ func TestFullHoldQueueDropsAndCounts(t *testing.T) {
 	expectFrames(t, h.onWire(t, 200*time.Millisecond))
 	h.ack(1)
 	expectFrames(t, h.onWire(t, 300*time.Millisecond), a, b)
+}
+
+// The gate moves the rule as a whole: Open lets out what waits, in order,
+// and then everything at once; Enforce makes new outputs wait again; Ack
+// releases up to its position and never goes back.
+func TestGateOpensEnforcesAndAcks(t *testing.T) {
+	h := newHost(t, 16)
+	gate := outputcommit.NewGate(h.dp, h.hold, h.owner)
+	h.input(t, 1)
+	first := h.output(t, 1) // stamped 1, held
+	h.waitHeld(t, 1)
+
+	if err := gate.Open(h.owner.Current()); err != nil {
+		t.Fatal(err)
+	}
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), first)
+	if !h.owner.Current().Passthrough {
+		t.Error("open gate: the owner record still enforces the rule")
+	}
+	h.input(t, 2)
+	second := h.output(t, 2) // stamped 2, passes: the rule is off
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), second)
+
+	gate.Ack(2) // what this host served alone needs no ack
+	if err := gate.Enforce(h.owner.Current()); err != nil {
+		t.Fatal(err)
+	}
+	h.input(t, 3)
+	third := h.output(t, 3) // stamped 3: waits
+	h.waitHeld(t, 1)
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+	gate.Ack(1) // late and lower: changes nothing
+	if gate.Acked() != 2 || h.dp.Acked() != 2 {
+		t.Errorf("acked went back: gate %d, data path %d", gate.Acked(), h.dp.Acked())
+	}
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+	gate.Ack(3)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), third)
+	if err := gate.Mode("bogus"); err == nil {
+		t.Error("mode bogus accepted")
+	}
 }
