@@ -202,7 +202,7 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		d.lagClock = newLagClock()
 	}
 
-	ev, epoch, err := d.start(ctx)
+	ev, epoch, owner, err := d.start(ctx)
 	if err != nil {
 		return err
 	}
@@ -218,6 +218,10 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 			return err
 		}
 		d.rejoin()
+		if owner == d.cfg.Name {
+			// This host served the VM before it restarted.
+			d.group.Go(func() error { return d.announceRestart(ctx, epoch) })
+		}
 		return nil
 	}
 }
@@ -315,6 +319,7 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	cfg.Heartbeat, cfg.Logger = d.cfg.Heartbeat, d.log
 	cfg.Epoch = max(cfg.Epoch, d.owner.Current().Epoch)
 	cfg.OnHandOver = d.onHandOver
+	cfg.OnPrimaryRestarted = d.onPrimaryRestarted
 	// The VM takes in either logged frames or QEMU's replay log.
 	if d.qemu != nil {
 		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/ftgw/ftgw/pkg/lockstep"
 	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/vip"
 )
@@ -301,35 +302,68 @@ func (d *daemon) recordFailover(p failoverPhases) {
 // (protect.StartEvent): on the VM's first boot the primary claims epoch 1
 // and boots it, the secondary boots its copy and follows; once the VM has
 // an owner, a starting host's copy is fresh and it joins.
-func (d *daemon) start(ctx context.Context) (protect.Event, uint64, error) {
+func (d *daemon) start(ctx context.Context) (ev protect.Event, epoch uint64, owner string, err error) {
 	if d.cfg.Restore != "" {
 		// Built by `ftgw lab reprotect` from the survivor's recording.
-		return protect.SnapshotInstalled, 0, nil
+		return protect.SnapshotInstalled, 0, "", nil
 	}
 	if d.arb == nil {
-		return protect.StartEvent(0, d.cfg.Role == rolePrimary), 1, nil
+		return protect.StartEvent(0, d.cfg.Role == rolePrimary), 1, "", nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	c, err := d.arb.Current(ctx, d.vm.Name)
 	if err != nil {
-		return 0, 0, fmt.Errorf("read arbiter: %w", err)
+		return 0, 0, "", fmt.Errorf("read arbiter: %w", err)
 	}
-	ev := protect.StartEvent(c.Epoch, d.cfg.Role == rolePrimary)
+	ev = protect.StartEvent(c.Epoch, d.cfg.Role == rolePrimary)
 	switch ev {
 	case protect.BootPrimary:
 		c, err = d.arb.TryClaim(ctx, d.vm.Name, d.cfg.Name, 0)
 		if err != nil {
-			return 0, 0, fmt.Errorf("claim %s: %w", d.vm.Name, err)
+			return 0, 0, "", fmt.Errorf("claim %s: %w", d.vm.Name, err)
 		}
 		if !c.Won {
 			d.log.Warn("another host claimed the VM first: joining it", "epoch", c.Epoch, "owner", c.Owner)
-			return protect.Rejoin, c.Epoch, nil
+			return protect.Rejoin, c.Epoch, c.Owner, nil
 		}
 	case protect.Rejoin:
 		d.log.Info("the VM has an owner: joining it to be rebuilt from its snapshot", "epoch", c.Epoch, "owner", c.Owner)
 	}
-	return ev, c.Epoch, nil
+	return ev, c.Epoch, c.Owner, nil
+}
+
+// announceRestart tells the standby, when this host served the VM before
+// its daemon restarted, that its copy is gone: the standby takes over at
+// once rather than after the failure timeout. Tried for a few seconds; the
+// failure timeout covers the rest.
+func (d *daemon) announceRestart(ctx context.Context, epoch uint64) error {
+	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		err = lockstep.AnnounceRestart(ctx, d.cfg.Peer.Address, tlsCfg, d.vm.Name, epoch, time.Second)
+		if err == nil {
+			d.log.Info("told the standby this host restarted", "epoch", epoch)
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	d.log.Warn("could not tell the standby this host restarted; it takes over after the failure timeout", "err", err)
+	return nil
+}
+
+// onPrimaryRestarted: the primary this standby follows restarted, and its
+// copy of the VM with it. A failure, now.
+func (d *daemon) onPrimaryRestarted(epoch uint64) {
+	s := d.secondary()
+	if d.arb == nil || d.state() != protect.Standby || s == nil || !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.cfg.TakeoverAfter) {
+		return
+	}
+	d.log.Warn("the primary's daemon restarted: its copy of the VM is gone", "epoch", epoch)
+	go d.peerLost(d.runCtx, protect.Standby, causePrimaryLost, s.SinceHeard())
 }
 
 // errNoSnapshot: the engine cannot rebuild its VM from a snapshot over the

@@ -930,3 +930,50 @@ func TestHandOverFollowsTheLog(t *testing.T) {
 		t.Fatal("no hand-over")
 	}
 }
+
+// A primary whose daemon restarted says so; the secondary that follows its
+// epoch learns its primary's copy is gone at once. Any other epoch, or a
+// secondary that holds no log, changes nothing.
+func TestAnnouncedRestartReachesTheSecondaryOfThatEpoch(t *testing.T) {
+	pki := newPKI(t)
+	restarted := make(chan uint64, 4)
+	s := startSecondary(t, pki, SecondaryConfig{
+		Incarnation: testIncarnation, StartPosition: 9, Epoch: 3,
+		OnFrame:            func(uint64, []byte) error { return nil },
+		OnPrimaryRestarted: func(epoch uint64) { restarted <- epoch },
+	})
+	ctx := context.Background()
+	if err := AnnounceRestart(ctx, s.Addr().String(), pki.client, testVM, 2, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := AnnounceRestart(ctx, s.Addr().String(), pki.client, testVM, 3, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-restarted:
+		if e != 3 {
+			t.Errorf("restart announced for epoch %d, want 3", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the secondary was not told")
+	}
+	if len(restarted) != 0 {
+		t.Errorf("told %d more times", len(restarted))
+	}
+	waitFor(t, "primary_restarted counted", func() bool { return s.Stats().Errors[ReasonRestarted] == 2 })
+	if s.Stats().Connects != 0 {
+		t.Error("an announcement counted as a primary connecting")
+	}
+
+	fresh := startSecondary(t, pki, SecondaryConfig{
+		OnSnapshot:         func(uint64, []byte) error { return nil },
+		OnPrimaryRestarted: func(epoch uint64) { restarted <- epoch },
+	})
+	if err := AnnounceRestart(ctx, fresh.Addr().String(), pki.client, testVM, 0, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if len(restarted) != 0 {
+		t.Error("a secondary with no log was told its primary restarted")
+	}
+}

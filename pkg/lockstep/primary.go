@@ -217,6 +217,48 @@ func (p *Primary) Flush() {
 	}
 }
 
+// AnnounceRestart tells the secondary at addr that this host, which served
+// vm at epoch, restarted and lost its copy: a secondary that follows that
+// epoch can take over at once instead of after the failure timeout
+// (SecondaryConfig.OnPrimaryRestarted). It returns once the secondary has
+// answered.
+func AnnounceRestart(ctx context.Context, addr string, tlsCfg *tls.Config, vm string, epoch uint64, timeout time.Duration) error {
+	tc := tlsCfg.Clone()
+	if tc.ServerName == "" {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return fmt.Errorf("announce restart: %w", err)
+		}
+		tc.ServerName = host
+	}
+	d := net.Dialer{Timeout: timeout}
+	raw, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("announce restart: %w", err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(timeout))
+	conn := tls.Client(raw, tc)
+	if err := conn.HandshakeContext(ctx); err != nil {
+		return handshakeError("secondary", err)
+	}
+	w := bufio.NewWriter(conn)
+	if _, err := w.Write(AppendRecord(nil, Record{Kind: KindHello, Epoch: epoch, Payload: helloPayload(vm, helloInfo{Restarted: true})})); err != nil {
+		return fmt.Errorf("announce restart: %w", err)
+	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("announce restart: %w", err)
+	}
+	r, err := ReadRecord(bufio.NewReader(conn), make([]byte, MaxPayload))
+	if err != nil {
+		return fmt.Errorf("announce restart: no answer: %w", err)
+	}
+	if r.Kind != KindHello {
+		return fmt.Errorf("announce restart: answered with %s: %w", r.Kind, ErrUnexpected)
+	}
+	return nil
+}
+
 // sendPendingLocked sends every record queued after sendNext; the caller
 // holds sendMu and sendLink is set.
 func (p *Primary) sendPendingLocked() error {

@@ -101,6 +101,9 @@ var (
 	ErrPeerLacksLog = errors.New("secondary lacks the log")
 	// ErrSnapshot: a snapshot that arrived cut, too long or corrupt.
 	ErrSnapshot = errors.New("bad snapshot")
+	// ErrPrimaryRestarted: the connection only announced that the primary's
+	// daemon restarted (AnnounceRestart).
+	ErrPrimaryRestarted = errors.New("primary restarted")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -208,11 +211,15 @@ type helloInfo struct {
 	// NeedSnapshot (secondary): it cannot follow this log from what it
 	// holds and wants the VM's state first (Snapshot records).
 	NeedSnapshot bool
+	// Restarted (AnnounceRestart): the sender served the VM at the Hello's
+	// epoch and its daemon restarted: its copy, and its log, are gone.
+	Restarted bool
 }
 
 const (
 	helloFromBoot     = 1 << 0
 	helloNeedSnapshot = 1 << 1
+	helloRestarted    = 1 << 2
 )
 
 // helloPayload encodes a Hello payload: version, VM name length, VM name,
@@ -228,6 +235,9 @@ func helloPayload(vm string, h helloInfo) []byte {
 	}
 	if h.NeedSnapshot {
 		flags |= helloNeedSnapshot
+	}
+	if h.Restarted {
+		flags |= helloRestarted
 	}
 	return append(p, flags)
 }
@@ -251,13 +261,14 @@ func checkHello(p []byte, vm string) (helloInfo, error) {
 		return helloInfo{}, fmt.Errorf("check hello: peer is for VM %q, we are for %q: %w", got, vm, ErrWrongVM)
 	}
 	flags := p[4+n+8]
-	if flags&^(helloFromBoot|helloNeedSnapshot) != 0 {
+	if flags&^(helloFromBoot|helloNeedSnapshot|helloRestarted) != 0 {
 		return helloInfo{}, fmt.Errorf("check hello: unknown flags %#x: %w", flags, ErrVersion)
 	}
 	return helloInfo{
 		Incarnation:  binary.BigEndian.Uint64(p[4+n:]),
 		FromBoot:     flags&helloFromBoot != 0,
 		NeedSnapshot: flags&helloNeedSnapshot != 0,
+		Restarted:    flags&helloRestarted != 0,
 	}, nil
 }
 

@@ -48,6 +48,12 @@ type SecondaryConfig struct {
 	// goroutine as OnFrame; an error closes the connection. Nil: such a
 	// primary is refused.
 	OnSnapshot func(pos uint64, state []byte) error
+	// OnPrimaryRestarted is told when the host that served the VM at the
+	// epoch this secondary follows announces that its daemon restarted
+	// (AnnounceRestart): the primary's copy is gone, and waiting for the
+	// failure timeout would only keep the VM down. From the connection's
+	// own goroutine: it must not block.
+	OnPrimaryRestarted func(epoch uint64)
 	// OnHandOver is the primary's word, in a planned switchover, that it
 	// stopped serving at epoch and that this secondary may take the VM
 	// over once it holds the log up to head. From the same goroutine as
@@ -314,6 +320,14 @@ func (s *Secondary) greet(ctx context.Context, raw net.Conn, fc *closer) (*incom
 		return nil, err
 	}
 	known := s.peerEpoch.Load()
+	if theirs.Restarted {
+		// Answered, so the announcer knows it got through.
+		s.answerRefused(conn, fc, known)
+		if r.Epoch == s.logEpoch.Load() && s.incarnation.Load() != 0 && s.cfg.OnPrimaryRestarted != nil {
+			s.cfg.OnPrimaryRestarted(r.Epoch)
+		}
+		return nil, fmt.Errorf("check hello: the primary of epoch %d restarted: %w", r.Epoch, ErrPrimaryRestarted)
+	}
 	if r.Epoch < known {
 		// A primary that lost a failover: tell it the epoch it lost to.
 		s.answerRefused(conn, fc, known)

@@ -31,6 +31,7 @@ const (
 	ReasonIncarnation // the peer's log is another incarnation at the same epoch
 	ReasonLacksLog    // the secondary does not hold the log and no snapshot can rebuild it
 	ReasonSnapshot    // a snapshot arrived cut, too long or corrupt
+	ReasonRestarted   // the primary announced that its daemon restarted
 	ReasonLen         // number of reasons; not a reason
 )
 
@@ -54,6 +55,7 @@ var reasonNames = [ReasonLen]string{
 	ReasonIncarnation:   "incarnation",
 	ReasonLacksLog:      "lacks_log",
 	ReasonSnapshot:      "snapshot",
+	ReasonRestarted:     "primary_restarted",
 }
 
 func (r ErrReason) String() string {
@@ -78,6 +80,7 @@ func reasonOf(err error) ErrReason {
 		{ErrIncarnation, ReasonIncarnation},
 		{ErrPeerLacksLog, ReasonLacksLog},
 		{ErrSnapshot, ReasonSnapshot},
+		{ErrPrimaryRestarted, ReasonRestarted},
 		{errDeliver, ReasonDeliver},
 		{ErrBadMagic, ReasonBadMagic},
 		{ErrChecksum, ReasonChecksum},
