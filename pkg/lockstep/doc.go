@@ -48,7 +48,7 @@
 // Hello (first record each way): payload u16 version (Version = 2), u16
 // VM-name length, VM name, u64 log incarnation, u8 flags (1: FromBoot, the
 // primary's log starts at the VM's boot; 2: NeedSnapshot, the secondary
-// cannot follow the log from what it holds). The incarnation names the
+// cannot follow the log from what it holds; 4: Restarted, below). The incarnation names the
 // log: a host draws a new one whenever the VM's log starts afresh on it (0:
 // none yet). The primary speaks first with position = its head; the
 // secondary decides how it can follow:
@@ -82,6 +82,11 @@
 // Hellos: a secondary counts its primary connected from the first record
 // after them (a ping, or the snapshot). A peer refused at its Hello,
 // however often it comes back, never looks alive.
+//
+// A Hello flagged Restarted (4) comes from AnnounceRestart, not a primary:
+// the host that served the VM at that epoch restarted and lost its copy.
+// The secondary that follows that epoch tells OnPrimaryRestarted, answers
+// and closes (ErrPrimaryRestarted).
 //
 // HandOver (primary → secondary): a planned switchover. The primary has
 // stopped serving at its epoch; the secondary may take the VM over once it
