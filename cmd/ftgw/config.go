@@ -52,22 +52,6 @@ type Config struct {
 	LogRingBytes int `yaml:"log_ring_bytes"`
 	// StateDir holds the guest's control socket.
 	StateDir string `yaml:"state_dir"`
-	// Restore, StartPosition, RestoreIcount, Incarnation and
-	// TakeoverAfter are written by `ftgw lab reprotect` for a real VM's
-	// new secondary (the qemu engine; a synthetic VM is rebuilt over the
-	// log channel). It replays the survivor's recording (recording.go):
-	// Restore is a qcow2 image holding the go-live snapshot the recording
-	// started from, taken at guest instruction count RestoreIcount, or
-	// "boot" when it started at boot; the log it follows, incarnation
-	// Incarnation, goes on from StartPosition.
-	Restore       string `yaml:"restore,omitempty"`
-	StartPosition uint64 `yaml:"start_position,omitempty"`
-	RestoreIcount uint64 `yaml:"restore_icount,omitempty"`
-	Incarnation   uint64 `yaml:"incarnation,omitempty"`
-	// TakeoverAfter is the log position a new secondary must have received
-	// before it may take over: up to there the log is what the primary
-	// ran alone, whose outputs clients have seen.
-	TakeoverAfter uint64 `yaml:"takeover_after,omitempty"`
 }
 
 // VMConfig is one protected VM.
@@ -182,16 +166,6 @@ func (c *Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Peer.Listen); err != nil {
 		bad("peer.listen", "%q: want host:port this host accepts its peer on while it follows (%v)", c.Peer.Listen, err)
-	}
-	if c.Restore != "" {
-		if len(c.VMs) == 1 && c.VMs[0].Engine != engineQEMU {
-			bad("restore", "only a real VM (engine qemu) starts from a restore image; a synthetic one is rebuilt over the log channel")
-		} else if _, err := os.Stat(c.Restore); err != nil && c.Restore != bootImage {
-			bad("restore", "%v", err)
-		}
-	}
-	if c.TakeoverAfter < c.StartPosition && c.TakeoverAfter != 0 {
-		bad("takeover_after", "%d: before start_position %d", c.TakeoverAfter, c.StartPosition)
 	}
 	if c.Uplink == "" {
 		bad("uplink", "missing")

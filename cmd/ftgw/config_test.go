@@ -54,7 +54,6 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 		{"role: primary", "role: leader", "role:"},
 		{"address: 198.18.0.2:7100", "address: 198.18.0.2", "peer.address:"},
 		{"  listen: 198.18.0.1:7100\n", "", "peer.listen:"},
-		{"heartbeat: 5ms", "restore: /nonexistent.qcow2", "restore:"},
 		{`mac: "02:46:54:47:00:0a"`, `mac: "02:46"`, "vms[0].mac:"},
 		{"ip: 192.0.2.10", "ip: 2001:db8::1", "vms[0].ip:"},
 		{"tap: tap0", "tap: \"\"", "vms[0].tap:"},

@@ -88,7 +88,7 @@ func printStatus(w io.Writer, s Status) {
 // command: a host that serves alone rebuilds the first peer that joins it
 // (a peer whose daemon starts, or that lost the VM to this host).
 func reprotectCommand(ctx context.Context, args []string) error {
-	fs := newFlagSet("reprotect", "[--socket PATH] [--timeout D]", "Wait until this host's VM is protected again, and show how it goes.\nA host that serves alone re-protects on its own: it rebuilds its peer from a\nsnapshot as soon as the peer's daemon runs. (A real VM: `ftgw lab reprotect`.)")
+	fs := newFlagSet("reprotect", "[--socket PATH] [--timeout D]", "Wait until this host's VM is protected again, and show how it goes.\nA host that serves alone re-protects on its own: it rebuilds its peer from a\nsnapshot as soon as the peer's daemon runs.")
 	socket := socketFlag(fs)
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait")
 	if err := fs.Parse(args); err != nil {

@@ -60,6 +60,9 @@ type daemon struct {
 	// reprotectAt is the log position a new secondary was rebuilt at: the
 	// pair is protected once it has acknowledged it.
 	reprotectAt atomic.Uint64
+	// takeoverAfter: a real VM's new secondary may not take over before it
+	// has the log up to here (recordingHeader).
+	takeoverAfter atomic.Uint64
 	// Following side.
 	secondaryPtr atomic.Pointer[lockstep.Secondary]
 	feeder       *guestFeeder
@@ -211,8 +214,6 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		return d.bootPrimary(ctx, epoch)
 	case protect.BootSecondary:
 		return d.bootSecondary(ctx)
-	case protect.SnapshotInstalled:
-		return d.restoreSecondary(ctx)
 	default:
 		if err := d.publish(vip.RoleStandby, epoch); err != nil {
 			return err
@@ -272,30 +273,14 @@ func (d *daemon) bootSecondary(ctx context.Context) error {
 	return d.follow(lockstep.SecondaryConfig{Boot: true})
 }
 
-// restoreSecondary starts a real VM's new secondary from the survivor's
-// go-live snapshot (or boot) and its recording (`ftgw lab reprotect`).
-func (d *daemon) restoreSecondary(ctx context.Context) error {
-	if d.qemu == nil {
-		return errors.New("restore: only a real VM (engine qemu) starts from a restore image; a synthetic one is rebuilt over the log channel")
-	}
-	image := d.cfg.Restore
-	if image == bootImage {
-		image = ""
-	}
-	if err := d.qemu.StartReplay(ctx, image, d.cfg.RestoreIcount); err != nil {
-		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-	}
-	d.superviseEngine(d.qemu)
-	d.fire(protect.SnapshotInstalled)
-	return d.follow(lockstep.SecondaryConfig{StartPosition: d.cfg.StartPosition, Incarnation: d.cfg.Incarnation})
-}
-
 // rejoin drops this host's copy of the VM, which is stale or fresh, and
 // waits for the owner to rebuild it from a snapshot over the log channel.
 // The owner finds it on its own: it dials this host while it serves alone.
 func (d *daemon) rejoin() {
-	if d.qemu != nil {
-		d.log.Warn("this host's copy of the real VM is stale: `ftgw lab reprotect` rebuilds it (a real VM takes no snapshot over the log channel yet)")
+	if d.qemu != nil && d.currentEngine() != nil {
+		// A real VM's engine is not restarted in place: its QEMU, FIFO
+		// and relay start once per daemon.
+		d.log.Warn("this host's copy of the real VM is stale: restart its daemon, which joins the VM's owner and is rebuilt")
 		return
 	}
 	d.stopEngine()
@@ -331,11 +316,12 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 		}
 		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) }
 	}
-	// A synthetic guest is rebuilt from the owner's snapshot when it cannot
-	// follow the owner's log from what it holds.
+	// The VM is rebuilt from the owner's snapshot when it cannot follow the
+	// owner's log from what it holds.
 	var s *lockstep.Secondary
-	if d.qemu == nil {
-		cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installSnapshot(s, pos, state) }
+	cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installSnapshot(s, pos, state) }
+	if d.qemu != nil {
+		cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installRecording(s, pos, state) }
 	}
 	// The listener may still be held by the channel this one replaces
 	// for a moment after it stopped.
@@ -415,6 +401,21 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 	}
 	d.primaryPtr.Store(p)
 	return p, nil
+}
+
+// logCannotCarry: the log channel refused input the VM has taken in
+// already (a backlog the secondary never acknowledged, a frame too long): a
+// secondary that misses it would diverge silently, so it no longer counts
+// as the VM's copy. Shipping stops, outputs keep waiting, and the failover
+// path decides who serves; the secondary is rebuilt afterwards.
+func (d *daemon) logCannotCarry(pos uint64, err error) {
+	if !d.shipping.Swap(false) {
+		return
+	}
+	d.log.Error("the log cannot carry what the VM took in: the secondary is lost", "position", pos, "err", err)
+	if st := d.state(); st == protect.Protected || st == protect.Reprotecting {
+		go d.peerLost(d.runCtx, st, causeSecondaryLost, 0)
+	}
 }
 
 // onPeerLacksLog: the secondary that connected holds none of the log the
@@ -500,10 +501,7 @@ func (d *daemon) readLog(ctx context.Context) error {
 		// Before the append: its ack can be back before it returns.
 		d.ackClock.append(e.Position)
 		if err := d.primary().QueueFrame(e.Position, e.Frame); err != nil {
-			// The frame has reached the guest already; a log that
-			// cannot carry it would let the secondary diverge
-			// silently, so stop instead.
-			return fmt.Errorf("append log position %d: %w", e.Position, err)
+			d.logCannotCarry(e.Position, err)
 		}
 		return nil
 	}, func() error {
@@ -564,6 +562,7 @@ type Status struct {
 // pair is protected.
 type reprotectStatus struct {
 	TakeoverAfter    uint64  `json:"takeover_after"`
+	RecordingBytes   int64   `json:"recording_bytes,omitempty"`
 	Acked            uint64  `json:"acked"`
 	ReplayLagSeconds float64 `json:"replay_lag_seconds,omitempty"`
 	Error            string  `json:"error,omitempty"`
@@ -649,7 +648,6 @@ func (d *daemon) serveControl(ctx context.Context) error {
 		d.log.Info("output mode", "mode", r.FormValue("mode"))
 	})
 	d.serveSwitchover(mux)
-	d.serveReprotect(mux)
 	path := controlPath(d.cfg.StateDir)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)

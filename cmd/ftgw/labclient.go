@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -94,34 +93,6 @@ func controlPostSocket(socket, path string, form url.Values) (string, error) {
 		return "", fmt.Errorf("%s: %s", path, strings.TrimSpace(string(body)))
 	}
 	return strings.TrimSpace(string(body)), nil
-}
-
-// fetchSnapshotImage copies a real VM's go-live snapshot image from the
-// daemon in ns to dst and returns the snapshot's guest instruction count;
-// ok is false if the VM's recorder started at boot (there is none).
-func fetchSnapshotImage(dir, ns, dst string) (icount uint64, ok bool, err error) {
-	client := controlClient(controlPath(hostDir(dir, ns)))
-	client.Timeout = 2 * time.Minute
-	resp, err := client.Get("http://ftgw/reprotect/image")
-	if err != nil {
-		return 0, false, fmt.Errorf("%s: fetch the snapshot image: %w", ns, err)
-	}
-	defer resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusOK:
-	case http.StatusNotFound:
-		return 0, false, nil
-	default:
-		msg, _ := io.ReadAll(resp.Body)
-		return 0, false, fmt.Errorf("%s: fetch the snapshot image: %s", ns, strings.TrimSpace(string(msg)))
-	}
-	if icount, err = strconv.ParseUint(resp.Header.Get(snapshotIcountHeader), 10, 64); err != nil {
-		return 0, false, fmt.Errorf("%s: snapshot image without its icount: %w", ns, err)
-	}
-	if err := writeFile(dst, resp.Body); err != nil {
-		return 0, false, fmt.Errorf("%s: fetch the snapshot image: %w", ns, err)
-	}
-	return icount, true, nil
 }
 
 // labGuestState is the state of a host's copy of the VM: the synthetic

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"time"
 
@@ -103,14 +102,14 @@ func (d *daemon) watch(ctx context.Context) error {
 			if silent <= d.cfg.FailureTimeout {
 				continue
 			}
-			if !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.cfg.TakeoverAfter) {
+			if !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.takeoverAfter.Load()) {
 				// A new secondary still receiving what the primary ran
 				// alone: its copy lacks state clients have seen, so it
 				// must not serve. The VM is lost, as it was while the
 				// primary ran alone.
 				if !warnedIneligible {
 					d.log.Error("primary lost, not taking over: this secondary never received the log the primary ran alone",
-						"received", s.Received(), "takeover_after", d.cfg.TakeoverAfter)
+						"received", s.Received(), "takeover_after", d.takeoverAfter.Load())
 					warnedIneligible = true
 				}
 				continue
@@ -303,10 +302,6 @@ func (d *daemon) recordFailover(p failoverPhases) {
 // and boots it, the secondary boots its copy and follows; once the VM has
 // an owner, a starting host's copy is fresh and it joins.
 func (d *daemon) start(ctx context.Context) (ev protect.Event, epoch uint64, owner string, err error) {
-	if d.cfg.Restore != "" {
-		// Built by `ftgw lab reprotect` from the survivor's recording.
-		return protect.SnapshotInstalled, 0, "", nil
-	}
 	if d.arb == nil {
 		return protect.StartEvent(0, d.cfg.Role == rolePrimary), 1, "", nil
 	}
@@ -359,13 +354,9 @@ func (d *daemon) announceRestart(ctx context.Context, epoch uint64) error {
 // copy of the VM with it. A failure, now.
 func (d *daemon) onPrimaryRestarted(epoch uint64) {
 	s := d.secondary()
-	if d.arb == nil || d.state() != protect.Standby || s == nil || !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.cfg.TakeoverAfter) {
+	if d.arb == nil || d.state() != protect.Standby || s == nil || !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.takeoverAfter.Load()) {
 		return
 	}
 	d.log.Warn("the primary's daemon restarted: its copy of the VM is gone", "epoch", epoch)
 	go d.peerLost(d.runCtx, protect.Standby, causePrimaryLost, s.SinceHeard())
 }
-
-// errNoSnapshot: the engine cannot rebuild its VM from a snapshot over the
-// log channel (a real VM is re-protected by `ftgw lab reprotect`).
-var errNoSnapshot = errors.New("this VM engine takes no snapshot over the log channel")

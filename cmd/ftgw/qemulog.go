@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"sync"
@@ -65,11 +64,10 @@ func (d *daemon) shipChunk(chunk []byte) error {
 	if d.shipping.Load() {
 		pos := d.queueChunk(end)
 		if err := d.primary().QueueLog(pos, chunk); err != nil {
-			// QEMU has gone on past this log; a secondary that misses it
-			// would diverge silently, so stop instead.
-			return fmt.Errorf("append replay log chunk %d: %w", pos, err)
+			d.logCannotCarry(pos, err)
+		} else {
+			d.primary().Flush()
 		}
-		d.primary().Flush()
 	}
 	// After the send: a reply held for this chunk does not wait on the
 	// disk.
@@ -188,16 +186,17 @@ func (d *daemon) throttle(ctx context.Context) error {
 		if n := d.peerReplayed.Load(); n != replayed {
 			replayed, moved = n, time.Now()
 		}
+		// No report (yet) from the secondary of this channel: a new one,
+		// or none at all, is no reason to keep the VM frozen.
 		lag, ok := d.peerLag()
-		if !ok {
-			continue
+		if ok {
+			d.replayLag.Store(int64(lag))
 		}
-		d.replayLag.Store(int64(lag))
-		// A new secondary catching up on the recording is throttled too
-		// (reprotectRecording): without it, it would trail by all the
-		// time the VM ran alone, for good.
+		// A new secondary caught up on the recording is throttled too
+		// (snapshotRecording): without it, it would trail by all the time
+		// the VM ran alone, for good.
 		switch {
-		case !paused && d.shipping.Load() && lag > maxLag:
+		case !paused && ok && d.shipping.Load() && lag > maxLag:
 			if err := d.qemu.Pause(true); err != nil {
 				d.log.Warn("throttle: pause the vm", "err", err)
 				continue
@@ -205,7 +204,7 @@ func (d *daemon) throttle(ctx context.Context) error {
 			d.lagClock.freeze()
 			paused = true
 			d.throttles.Add(1)
-		case paused && (lag < maxLag/2 || !d.shipping.Load() || time.Since(moved) >= stallAfter):
+		case paused && (!ok || lag < maxLag/2 || !d.shipping.Load() || time.Since(moved) >= stallAfter):
 			if err := d.qemu.Pause(false); err != nil {
 				d.log.Warn("throttle: resume the vm", "err", err)
 				continue

@@ -79,3 +79,34 @@ func TestChunkIndexRestart(t *testing.T) {
 		t.Fatalf("acked 7: offset %d, want 50", got)
 	}
 }
+
+// A real VM's snapshot crosses the log channel as a header and the go-live
+// image; anything cut or inconsistent is refused before a VM starts from it.
+func TestRecordingSnapshotRoundTrip(t *testing.T) {
+	h := recordingHeader{FromSnapshot: true, SnapshotIcount: 1594166774, TakeoverAfter: 412, RecordingBytes: 26_000_000}
+	blob, err := encodeRecordingSnapshot(h, []byte("qcow2 image"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, image, err := decodeRecordingSnapshot(blob)
+	if err != nil || got != h || string(image) != "qcow2 image" {
+		t.Errorf("round trip: %+v %q %v", got, image, err)
+	}
+	boot, _ := encodeRecordingSnapshot(recordingHeader{TakeoverAfter: 3}, nil)
+	if got, image, err := decodeRecordingSnapshot(boot); err != nil || got.FromSnapshot || len(image) != 0 {
+		t.Errorf("from boot: %+v %d bytes %v", got, len(image), err)
+	}
+	noImage, _ := encodeRecordingSnapshot(h, nil)
+	for name, bad := range map[string][]byte{
+		"empty":                 nil,
+		"cut header":            blob[:10],
+		"length past the end":   {0xff, 0, 0, 0, '{', '}'},
+		"not json":              {0, 0, 0, 2, 'x', 'y'},
+		"snapshot, no image":    noImage,
+		"boot, with some image": append(boot, 'x'),
+	} {
+		if _, _, err := decodeRecordingSnapshot(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

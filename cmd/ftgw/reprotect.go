@@ -2,16 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"net"
-	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
@@ -32,20 +29,44 @@ import (
 // from it and follows the log from P+1. Once it has acknowledged P the pair
 // is protected.
 
-// snapshotReply is what `ftgw lab reprotect` gets for a real VM's new
-// secondary.
-type snapshotReply struct {
-	Position    uint64 `json:"position"`
-	Epoch       uint64 `json:"epoch"`
-	Incarnation uint64 `json:"incarnation"`
-	// The new secondary replays the survivor's recording, which starts at
-	// boot or, if FromSnapshot, from the go-live snapshot taken at guest
-	// instruction count SnapshotIcount (served at /reprotect/image). It
-	// must hold the log up to TakeoverAfter before it may take over.
-	FromSnapshot   bool   `json:"from_snapshot,omitempty"`
-	SnapshotIcount uint64 `json:"snapshot_icount,omitempty"`
-	TakeoverAfter  uint64 `json:"takeover_after,omitempty"`
-	RecordingBytes int64  `json:"recording_bytes,omitempty"`
+// recordingHeader says where a real VM's new secondary starts: from the
+// survivor's go-live snapshot, taken at guest instruction count
+// SnapshotIcount (its image follows the header), or from boot; then it
+// replays the survivor's recording, RecordingBytes of it, which arrives as
+// the log. It may not take over before it has the log up to TakeoverAfter:
+// the recording's outputs have left unprotected.
+type recordingHeader struct {
+	FromSnapshot   bool   `json:"from_snapshot"`
+	SnapshotIcount uint64 `json:"snapshot_icount"`
+	TakeoverAfter  uint64 `json:"takeover_after"`
+	RecordingBytes int64  `json:"recording_bytes"`
+}
+
+// encodeRecordingSnapshot is a real VM's snapshot on the log channel: the
+// header's length (u32, big-endian), the header in JSON, then the image.
+func encodeRecordingSnapshot(h recordingHeader, image []byte) ([]byte, error) {
+	header, err := json.Marshal(h)
+	if err != nil {
+		return nil, err
+	}
+	out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(header)+len(image)), uint32(len(header)))
+	return append(append(out, header...), image...), nil
+}
+
+func decodeRecordingSnapshot(b []byte) (recordingHeader, []byte, error) {
+	var h recordingHeader
+	if len(b) < 4 || uint64(binary.BigEndian.Uint32(b)) > uint64(len(b)-4) {
+		return h, nil, fmt.Errorf("real VM snapshot of %d bytes: no whole header", len(b))
+	}
+	n := binary.BigEndian.Uint32(b)
+	if err := json.Unmarshal(b[4:4+n], &h); err != nil {
+		return h, nil, fmt.Errorf("real VM snapshot header: %w", err)
+	}
+	image := b[4+n:]
+	if h.FromSnapshot != (len(image) > 0) {
+		return h, nil, fmt.Errorf("real VM snapshot: from_snapshot %v with a %d-byte image", h.FromSnapshot, len(image))
+	}
+	return h, image, nil
 }
 
 // consumedPosition is the log position the synthetic guest has reached.
@@ -64,21 +85,46 @@ func (d *daemon) consumedPosition() (uint64, error) {
 // secondary that joins: its log channel dials the peer until a daemon there
 // answers, and rebuilds that daemon's VM from a snapshot.
 func (d *daemon) seekSecondary() {
-	if d.qemu != nil {
-		return // a real VM's new secondary comes from `ftgw lab reprotect`
-	}
 	if err := d.ensureHoldQueue(); err != nil {
 		d.log.Error("seek a new secondary", "err", err)
 		return
 	}
-	p, err := d.newPrimary(d.cfg.Peer.Address, d.dp.Head(), d.snapshotForNewSecondary)
+	startHead := d.dp.Head()
+	var p *lockstep.Primary
+	snapshot := d.snapshotForNewSecondary
+	if d.qemu != nil {
+		// Chunk numbers go on from the last channel's, so the commit
+		// latency clock never goes back.
+		startHead = 0
+		if old := d.primary(); old != nil {
+			startHead = old.Head()
+		}
+		snapshot = func(ctx context.Context, rebase func(uint64) error) ([]byte, error) {
+			return d.snapshotRecording(ctx, p, rebase)
+		}
+	}
+	p, err := d.newPrimary(d.cfg.Peer.Address, startHead, snapshot)
 	if err != nil {
 		d.log.Error("seek a new secondary", "err", err)
 		return
 	}
 	ctx := d.goChannel(p.Run)
-	d.group.Go(func() error { return d.awaitProtection(ctx, p, nil) })
+	if d.qemu == nil {
+		d.group.Go(func() error { return d.awaitProtection(ctx, p, nil) })
+	}
 	d.log.Info("serving alone: waiting for a secondary to join", "peer", d.cfg.Peer.Address)
+}
+
+// lockLife takes the lifecycle's lock for a log channel's callback, but
+// never against the channel being stopped by whoever holds it.
+func (d *daemon) lockLife(ctx context.Context) error {
+	for !d.lifeMu.TryLock() {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
 }
 
 // snapshotForNewSecondary is the survivor's half of a re-protection, run
@@ -95,13 +141,8 @@ func (d *daemon) seekSecondary() {
 //     input, and no copy that lacks it can take over (this host was alone
 //     until now, and the new one is not caught up).
 func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64) error) ([]byte, error) {
-	// The lifecycle's lock, but never against the channel being stopped
-	// by whoever holds it.
-	for !d.lifeMu.TryLock() {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		time.Sleep(time.Millisecond)
+	if err := d.lockLife(ctx); err != nil {
+		return nil, err
 	}
 	defer d.lifeMu.Unlock()
 	from := d.state()
@@ -147,6 +188,14 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 	}
 	position := state.Frames - d.inputBase.Load()
 	if err == nil {
+		// The guest may have consumed frames the log reader has not
+		// taken from the ring yet: they must be queued before the log
+		// can restart after them.
+		err = waitUntil(ctx, 5*time.Second, "the log reader to reach the snapshot", func() (bool, error) {
+			return d.lastRead.Load() >= position, nil
+		})
+	}
+	if err == nil {
 		err = rebase(position)
 	}
 	if err != nil {
@@ -164,91 +213,93 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 	return raw, nil
 }
 
-// protectAgain opens the log channel to a new secondary (a real VM's) that
-// holds the log up to position startHead, ships the log to it from there if
-// shipLive, and turns the Output Rule back on: outputs stamped after acked
-// wait for the new secondary's ack. It returns the channel's context.
-func (d *daemon) protectAgain(peer string, startHead, acked uint64, rec vip.Record, shipLive bool) (context.Context, *lockstep.Primary, error) {
-	if err := d.ensureHoldQueue(); err != nil {
-		return nil, nil, err
-	}
-	p, err := d.newPrimary(peer, startHead, nil)
-	if err != nil {
-		return nil, nil, err
-	}
-	if shipLive {
-		// Everything logged from here on is queued for the new
-		// secondary; the head sits still at startHead, so nothing falls
-		// between.
-		d.shipping.Store(true)
-	}
-	// The Output Rule holds again from here, before the secondary is even
-	// up: every output of input after acked waits for its ack. Were they
-	// released now, a new secondary that took over before it caught up
-	// would lack inputs whose outputs clients already saw.
-	d.gate.Ack(acked)
-	rec.Role = vip.RoleActive
-	if err := d.gate.Enforce(rec); err != nil {
-		d.shipping.Store(false)
-		return nil, nil, err
-	}
-	d.fire(protect.PeerJoined)
-	return d.goChannel(p.Run), p, nil
-}
-
-// reprotectRecording re-protects a real VM. Its state cannot be taken at
-// one log position and handed over (see recording.go), so the new
-// secondary starts where this host's recorder started, from boot or the
-// go-live snapshot, and replays the whole recording, then the live log.
+// snapshotRecording is a real VM survivor's half of a re-protection, run
+// by the log channel p when a secondary that holds none of the log
+// connects. A real VM's state cannot be taken at one log position and
+// handed over (see recording.go), so the new secondary starts where this
+// host's recorder started, from boot or the go-live snapshot (whose image
+// goes with the header), and replays the whole recording, then the live
+// log.
 //
 // Outputs of the log recorded so far have left unprotected: the new
 // secondary must have all of it before it may take over (TakeoverAfter),
 // and until it has, this host's failure loses the VM as it would have
 // anyway. Outputs of anything logged from now on wait for the new
 // secondary's ack, as always.
-func (d *daemon) reprotectRecording(peer string) (snapshotReply, error) {
-	rec := d.owner.Current()
-	reply := snapshotReply{Epoch: rec.Epoch, Incarnation: d.incarnation.Load()}
+func (d *daemon) snapshotRecording(ctx context.Context, p *lockstep.Primary, rebase func(uint64) error) ([]byte, error) {
+	if err := d.lockLife(ctx); err != nil {
+		return nil, err
+	}
+	defer d.lifeMu.Unlock()
+	if from := d.state(); from != protect.Unprotected {
+		// One catch-up per channel: a new secondary that lost its
+		// connection meanwhile is given up on through the arbiter, and
+		// the next channel starts afresh.
+		return nil, fmt.Errorf("reprotect: this host is %s, not serving alone", from)
+	}
 	if ran, limit := d.lagClock.recorderRan(), d.vm.QEMU.MaxCatchUp; ran > limit {
-		return reply, fmt.Errorf("reprotect: the VM's recorder has run %s, and a new secondary would replay all of it while the VM waits: more than qemu.max_catch_up (%s); raise it, or restart the pair when the VM may pause",
+		err := fmt.Errorf("reprotect: the VM's recorder has run %s, and a new secondary would replay all of it while the VM waits: more than qemu.max_catch_up (%s); raise it, or restart the pair when the VM may pause",
 			ran.Round(time.Second), limit)
+		d.mu.Lock()
+		d.reprotecting = &reprotectStatus{Error: err.Error()}
+		d.mu.Unlock()
+		return nil, err
 	}
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
 	r := d.recording
 	f, err := r.reader()
 	if err != nil {
-		return reply, fmt.Errorf("reprotect: %w", err)
+		return nil, fmt.Errorf("reprotect: %w", err)
 	}
-	// Chunk positions go on from the last channel's, so the commit
-	// latency clock never goes back.
-	if p := d.primary(); p != nil {
-		reply.Position = p.Head()
+	position, backlog := p.Head(), r.size
+	h := recordingHeader{
+		FromSnapshot: r.from.loadvm != "", SnapshotIcount: r.from.icount, RecordingBytes: backlog,
+		TakeoverAfter: position + uint64((backlog+lockstep.MaxPayload-1)/lockstep.MaxPayload),
 	}
-	backlog := r.size
-	reply.TakeoverAfter = reply.Position + uint64((backlog+lockstep.MaxPayload-1)/lockstep.MaxPayload)
-	reply.FromSnapshot, reply.SnapshotIcount, reply.RecordingBytes = r.from.loadvm != "", r.from.icount, backlog
-	released := d.lastRead.Load()
-	d.chunks.restart(reply.Position, released)
-	d.reprotectAt.Store(reply.TakeoverAfter)
-	channelCtx, p, err := d.protectAgain(peer, reply.Position, released, rec, false)
+	var image []byte
+	if h.FromSnapshot {
+		// The image does not change while this recorder runs: only a
+		// go-live saves into it.
+		if image, err = os.ReadFile(replay.VMStatePath(d.qemu.dir)); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("reprotect: read the go-live snapshot: %w", err)
+		}
+	}
+	blob, err := encodeRecordingSnapshot(h, image)
+	if err == nil {
+		err = rebase(position)
+	}
 	if err != nil {
 		f.Close()
-		return reply, err
+		return nil, err
 	}
+	released := d.lastRead.Load()
+	d.chunks.restart(position, released)
+	d.reprotectAt.Store(h.TakeoverAfter)
+	// The Output Rule holds again from here, before the secondary is even
+	// up: every output of input after what was read waits for its ack.
+	d.gate.Ack(released)
+	rec := d.owner.Current()
+	rec.Role = vip.RoleActive
+	if err := d.gate.Enforce(rec); err != nil {
+		f.Close()
+		return nil, err
+	}
+	d.fire(protect.PeerJoined)
 	c := &catchUp{done: make(chan struct{})}
 	d.group.Go(func() error {
-		c.err = d.shipRecording(channelCtx, p, f, r.from.base, backlog)
+		c.err = d.shipRecording(ctx, p, f, r.from.base, backlog)
 		close(c.done)
 		return nil
 	})
 	d.mu.Lock()
-	d.reprotecting = &reprotectStatus{TakeoverAfter: reply.TakeoverAfter}
+	d.reprotecting = &reprotectStatus{TakeoverAfter: h.TakeoverAfter, RecordingBytes: backlog}
 	d.mu.Unlock()
-	d.group.Go(func() error { return d.awaitProtection(channelCtx, p, c) })
-	d.log.Info("re-protecting from the recording", "secondary", peer, "position", reply.Position,
-		"takeover_after", reply.TakeoverAfter, "recording_bytes", backlog, "from_snapshot", reply.FromSnapshot, "epoch", reply.Epoch)
-	return reply, nil
+	d.group.Go(func() error { return d.awaitProtection(ctx, p, c) })
+	d.log.Info("re-protecting from the recording", "position", position, "takeover_after", h.TakeoverAfter,
+		"recording_bytes", backlog, "from_snapshot", h.FromSnapshot, "image_bytes", len(image))
+	return blob, nil
 }
 
 // catchUp is a new secondary's catching up on the recording: done once
@@ -308,10 +359,6 @@ func (d *daemon) shipRecording(ctx context.Context, p *lockstep.Primary, f *os.F
 		p.Flush()
 	}
 }
-
-// snapshotIcountHeader carries the guest instruction count of the go-live
-// snapshot served at /reprotect/image.
-const snapshotIcountHeader = "Ftgw-Snapshot-Icount"
 
 // reprotectTimeout bounds how long output may wait for a new secondary
 // that does not come, or stops making progress.
@@ -386,55 +433,6 @@ func (d *daemon) awaitProtection(ctx context.Context, p *lockstep.Primary, c *ca
 	return nil
 }
 
-// startReprotect is a real VM survivor's half of `ftgw lab reprotect`: it
-// returns where the new secondary at peer starts. A synthetic VM needs no
-// command: its survivor takes the first secondary that joins.
-func (d *daemon) startReprotect(peer string) (snapshotReply, error) {
-	d.lifeMu.Lock()
-	defer d.lifeMu.Unlock()
-	if st := d.state(); st != protect.Unprotected {
-		return snapshotReply{}, fmt.Errorf("reprotect: this host is %s, not serving alone", st)
-	}
-	if d.qemu == nil {
-		return snapshotReply{}, errors.New("reprotect: this VM is re-protected on its own: start the daemon on its peer, which joins")
-	}
-	return d.reprotectRecording(peer)
-}
-
-func (d *daemon) serveReprotect(mux *http.ServeMux) {
-	mux.HandleFunc("POST /reprotect", func(w http.ResponseWriter, r *http.Request) {
-		peer := r.FormValue("peer")
-		if _, _, err := net.SplitHostPort(peer); err != nil {
-			http.Error(w, "reprotect wants peer=host:port: "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		reply, err := d.startReprotect(peer)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusConflict)
-			return
-		}
-		json.NewEncoder(w).Encode(reply)
-	})
-	// A real VM's go-live snapshot, for a new secondary to start from.
-	mux.HandleFunc("GET /reprotect/image", func(w http.ResponseWriter, r *http.Request) {
-		if d.qemu == nil {
-			http.Error(w, "this VM is not a real VM: its snapshot comes with POST /reprotect", http.StatusNotFound)
-			return
-		}
-		d.logMu.Lock()
-		from := d.recording.from
-		d.logMu.Unlock()
-		if from.loadvm == "" {
-			http.Error(w, "the VM's recorder started at boot: a new secondary boots it too", http.StatusNotFound)
-			return
-		}
-		// The image does not change while this recorder runs: only a
-		// go-live saves into it.
-		w.Header().Set(snapshotIcountHeader, strconv.FormatUint(from.icount, 10))
-		http.ServeFile(w, r, replay.VMStatePath(d.qemu.dir))
-	})
-}
-
 // labReprotect builds a new secondary for the lab host that serves the VM
 // alone, on the other host, and waits until the pair is protected.
 func labReprotect(ctx context.Context, args []string) error {
@@ -474,7 +472,8 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 		return r, errors.New("no lab host serves the VM alone: nothing to re-protect")
 	}
 	r.survivor, r.secondary = survivor.NS, other.NS
-	// Whatever is left of the other host's daemon and VM goes.
+	// Whatever is left of the other host's daemon and VM goes; its daemon
+	// starts again as it was, joins the survivor and is rebuilt.
 	if err := lab.Crash(other.NS); err != nil {
 		return r, err
 	}
@@ -483,21 +482,12 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	if err != nil {
 		return r, err
 	}
-
 	start := time.Now()
-	realVM := cfg.VMs[0].Engine == engineQEMU
-	if realVM {
-		if err := restoreConfig(ctx, dir, survivor, other, &cfg, &r); err != nil {
-			return r, err
-		}
-	} else {
-		// A fresh daemon joins the survivor, which rebuilds it.
-		cfg.Restore, cfg.StartPosition, cfg.RestoreIcount, cfg.TakeoverAfter, cfg.Incarnation = "", 0, 0, 0, 0
-	}
 	if err := startDaemon(ctx, dir, other.NS, cfg); err != nil {
 		return r, err
 	}
 	// A real VM's new secondary replays the whole recording first.
+	realVM := cfg.VMs[0].Engine == engineQEMU
 	timeout := 10 * time.Second
 	if realVM {
 		timeout = 5 * time.Minute
@@ -507,7 +497,7 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	err = waitUntil(ctx, timeout, "the pair to be protected", func() (bool, error) {
 		s, err = daemonStatus(dir, survivor.NS)
 		if err == nil && s.Reprotect != nil {
-			r.position = s.Reprotect.TakeoverAfter
+			r.position, r.recordingBytes = s.Reprotect.TakeoverAfter, s.Reprotect.RecordingBytes
 		}
 		switch {
 		case err != nil:
@@ -521,51 +511,11 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 		}
 		if rp := s.Reprotect; rp != nil && time.Since(lastReport) >= 5*time.Second {
 			lastReport = time.Now()
-			fmt.Fprintf(os.Stderr, "re-protecting: %s acked log position %d of %d, replay lag %.1fs%s\n",
-				other.NS, rp.Acked, rp.TakeoverAfter, rp.ReplayLagSeconds, map[bool]string{true: " (last try: " + rp.Error + ")", false: ""}[rp.Error != ""])
+			fmt.Fprintf(os.Stderr, "re-protecting: %s acked log position %d of %d, replay lag %.1fs\n",
+				other.NS, rp.Acked, rp.TakeoverAfter, rp.ReplayLagSeconds)
 		}
 		return false, nil
 	})
 	r.took, r.unprotected, r.epoch = time.Since(start), s.UnprotectedSeconds, s.Epoch
 	return r, err
-}
-
-// bootImage as a real VM's restore image: its new secondary boots the VM
-// and replays the survivor's recording from boot.
-const bootImage = "boot"
-
-// restoreConfig asks a real VM's survivor to re-protect it and writes, into
-// the new secondary's cfg, where it starts: the survivor's go-live snapshot
-// image (fetched first) or boot, and the recording since.
-func restoreConfig(ctx context.Context, dir string, survivor, other lab.Host, cfg *Config, r *reprotection) error {
-	// The snapshot image is fetched before the survivor starts holding
-	// output for the new secondary: it does not change meanwhile.
-	image := filepath.Join(hostDir(dir, other.NS), "restore.qcow2")
-	imageIcount, ok, err := fetchSnapshotImage(dir, survivor.NS, image)
-	if err != nil {
-		return err
-	} else if !ok {
-		image = ""
-	}
-	peer := cfg.Peer.Listen
-	raw, err := controlPost(dir, survivor.NS, "/reprotect", url.Values{"peer": {peer}})
-	if err != nil {
-		return err
-	}
-	var snap snapshotReply
-	if err := json.Unmarshal([]byte(raw), &snap); err != nil {
-		return fmt.Errorf("reprotect reply: %w", err)
-	}
-	r.recordingBytes = snap.RecordingBytes
-	if snap.FromSnapshot != (image != "") || snap.SnapshotIcount != imageIcount {
-		return fmt.Errorf("reprotect: %s's recording starts from the snapshot at icount %d (%v), the image fetched is at %d",
-			survivor.NS, snap.SnapshotIcount, snap.FromSnapshot, imageIcount)
-	}
-	cfg.StartPosition, cfg.Incarnation = snap.Position, snap.Incarnation
-	cfg.Restore, cfg.RestoreIcount, cfg.TakeoverAfter = image, snap.SnapshotIcount, snap.TakeoverAfter
-	if cfg.Restore == "" {
-		// From boot: the survivor's recorder started at boot.
-		cfg.Restore = bootImage
-	}
-	return nil
 }

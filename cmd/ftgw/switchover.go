@@ -182,7 +182,7 @@ type switchoverReply struct {
 	Head    uint64        `json:"head"`
 	Drained time.Duration `json:"drained_ns"`
 	// Rejoins: this host joins the new primary and is rebuilt as its
-	// standby (not a real VM yet: `ftgw lab reprotect`).
+	// standby (a real VM's host does once its daemon restarts).
 	Rejoins bool `json:"rejoins"`
 }
 
@@ -232,7 +232,7 @@ func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Du
 	}
 	fmt.Fprintf(w, "switchover: handed over epoch %d at log position %d after %s of drain\n", reply.Epoch, reply.Head, reply.Drained.Round(10*time.Microsecond))
 	if !reply.Rejoins {
-		fmt.Fprintln(w, "switchover: the standby takes over; this host's copy of the real VM is stopped (rebuild it with `ftgw lab reprotect`)")
+		fmt.Fprintln(w, "switchover: the standby takes over; this host's copy of the real VM is stopped: restart its daemon and it joins as the new standby")
 		return nil
 	}
 	var s Status

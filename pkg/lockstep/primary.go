@@ -501,17 +501,20 @@ func (p *Primary) sendSnapshot(ctx context.Context, l *link) (uint64, error) {
 	}
 	l.lock()
 	defer l.unlock()
+	// The whole state goes in one write (a real VM's image is about a
+	// third of its memory): a heartbeat's deadline is too short for it.
+	l.conn.SetWriteDeadline(time.Now().Add(max(l.timeout, SnapshotWait)))
 	for off := 0; off < len(state); off += MaxPayload {
 		chunk := state[off:min(off+MaxPayload, len(state))]
 		if err := l.write(Record{Kind: KindSnapshot, Position: at, Epoch: p.cfg.Epoch, Payload: chunk}); err != nil {
-			return 0, fmt.Errorf("send snapshot: %w", err)
+			return 0, fmt.Errorf("transfer snapshot: %w", err)
 		}
 	}
 	if err := l.write(Record{Kind: KindSnapshotEnd, Position: at, Epoch: p.cfg.Epoch, Payload: snapshotTrailer(state)}); err != nil {
-		return 0, fmt.Errorf("send snapshot: %w", err)
+		return 0, fmt.Errorf("transfer snapshot: %w", err)
 	}
 	if err := l.flush(); err != nil {
-		return 0, fmt.Errorf("send snapshot: %w", err)
+		return 0, fmt.Errorf("transfer snapshot: %w", err)
 	}
 	p.log.Info("sent snapshot", "position", at, "bytes", len(state))
 	return at, nil

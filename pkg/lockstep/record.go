@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"time"
 )
 
 // Wire constants; doc.go describes the layout.
@@ -22,6 +23,9 @@ const (
 	// MaxSnapshot bounds the VM state a secondary takes in before its log
 	// (SnapshotChunk records): it is held in memory until it is whole.
 	MaxSnapshot = 256 << 20
+	// SnapshotWait is how long a secondary that asked for a snapshot waits
+	// for it to begin: the primary takes it first.
+	SnapshotWait = 30 * time.Second
 
 	heartbeatLen = 16 // Heartbeat payload: send time, echo
 )

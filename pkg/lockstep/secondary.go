@@ -489,7 +489,14 @@ func (s *Secondary) readLoop(l *link, in *incoming) error {
 	first := true
 	for {
 		if br.Buffered() == 0 {
-			l.conn.SetReadDeadline(time.Now().Add(s.cfg.Timeout))
+			// A primary takes the VM's state before it sends anything
+			// (a real VM's image is read from disk): it may be silent
+			// that long.
+			wait := s.cfg.Timeout
+			if first && in.snapshot {
+				wait = max(wait, SnapshotWait)
+			}
+			l.conn.SetReadDeadline(time.Now().Add(wait))
 		}
 		r, err := ReadRecord(br, buf)
 		if err != nil {
