@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -212,8 +213,9 @@ func (c *Config) validate() error {
 	for i := range c.VMs {
 		vm := &c.VMs[i]
 		field := fmt.Sprintf("vms[%d]", i)
-		if vm.Name == "" {
-			bad(field+".name", "missing")
+		if !vmName.MatchString(vm.Name) {
+			// It names files, sockets and QEMU's comma-separated options.
+			bad(field+".name", "%q: want 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit", vm.Name)
 		}
 		if ip, err := netip.ParseAddr(vm.IP); err != nil || !ip.Is4() {
 			bad(field+".ip", "%q: want an IPv4 address", vm.IP)
@@ -236,6 +238,9 @@ func (c *Config) validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// vmName is what a VM may be called.
+var vmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 func (vm VMConfig) addr() netip.Addr         { return netip.MustParseAddr(vm.IP) }
 func (vm VMConfig) hwAddr() net.HardwareAddr { mac, _ := net.ParseMAC(vm.MAC); return mac }

@@ -57,6 +57,8 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 		{`mac: "02:46:54:47:00:0a"`, `mac: "02:46"`, "vms[0].mac:"},
 		{"ip: 192.0.2.10", "ip: 2001:db8::1", "vms[0].ip:"},
 		{"tap: tap0", "tap: \"\"", "vms[0].tap:"},
+		{"name: vm1", "name: \"vm1,file=/etc/passwd\"", "vms[0].name:"},
+		{"name: vm1", "name: ../vm1", "vms[0].name:"},
 		{"heartbeat: 5ms", "heartbeat: -1ms", "heartbeat:"},
 		{"heartbeat: 5ms", "hold_capacity: 0", "hold_capacity:"},
 		{"heartbeat: 5ms", "log_ring_bytes: 5000", "log_ring_bytes:"},
