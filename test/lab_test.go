@@ -318,6 +318,10 @@ func TestRepliesHeldUntilAcksResume(t *testing.T) {
 			const n = 20
 			conn := sendPuts(t, "held", n)
 			if early := readReplies(conn, 500*time.Millisecond); len(early) != 0 {
+				// What each side knew then, for a failure seen once under
+				// heavy CPU load and never reproduced.
+				a, _ := tryHostStatus(lab.NSPrimary)
+				t.Logf("primary: head %v acked %v held %v; secondary daemon %s", a["head"], a["acked"], a["held"], secondaryProcState())
 				outage.finish(t)
 				t.Fatalf("%d replies left the primary without acks: %q", len(early), early)
 			}
@@ -341,6 +345,25 @@ func daemonHeld(t *testing.T) int {
 	t.Helper()
 	families := scrape(t, lab.NSPrimary)
 	return int(value(t, families, "ftgw_held_frames", map[string]string{"vm": lab.VMName}))
+}
+
+// secondaryProcState is the State line of the secondary daemon's
+// /proc/<pid>/status ("T (stopped)" while SIGSTOPped).
+func secondaryProcState() string {
+	raw, err := os.ReadFile(filepath.Join(labDir, lab.NSSecondary, "ftgw.pid"))
+	if err != nil {
+		return err.Error()
+	}
+	status, err := os.ReadFile(filepath.Join("/proc", strings.TrimSpace(string(raw)), "status"))
+	if err != nil {
+		return err.Error()
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if strings.HasPrefix(line, "State:") {
+			return line
+		}
+	}
+	return "no State line"
 }
 
 func signalSecondary(t *testing.T, sig syscall.Signal) {
