@@ -119,13 +119,9 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	tc := cfg.TLS.Clone()
-	if tc.ServerName == "" {
-		host, _, err := net.SplitHostPort(cfg.Addr)
-		if err != nil {
-			return nil, fmt.Errorf("new primary: parse address: %w", err)
-		}
-		tc.ServerName = host
+	tc, err := clientTLSFor(cfg.TLS, cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("new primary: %w", err)
 	}
 	return &Primary{
 		cfg:   cfg,
@@ -217,31 +213,55 @@ func (p *Primary) Flush() {
 	}
 }
 
+// clientTLSFor is tlsCfg for dialing addr: with no ServerName, the
+// secondary's certificate must name addr's host.
+func clientTLSFor(tlsCfg *tls.Config, addr string) (*tls.Config, error) {
+	tc := tlsCfg.Clone()
+	if tc.ServerName == "" {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, fmt.Errorf("parse address: %w", err)
+		}
+		tc.ServerName = host
+	}
+	return tc, nil
+}
+
+// dialTLS dials the secondary at addr and runs the TLS handshake, each
+// within timeout. It returns the raw connection (what a closer closes) and
+// the TLS one over it.
+func dialTLS(ctx context.Context, addr string, tc *tls.Config, timeout time.Duration) (net.Conn, *tls.Conn, error) {
+	d := net.Dialer{Timeout: timeout}
+	raw, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial secondary: %w", err)
+	}
+	conn := tls.Client(raw, tc)
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := conn.HandshakeContext(hctx); err != nil {
+		raw.Close()
+		return nil, nil, handshakeError("secondary", err)
+	}
+	return raw, conn, nil
+}
+
 // AnnounceRestart tells the secondary at addr that this host, which served
 // vm at epoch, restarted and lost its copy: a secondary that follows that
 // epoch can take over at once instead of after the failure timeout
 // (SecondaryConfig.OnPrimaryRestarted). It returns once the secondary has
 // answered.
 func AnnounceRestart(ctx context.Context, addr string, tlsCfg *tls.Config, vm string, epoch uint64, timeout time.Duration) error {
-	tc := tlsCfg.Clone()
-	if tc.ServerName == "" {
-		host, _, err := net.SplitHostPort(addr)
-		if err != nil {
-			return fmt.Errorf("announce restart: %w", err)
-		}
-		tc.ServerName = host
+	tc, err := clientTLSFor(tlsCfg, addr)
+	if err != nil {
+		return fmt.Errorf("announce restart: %w", err)
 	}
-	d := net.Dialer{Timeout: timeout}
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	raw, conn, err := dialTLS(ctx, addr, tc, timeout)
 	if err != nil {
 		return fmt.Errorf("announce restart: %w", err)
 	}
 	defer raw.Close()
 	raw.SetDeadline(time.Now().Add(timeout))
-	conn := tls.Client(raw, tc)
-	if err := conn.HandshakeContext(ctx); err != nil {
-		return handshakeError("secondary", err)
-	}
 	w := bufio.NewWriter(conn)
 	if _, err := w.Write(AppendRecord(nil, Record{Kind: KindHello, Epoch: epoch, Payload: helloPayload(vm, helloInfo{Restarted: true})})); err != nil {
 		return fmt.Errorf("announce restart: %w", err)
@@ -358,18 +378,9 @@ func (p *Primary) Run(ctx context.Context) error {
 // session runs one connection to its end and returns why it ended.
 // connected reports whether it got through the Hello exchange.
 func (p *Primary) session(ctx context.Context) (connected bool, err error) {
-	d := net.Dialer{Timeout: p.cfg.Timeout}
-	raw, err := d.DialContext(ctx, "tcp", p.cfg.Addr)
+	raw, conn, err := dialTLS(ctx, p.cfg.Addr, p.tls, p.cfg.Timeout)
 	if err != nil {
-		return false, fmt.Errorf("dial secondary: %w", err)
-	}
-	conn := tls.Client(raw, p.tls)
-	hctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
-	err = conn.HandshakeContext(hctx)
-	cancel()
-	if err != nil {
-		raw.Close()
-		return false, handshakeError("secondary", err)
+		return false, err
 	}
 	fc := newCloser(raw)
 	defer fc.fail(nil)
