@@ -47,9 +47,8 @@ type daemon struct {
 
 	// The VM's engine: the synthetic guest (replaced when a snapshot
 	// rebuilds it) or a real VM under QEMU record/replay.
-	engineMu  sync.Mutex
-	engine    Engine
-	synthetic *syntheticEngine
+	engineMu sync.Mutex
+	engine   Engine
 
 	// Serving side: the Output Rule (gate) over the hold queue.
 	hold       *outputcommit.HoldQueue
@@ -97,7 +96,7 @@ type daemon struct {
 
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
-	// InputsConsumed() - inputBase. It moves when a secondary goes live
+	// State().Frames - inputBase. It moves when a secondary goes live
 	// (its own log starts at 0) or starts from a snapshot.
 	inputBase atomic.Uint64
 	lastRead  atomic.Uint64 // the last log position readLog took from the ring
@@ -319,10 +318,11 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	// The VM is rebuilt from the owner's snapshot when it cannot follow the
 	// owner's log from what it holds.
 	var s *lockstep.Secondary
-	cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installSnapshot(s, pos, state) }
+	install := d.installSnapshot
 	if d.qemu != nil {
-		cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.installRecording(s, pos, state) }
+		install = d.installRecording
 	}
+	cfg.OnSnapshot = func(pos uint64, state []byte) error { return install(s, pos, state) }
 	// The listener may still be held by the channel this one replaces
 	// for a moment after it stopped.
 	for range 50 {

@@ -113,16 +113,10 @@ func (e *syntheticEngine) Stop() error {
 	return nil
 }
 
-// InputsConsumed is how many input frames the guest has taken in and
-// answered: the log position it has reached. It asks the guest between
-// frames, so every reply to a frame it counts has been written to the tap.
-func (e *syntheticEngine) InputsConsumed() (uint64, error) {
-	st, err := guest.QueryState(e.control)
-	if err != nil {
-		return 0, err
-	}
-	return st.Frames, nil
-}
+// State is the guest's state: its Frames are the input frames it has taken
+// in and answered. It asks the guest between frames, so every reply to a
+// frame it counts has been written to the tap.
+func (e *syntheticEngine) State() (guest.State, error) { return guest.QueryState(e.control) }
 
 // currentEngine is the engine running the VM now, or nil.
 func (d *daemon) currentEngine() Engine {
@@ -153,12 +147,21 @@ func (d *daemon) superviseEngine(e Engine) {
 	})
 }
 
+// syntheticGuest is the synthetic guest running the VM now.
+func (d *daemon) syntheticGuest() (*syntheticEngine, error) {
+	e, ok := d.currentEngine().(*syntheticEngine)
+	if !ok {
+		return nil, errors.New("no synthetic guest runs here")
+	}
+	return e, nil
+}
+
 // stopEngine stops the VM's copy on this host: it is stale or about to be
 // replaced.
 func (d *daemon) stopEngine() {
 	d.engineMu.Lock()
 	e := d.engine
-	d.engine, d.synthetic = nil, nil
+	d.engine = nil
 	d.engineMu.Unlock()
 	if e != nil {
 		e.Stop()
@@ -172,9 +175,6 @@ func (d *daemon) startSynthetic(restore string) error {
 	if err := e.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
-	d.engineMu.Lock()
-	d.synthetic = e
-	d.engineMu.Unlock()
 	d.superviseEngine(e)
 	return nil
 }
@@ -205,7 +205,11 @@ func (d *daemon) installSnapshot(s *lockstep.Secondary, pos uint64, state []byte
 	if err := d.startSynthetic(path); err != nil {
 		return err
 	}
-	if _, err := d.life.FireIf(from, protect.SnapshotInstalled); err != nil || d.secondary() != s {
+	_, err := d.life.FireIf(from, protect.SnapshotInstalled)
+	if err == nil && d.secondary() != s {
+		err = errors.New("a newer log channel replaced this one")
+	}
+	if err != nil {
 		// The lifecycle moved on while the guest started (fenced, or a
 		// new channel): this copy is not the one to keep.
 		d.stopEngine()

@@ -102,7 +102,7 @@ func (d *daemon) watch(ctx context.Context) error {
 			if silent <= d.cfg.FailureTimeout {
 				continue
 			}
-			if !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.takeoverAfter.Load()) {
+			if !d.mayTakeOver(s) {
 				// A new secondary still receiving what the primary ran
 				// alone: its copy lacks state clients have seen, so it
 				// must not serve. The VM is lost, as it was while the
@@ -117,6 +117,12 @@ func (d *daemon) watch(ctx context.Context) error {
 			d.peerLost(ctx, st, causePrimaryLost, silent)
 		}
 	}
+}
+
+// mayTakeOver reports whether this standby's copy, following s, may ask
+// for the VM (protect.MayTakeOver).
+func (d *daemon) mayTakeOver(s *lockstep.Secondary) bool {
+	return protect.MayTakeOver(s.HoldsLog(), s.Received(), d.takeoverAfter.Load())
 }
 
 // outputWaits reports whether some of the VM's output waits for an ack.
@@ -354,7 +360,7 @@ func (d *daemon) announceRestart(ctx context.Context, epoch uint64) error {
 // copy of the VM with it. A failure, now.
 func (d *daemon) onPrimaryRestarted(epoch uint64) {
 	s := d.secondary()
-	if d.arb == nil || d.state() != protect.Standby || s == nil || !protect.MayTakeOver(s.HoldsLog(), s.Received(), d.takeoverAfter.Load()) {
+	if d.arb == nil || d.state() != protect.Standby || s == nil || !d.mayTakeOver(s) {
 		return
 	}
 	d.log.Warn("the primary's daemon restarted: its copy of the VM is gone", "epoch", epoch)

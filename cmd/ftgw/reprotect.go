@@ -71,14 +71,12 @@ func decodeRecordingSnapshot(b []byte) (recordingHeader, []byte, error) {
 
 // consumedPosition is the log position the synthetic guest has reached.
 func (d *daemon) consumedPosition() (uint64, error) {
-	d.engineMu.Lock()
-	e := d.synthetic
-	d.engineMu.Unlock()
-	if e == nil {
-		return 0, errors.New("no synthetic guest runs here")
+	e, err := d.syntheticGuest()
+	if err != nil {
+		return 0, err
 	}
-	n, err := e.InputsConsumed()
-	return n - d.inputBase.Load(), err
+	st, err := e.State()
+	return st.Frames - d.inputBase.Load(), err
 }
 
 // seekSecondary lets this host, serving the VM alone, take the first
@@ -177,10 +175,10 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 		return consumed >= queuedFrom, err
 	})
 	if err == nil {
-		d.engineMu.Lock()
-		e := d.synthetic
-		d.engineMu.Unlock()
-		state, err = guest.QueryState(e.control)
+		var e *syntheticEngine
+		if e, err = d.syntheticGuest(); err == nil {
+			state, err = e.State()
+		}
 	}
 	var raw []byte
 	if err == nil {
