@@ -97,7 +97,8 @@ type daemon struct {
 	// inputBase is the guest's input count that log position 0 of the log
 	// this host follows corresponds to: the guest has reached position
 	// State().Frames - inputBase. It moves when a secondary goes live
-	// (its own log starts at 0) or starts from a snapshot.
+	// (its own log goes on from its data path's head) or starts from a
+	// snapshot.
 	inputBase atomic.Uint64
 	lastRead  atomic.Uint64 // the last log position readLog took from the ring
 
