@@ -133,9 +133,10 @@ func TestTwoHostsWithEtcdShareNothing(t *testing.T) {
 	t.Cleanup(func() { ftgw(nil, "lab", "down", "--dir", labDir) })
 	etcd := startEtcdIn(t, lab.NSClient, lab.ClientIP.Addr().String())
 
-	// One CA; each host keeps its own copy of it and its own key.
+	// One CA; each host keeps its own copy of it and its own key, whose
+	// certificate carries the host's name.
 	ca := t.TempDir()
-	if err := lockstep.GenerateLabPKI(ca, []net.IP{lab.ReplPrimary.Addr().AsSlice()}, []net.IP{lab.ReplSecond.Addr().AsSlice()}); err != nil {
+	if err := lockstep.GenerateLabPKI(ca, "host-a", "host-b"); err != nil {
 		t.Fatal(err)
 	}
 	hosts := []deployHost{{ns: lab.NSPrimary, dir: t.TempDir()}, {ns: lab.NSSecondary, dir: t.TempDir()}}
@@ -165,6 +166,7 @@ vms:
     mac: "%s"
     tap: tap0
 peer:
+  name: host-%c
   address: %s
   listen: %s
   ca: %s/ca.pem
@@ -174,7 +176,7 @@ arbiter: etcd:%s
 failure_timeout: 100ms
 metrics: 127.0.0.1:9477
 state_dir: %s/state
-`, i+1, 'a'+i, role, lab.VMName, lab.VMIP, lab.VMMAC,
+`, i+1, 'a'+i, role, lab.VMName, lab.VMIP, lab.VMMAC, 'b'-i,
 			net.JoinHostPort(peer.Addr().String(), strconv.Itoa(lab.LogPort)), net.JoinHostPort(self.Addr().String(), strconv.Itoa(lab.LogPort)),
 			pki, pki, cert, pki, cert, etcd, h.dir)
 		if err := os.WriteFile(h.config(), []byte(cfg), 0o600); err != nil {

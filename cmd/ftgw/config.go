@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -13,11 +15,17 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/ftgw/ftgw/pkg/arbiter"
+	"github.com/ftgw/ftgw/pkg/lockstep"
 )
 
 // Config is one host's side of a protected VM pair, read from YAML.
 type Config struct {
-	// Name of this host, as the arbiter records the VM's owner.
+	// Name of this host, as the arbiter records the VM's owner and as its
+	// log channel certificate carries it (a DNS SAN); default the
+	// hostname. The two hosts' names must differ: the arbiter and the log
+	// channel tell them apart by name.
 	Name string `yaml:"name"`
 	// Role of this host on the VM's first boot: the primary boots it and
 	// serves, the secondary boots its copy and follows. Later starts join
@@ -30,7 +38,9 @@ type Config struct {
 	VMs []VMConfig `yaml:"vms"`
 	// Peer is the other host's log channel.
 	Peer PeerConfig `yaml:"peer"`
-	// Metrics is the address of the Prometheus and status endpoint.
+	// Metrics is the address of the Prometheus endpoint; default
+	// 127.0.0.1:9477, since anyone who reaches it sees the VM's traffic
+	// counts and the pair's state. ":9477" serves every interface.
 	Metrics string `yaml:"metrics"`
 	// Heartbeat is the interval of log-channel heartbeats.
 	Heartbeat time.Duration `yaml:"heartbeat"`
@@ -38,9 +48,13 @@ type Config struct {
 	// as failed; a shorter outage only holds output.
 	FailureTimeout time.Duration `yaml:"failure_timeout"`
 	// Arbiter decides who serves after the pair loses contact:
-	// "file:/shared/dir" or "etcd:http://host:2379". Without one, a host
-	// never takes over or goes on alone: failures only hold output.
+	// "file:/shared/dir" or "etcd:http://host:2379" (https:// with Etcd's
+	// TLS). Without one, a host never takes over or goes on alone:
+	// failures only hold output.
 	Arbiter string `yaml:"arbiter"`
+	// Etcd is how an etcd: arbiter is reached when the cluster requires
+	// TLS or a login.
+	Etcd EtcdConfig `yaml:"etcd,omitempty"`
 	// AnnounceCount gratuitous ARPs, AnnounceInterval apart, tell the LAN
 	// where the VM is after a takeover.
 	AnnounceCount    int           `yaml:"announce_count"`
@@ -85,15 +99,6 @@ type QEMUConfig struct {
 	// execution; beyond it the primary is paused until the replay catches
 	// up. Failover takes at least as long as the lag.
 	MaxLag time.Duration `yaml:"max_lag"`
-	// KeepLogBytes caps the recording the host keeps to re-protect the VM
-	// (all the log since its recorder started); default 1 GiB. An idle
-	// guest logs about 40 KB/s.
-	KeepLogBytes int64 `yaml:"keep_log_bytes"`
-	// MaxCatchUp refuses to re-protect a VM whose recorder has run longer
-	// than this (default 1m): a new secondary replays the whole recording,
-	// about as long as it took, and the throttle pauses the VM until it
-	// has caught up.
-	MaxCatchUp time.Duration `yaml:"max_catch_up"`
 }
 
 const (
@@ -105,13 +110,43 @@ const (
 // the VM, so each needs both ends: it dials the peer while it serves and
 // accepts it while it follows.
 type PeerConfig struct {
+	// Name is the peer's name (its own config's name): the only host whose
+	// certificate this host accepts at the other end of the log channel,
+	// whichever end dials. Required: any other certificate from the CA
+	// could otherwise feed or take the VM.
+	Name string `yaml:"name"`
 	// Address is the peer's log channel: where this host dials it.
 	Address string `yaml:"address"`
 	// Listen is this host's: where it accepts the peer.
 	Listen string `yaml:"listen"`
-	CA     string `yaml:"ca"`
-	Cert   string `yaml:"cert"`
-	Key    string `yaml:"key"`
+	// CA signs both hosts' certificates; Cert, this host's, must carry
+	// its name as a DNS SAN and allow client and server use.
+	CA   string `yaml:"ca"`
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+}
+
+// logChannelID is who the log channel's two ends must be.
+func (c *Config) logChannelID() lockstep.Identity {
+	return lockstep.Identity{Self: c.Name, Peer: c.Peer.Name}
+}
+
+// EtcdConfig secures an etcd: arbiter's connection. Empty: plain http://
+// endpoints and no login.
+type EtcdConfig struct {
+	// CA verifies the cluster's certificates (https:// endpoints);
+	// default the system's roots.
+	CA string `yaml:"ca,omitempty"`
+	// Cert and Key are this host's client certificate, for a cluster
+	// that requires one (etcd --client-cert-auth).
+	Cert string `yaml:"cert,omitempty"`
+	Key  string `yaml:"key,omitempty"`
+	// Username logs in to etcd's authentication with the password in
+	// PasswordFile (its first line). Never the password itself here: a
+	// config file is read by more than the daemon (ftgw lab writes them
+	// 0644).
+	Username     string `yaml:"username,omitempty"`
+	PasswordFile string `yaml:"password_file,omitempty"`
 }
 
 const (
@@ -121,7 +156,7 @@ const (
 
 func defaultConfig() Config {
 	return Config{
-		Metrics:          ":9477",
+		Metrics:          "127.0.0.1:9477",
 		Heartbeat:        10 * time.Millisecond,
 		FailureTimeout:   50 * time.Millisecond,
 		AnnounceCount:    3,
@@ -186,15 +221,28 @@ func (c *Config) validate() error {
 			c.Name = host
 		}
 	}
+	if err := lockstep.CheckHostName(c.Name); err != nil {
+		bad("name", "%v (default: the hostname)", err)
+	}
+	if c.Peer.Name == "" {
+		bad("peer.name", "missing: the peer's name, which its certificate must carry; the log channel accepts no other host")
+	} else if err := lockstep.CheckHostName(c.Peer.Name); err != nil {
+		bad("peer.name", "%v", err)
+	} else if strings.EqualFold(c.Peer.Name, c.Name) {
+		bad("peer.name", "%q is this host's own name: each host needs its own name (and certificate), or the arbiter could tell both they won", c.Peer.Name)
+	}
 	if c.Heartbeat <= 0 {
 		bad("heartbeat", "%s: must be positive", c.Heartbeat)
 	}
-	if c.FailureTimeout < 2*c.Heartbeat {
-		bad("failure_timeout", "%s: must be at least two heartbeats (%s)", c.FailureTimeout, 2*c.Heartbeat)
+	// Halved rather than doubling the heartbeat, which overflows for
+	// heartbeats of over 146 years and let any timeout pass.
+	if c.FailureTimeout/2 < c.Heartbeat {
+		bad("failure_timeout", "%s: must be at least two heartbeats of %s", c.FailureTimeout, c.Heartbeat)
 	}
 	if c.Arbiter != "" && !strings.HasPrefix(c.Arbiter, "file:") && !strings.HasPrefix(c.Arbiter, "etcd:") {
 		bad("arbiter", "%q: want file:/dir or etcd:http://host:port", c.Arbiter)
 	}
+	errs = append(errs, c.Etcd.validate(c.Arbiter)...)
 	if c.AnnounceCount < 1 || c.AnnounceInterval < 0 {
 		bad("announce_count", "%d every %s: want at least one announcement", c.AnnounceCount, c.AnnounceInterval)
 	}
@@ -239,6 +287,83 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
+// validate checks the files exist; arbiterOptions reads them when the
+// daemon starts. Whether the endpoints' scheme fits (TLS only for https://)
+// is arbiter.OpenWith's to say.
+func (e EtcdConfig) validate(arbiterSpec string) []error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("etcd.%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	if e == (EtcdConfig{}) {
+		return nil
+	}
+	if !strings.HasPrefix(arbiterSpec, "etcd:") {
+		return []error{fmt.Errorf("etcd: set, but the arbiter is %q: it only applies to an etcd: arbiter", arbiterSpec)}
+	}
+	if (e.Cert == "") != (e.Key == "") {
+		bad("cert", "cert and key go together (a client certificate and its key)")
+	}
+	if (e.Username == "") != (e.PasswordFile == "") {
+		bad("username", "username and password_file go together")
+	}
+	for _, f := range []struct{ field, path string }{{"ca", e.CA}, {"cert", e.Cert}, {"key", e.Key}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			bad(f.field, "%v", err)
+		}
+	}
+	if e.PasswordFile != "" {
+		if fi, err := os.Stat(e.PasswordFile); err != nil {
+			bad("password_file", "%v", err)
+		} else if fi.Mode().Perm()&0o004 != 0 {
+			bad("password_file", "%s is readable by everyone (mode %v): chmod o-r it", e.PasswordFile, fi.Mode().Perm())
+		}
+	}
+	return errs
+}
+
+// arbiterOptions loads what EtcdConfig names.
+func (e EtcdConfig) arbiterOptions() (arbiter.Options, error) {
+	var opts arbiter.Options
+	if e.CA != "" || e.Cert != "" {
+		tc := &tls.Config{MinVersion: tls.VersionTLS12}
+		if e.CA != "" {
+			caPEM, err := os.ReadFile(e.CA)
+			if err != nil {
+				return opts, fmt.Errorf("etcd.ca: %w", err)
+			}
+			tc.RootCAs = x509.NewCertPool()
+			if !tc.RootCAs.AppendCertsFromPEM(caPEM) {
+				return opts, fmt.Errorf("etcd.ca: no certificate in %s", e.CA)
+			}
+		}
+		if e.Cert != "" {
+			cert, err := tls.LoadX509KeyPair(e.Cert, e.Key)
+			if err != nil {
+				return opts, fmt.Errorf("etcd.cert: %w", err)
+			}
+			tc.Certificates = []tls.Certificate{cert}
+		}
+		opts.EtcdTLS = tc
+	}
+	if e.Username != "" {
+		raw, err := os.ReadFile(e.PasswordFile)
+		if err != nil {
+			return opts, fmt.Errorf("etcd.password_file: %w", err)
+		}
+		password, _, _ := strings.Cut(string(raw), "\n")
+		password = strings.TrimSuffix(password, "\r")
+		if password == "" {
+			return opts, fmt.Errorf("etcd.password_file: %s: empty first line", e.PasswordFile)
+		}
+		opts.EtcdUsername, opts.EtcdPassword = e.Username, password
+	}
+	return opts, nil
+}
+
 // vmName is what a VM may be called.
 var vmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
@@ -277,18 +402,6 @@ func (q *QEMUConfig) validate(field, ip string) []error {
 	}
 	if q.MaxLag == 0 {
 		q.MaxLag = time.Second
-	}
-	if q.MaxCatchUp == 0 {
-		q.MaxCatchUp = time.Minute
-	}
-	if q.MaxCatchUp < 0 {
-		errs = append(errs, fmt.Errorf("%s.max_catch_up: %s: must not be negative", field, q.MaxCatchUp))
-	}
-	if q.KeepLogBytes == 0 {
-		q.KeepLogBytes = 1 << 30
-	}
-	if q.KeepLogBytes < 0 {
-		errs = append(errs, fmt.Errorf("%s.keep_log_bytes: %d: must not be negative", field, q.KeepLogBytes))
 	}
 	if q.MaxLag < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("%s.max_lag: %s: want at least 10ms", field, q.MaxLag))

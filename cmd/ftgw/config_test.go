@@ -5,6 +5,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ftgw/ftgw/pkg/arbiter"
+	"github.com/ftgw/ftgw/pkg/lockstep"
 )
 
 const goodPrimary = `
@@ -16,6 +19,7 @@ vms:
     mac: "02:46:54:47:00:0a"
     tap: tap0
 peer:
+  name: host-b
   address: 198.18.0.2:7100
   listen: 198.18.0.1:7100
   ca: PKI/ca.pem
@@ -44,7 +48,7 @@ func TestLoadConfigAppliesDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Heartbeat.Milliseconds() != 5 || cfg.Metrics != ":9477" || cfg.HoldCapacity != 4096 || cfg.VMs[0].Engine != "synthetic" {
+	if cfg.Heartbeat.Milliseconds() != 5 || cfg.Metrics != "127.0.0.1:9477" || cfg.HoldCapacity != 4096 || cfg.VMs[0].Engine != "synthetic" {
 		t.Errorf("defaults or values not applied: %+v", cfg)
 	}
 }
@@ -66,6 +70,16 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 		{"PKI/ca.pem", "/nonexistent/ca.pem", "peer.ca:"},
 		{"  key: PKI/primary-key.pem\n", "", "peer.key: missing"},
 		{"heartbeat: 5ms", "hearbeat: 5ms", "field hearbeat not found"},
+		{"  name: host-b\n", "", "peer.name: missing"},
+		{"name: host-b", "name: '*.lab'", "peer.name: host name \"*.lab\""},
+		{"role: primary", "name: Host-B\nrole: primary", `peer.name: "host-b" is this host's own name`},
+		{"role: primary", "name: host_a.\nrole: primary", `name: host name "host_a."`},
+		{"heartbeat: 5ms", "etcd:\n  username: ftgw\n  password_file: PKI/ca.pem", "etcd: set, but the arbiter is \"\""},
+		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd:\n  cert: PKI/primary.pem", "etcd.cert: cert and key go together"},
+		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {username: ftgw}", "etcd.username: username and password_file go together"},
+		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {ca: /nonexistent/ca.pem}", "etcd.ca:"},
+		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {username: ftgw, password_file: /nonexistent}", "etcd.password_file:"},
+		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {password: x}", "field password not found"},
 		{"vms:", "vms: []\nunused:", "field unused not found"},
 	} {
 		t.Run(tc.field, func(t *testing.T) {
@@ -90,5 +104,59 @@ peer:`, 1)
 	_, err := loadConfig(writeConfig(t, text))
 	if err == nil || !strings.Contains(err.Error(), "vms: 2 VMs") {
 		t.Errorf("error %v, want the vms field refused", err)
+	}
+}
+
+// etcdPrimary is goodPrimary with a secured etcd arbiter.
+var etcdPrimary = goodPrimary + `arbiter: etcd:https://10.0.0.5:2379
+etcd:
+  ca: ETCD/ca.pem
+  cert: ETCD/primary.pem
+  key: ETCD/primary-key.pem
+  username: ftgw
+  password_file: ETCD/password
+`
+
+// writeEtcdConfig writes etcdPrimary with a real PKI for etcd and the
+// password file at mode.
+func writeEtcdConfig(t *testing.T, mode os.FileMode) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := lockstep.GenerateLabPKI(dir, "host-a", "etcd"); err != nil {
+		t.Fatal(err)
+	}
+	password := filepath.Join(dir, "password")
+	if err := os.WriteFile(password, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(password, mode); err != nil {
+		t.Fatal(err)
+	}
+	return writeConfig(t, strings.ReplaceAll(etcdPrimary, "ETCD", dir))
+}
+
+func TestLoadConfigEtcdOptions(t *testing.T) {
+	cfg, err := loadConfig(writeEtcdConfig(t, 0o640))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts, err := cfg.Etcd.arbiterOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.EtcdTLS == nil || opts.EtcdTLS.RootCAs == nil || len(opts.EtcdTLS.Certificates) != 1 {
+		t.Errorf("etcd TLS %+v: want the CA and a client certificate", opts.EtcdTLS)
+	}
+	if opts.EtcdUsername != "ftgw" || opts.EtcdPassword != "s3cret" {
+		t.Errorf("etcd login %q/%q, want ftgw/s3cret (the file's first line)", opts.EtcdUsername, opts.EtcdPassword)
+	}
+	a, err := arbiter.OpenWith(cfg.Arbiter, opts)
+	if err != nil {
+		t.Fatalf("the arbiter refuses the options: %v", err)
+	}
+	a.Close()
+
+	if _, err := loadConfig(writeEtcdConfig(t, 0o644)); err == nil || !strings.Contains(err.Error(), "etcd.password_file:") {
+		t.Errorf("world-readable password file: %v, want it refused", err)
 	}
 }

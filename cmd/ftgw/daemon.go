@@ -60,7 +60,7 @@ type daemon struct {
 	// pair is protected once it has acknowledged it.
 	reprotectAt atomic.Uint64
 	// takeoverAfter: a real VM's new secondary may not take over before it
-	// has the log up to here (recordingHeader).
+	// has the log up to here (rebaseHeader).
 	takeoverAfter atomic.Uint64
 	// Following side.
 	secondaryPtr atomic.Pointer[lockstep.Secondary]
@@ -78,11 +78,14 @@ type daemon struct {
 	// 1, and the data path's positions are byte offsets in it.
 	qemu   *qemuEngine
 	chunks chunkIndex
-	// logMu orders taking the VM's log (readQEMULog) against handing a
-	// new secondary over from catching up on the recording to the live
-	// log (startReprotect): no chunk is shipped twice or skipped.
-	logMu     sync.Mutex
-	recording *recording
+	// logMu orders taking the VM's log (readQEMULog) against a
+	// re-protection, which sends the log since its snapshot from recent
+	// and then turns shipping on: no chunk is shipped twice or skipped.
+	logMu  sync.Mutex
+	recent recentLog
+	// shipFrom: the log position a new secondary's log starts at; the
+	// part of a chunk before it is the snapshot's, not sent.
+	shipFrom uint64
 	// replayLag is how far the secondary's replay trails, in ns. A
 	// secondary measures it in guest time against the log it has
 	// received; a primary in its VM's running time (lagClock) from the
@@ -108,11 +111,12 @@ type daemon struct {
 	// handingOver: a switchover froze the real VM; the throttle keeps off.
 	handingOver atomic.Bool
 
-	mu           sync.Mutex
-	channel      *logChannel       // the one running, or nil
-	failovers    map[string]uint64 // by cause
-	lastFailover *failoverPhases
-	reprotecting *reprotectStatus // the one under way, or the last one's failure
+	mu            sync.Mutex
+	channel       *logChannel       // the one running, or nil
+	failovers     map[string]uint64 // by cause
+	lastFailover  *failoverPhases
+	reprotecting  *reprotectStatus // the one under way, or the last one's failure
+	lastReprotect *reprotectStatus // the last one that succeeded
 }
 
 // logChannel is one run of a log channel, to a primary or a secondary.
@@ -166,8 +170,17 @@ func ignoreCanceled(err error) error {
 
 func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	var err error
+	// The log channel's certificates are loaded at each role change; a
+	// wrong one would otherwise only show as connections the peer refuses.
+	if _, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID()); err != nil {
+		return fmt.Errorf("log channel: %w", err)
+	}
 	if d.cfg.Arbiter != "" {
-		if d.arb, err = arbiter.Open(d.cfg.Arbiter); err != nil {
+		opts, err := d.cfg.Etcd.arbiterOptions()
+		if err != nil {
+			return err
+		}
+		if d.arb, err = arbiter.OpenWith(d.cfg.Arbiter, opts); err != nil {
 			return err
 		}
 	}
@@ -201,7 +214,6 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	}
 	if d.vm.Engine == engineQEMU {
 		d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
-		d.recording = newRecording(d.qemu.dir, d.vm.QEMU.KeepLogBytes)
 		d.lagClock = newLagClock()
 	}
 
@@ -262,7 +274,7 @@ func (d *daemon) bootPrimary(ctx context.Context, epoch uint64) error {
 // log from boot.
 func (d *daemon) bootSecondary(ctx context.Context) error {
 	if d.qemu != nil {
-		if err := d.qemu.StartReplay(ctx, "", 0); err != nil {
+		if err := d.qemu.StartReplay(ctx, nil); err != nil {
 			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 		}
 		d.superviseEngine(d.qemu)
@@ -296,7 +308,7 @@ func (d *daemon) rejoin() {
 // from what cfg says it holds.
 func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	d.channelStop() // and its listener
-	tlsCfg, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA)
+	tlsCfg, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID())
 	if err != nil {
 		return err
 	}
@@ -373,7 +385,7 @@ func (d *daemon) secondary() *lockstep.Secondary { return d.secondaryPtr.Load() 
 // newPrimary makes the log channel to a secondary at addr that holds the log
 // up to startHead; with snapshot, one that holds none of it can be rebuilt.
 func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx context.Context, rebase func(uint64) error) ([]byte, error)) (*lockstep.Primary, error) {
-	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
+	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID())
 	if err != nil {
 		return nil, err
 	}
@@ -556,14 +568,19 @@ type Status struct {
 	Replay *replayProgress `json:"replay,omitempty"`
 	// Reprotect is a re-protection under way, or why the last one failed.
 	Reprotect *reprotectStatus `json:"reprotect,omitempty"`
+	// LastReprotect is the last re-protection that succeeded.
+	LastReprotect *reprotectStatus `json:"last_reprotect,omitempty"`
 }
 
 // reprotectStatus: the new secondary must acknowledge the log up to
 // TakeoverAfter (and a real VM's must replay to within max_lag) before the
 // pair is protected.
 type reprotectStatus struct {
-	TakeoverAfter    uint64  `json:"takeover_after"`
-	RecordingBytes   int64   `json:"recording_bytes,omitempty"`
+	TakeoverAfter uint64 `json:"takeover_after"`
+	// A real VM: how long it paused while its state was saved for the
+	// new secondary, and the size of that state.
+	PausedSeconds    float64 `json:"paused_seconds,omitempty"`
+	ImageBytes       int     `json:"image_bytes,omitempty"`
 	Acked            uint64  `json:"acked"`
 	ReplayLagSeconds float64 `json:"replay_lag_seconds,omitempty"`
 	Error            string  `json:"error,omitempty"`
@@ -588,6 +605,10 @@ func (d *daemon) status() Status {
 	if d.reprotecting != nil {
 		rp := *d.reprotecting
 		s.Reprotect = &rp
+	}
+	if d.lastReprotect != nil {
+		rp := *d.lastReprotect
+		s.LastReprotect = &rp
 	}
 	d.mu.Unlock()
 	if rp := s.Reprotect; rp != nil && rp.Error == "" && d.primary() != nil {

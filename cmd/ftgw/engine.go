@@ -15,6 +15,7 @@ import (
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 	"github.com/ftgw/ftgw/pkg/protect"
+	"github.com/ftgw/ftgw/pkg/replay"
 )
 
 // Engine runs the protected VM on its tap: the synthetic guest
@@ -219,35 +220,34 @@ func (d *daemon) installSnapshot(s *lockstep.Secondary, pos uint64, state []byte
 	return nil
 }
 
-// installRecording rebuilds this host's real VM from the owner's recording
-// snapshot (recordingHeader), for the log channel s: a replayer that starts
-// from the go-live image (or boots) and replays the recording, which follows
-// as the log from pos+1. Only a daemon whose VM has not started yet joins
-// so (rejoin).
+// installRecording rebuilds this host's real VM from the owner's snapshot
+// of its running VM (rebaseHeader), for the log channel s: a replayer that
+// loads it and follows the owner's log from there, which arrives from
+// pos+1. Only a daemon whose VM has not started yet joins so (rejoin).
 func (d *daemon) installRecording(s *lockstep.Secondary, pos uint64, state []byte) error {
-	h, image, err := decodeRecordingSnapshot(state)
+	h, image, err := decodeRebaseSnapshot(state)
 	if err != nil {
 		return fmt.Errorf("install snapshot: %w", err)
 	}
 	if from := d.state(); from != protect.Joining || d.secondary() != s || d.currentEngine() != nil {
 		return fmt.Errorf("install snapshot: this host is %s, with a VM engine running: %v", from, d.currentEngine() != nil)
 	}
-	path := ""
-	if h.FromSnapshot {
-		path = filepath.Join(d.cfg.StateDir, d.vm.Name+"-restore.qcow2")
-		if err := os.WriteFile(path, image, 0o600); err != nil {
-			return fmt.Errorf("install snapshot: %w", err)
-		}
+	path := filepath.Join(d.cfg.StateDir, d.vm.Name+"-restore.qcow2")
+	if err := os.WriteFile(path, image, 0o600); err != nil {
+		return fmt.Errorf("install snapshot: %w", err)
 	}
+	defer os.Remove(path)
 	d.takeoverAfter.Store(h.TakeoverAfter)
-	if err := d.qemu.StartReplay(d.runCtx, path, h.SnapshotIcount); err != nil {
+	from := &recorderSnapshot{image: path, startup: h.Startup,
+		at: replay.RecorderSnapshot{Icount: h.Icount}}
+	if err := d.qemu.StartReplay(d.runCtx, from); err != nil {
 		return fmt.Errorf("install snapshot: start vm %s: %w", d.vm.Name, err)
 	}
 	d.superviseEngine(d.qemu)
 	if _, err := d.life.FireIf(protect.Joining, protect.SnapshotInstalled); err != nil {
 		return fmt.Errorf("install snapshot: %w", err)
 	}
-	d.log.Info("rebuilding the real VM from the owner's recording", "position", pos, "from_snapshot", h.FromSnapshot,
-		"snapshot_icount", h.SnapshotIcount, "recording_bytes", h.RecordingBytes, "takeover_after", h.TakeoverAfter)
+	d.log.Info("rebuilding the real VM from a snapshot of the owner's", "position", pos, "snapshot_icount", h.Icount,
+		"image_bytes", len(image), "takeover_after", h.TakeoverAfter)
 	return nil
 }

@@ -79,7 +79,7 @@ func labCommand(ctx context.Context, args []string) error {
 		if err := labUp(ctx, *dir, vm, *heartbeat, *failureTimeout, *holdCapacity); err != nil {
 			return err
 		}
-		fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on port %d of each host\n",
+		fmt.Printf("lab up: VM %s at %s (%s) on %s, standby on %s; client in %s; metrics on 127.0.0.1:%d in each host's namespace\n",
 			lab.VMName, lab.VMIP, lab.VMMAC, lab.NSPrimary, lab.NSSecondary, lab.NSClient, lab.MetricsPort)
 		return nil
 	case "down":
@@ -137,18 +137,35 @@ func labUp(ctx context.Context, dir string, vm VMConfig, heartbeat, failureTimeo
 			err = errors.Join(err, labDown(dir))
 		}
 	}()
-	pki := filepath.Join(dir, "pki")
-	for _, d := range []string{pki, filepath.Join(dir, "arbiter")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
+	cfgs, err := labConfigs(dir, vm, heartbeat, failureTimeout, holdCapacity)
+	if err != nil {
+		return err
+	}
+	for _, cfg := range cfgs {
+		if err := startDaemon(ctx, dir, cfg.Name, cfg); err != nil {
 			return err
 		}
 	}
-	if err := lockstep.GenerateLabPKI(pki,
-		[]net.IP{lab.ReplPrimary.Addr().AsSlice()}, []net.IP{lab.ReplSecond.Addr().AsSlice()}); err != nil {
-		return fmt.Errorf("generate lab keys: %w", err)
+	if vm.Engine == engineQEMU {
+		return waitVMServes(ctx, 3*time.Minute)
 	}
+	return nil
+}
 
-	// The secondary first: the primary dials it.
+// labConfigs writes the lab's PKI under dir and returns the two hosts'
+// configs, the secondary's first: the primary dials it. Each host is named
+// after its namespace, which its certificate carries and its peer pins.
+func labConfigs(dir string, vm VMConfig, heartbeat, failureTimeout time.Duration, holdCapacity int) ([]Config, error) {
+	pki := filepath.Join(dir, "pki")
+	for _, d := range []string{pki, filepath.Join(dir, "arbiter")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	if err := lockstep.GenerateLabPKI(pki, lab.NSPrimary, lab.NSSecondary); err != nil {
+		return nil, fmt.Errorf("generate lab keys: %w", err)
+	}
+	var cfgs []Config
 	for _, host := range []lab.Host{lab.Hosts[1], lab.Hosts[0]} {
 		role, name := roleSecondary, "secondary"
 		if host.NS == lab.NSPrimary {
@@ -163,7 +180,8 @@ func labUp(ctx context.Context, dir string, vm VMConfig, heartbeat, failureTimeo
 		cfg.Uplink = lab.Uplink
 		cfg.Heartbeat = heartbeat
 		cfg.HoldCapacity = holdCapacity
-		cfg.Metrics = fmt.Sprintf(":%d", lab.MetricsPort)
+		// Loopback, in the host's namespace: lab.Scrape reads it there.
+		cfg.Metrics = net.JoinHostPort("127.0.0.1", strconv.Itoa(lab.MetricsPort))
 		cfg.StateDir = hostDir(dir, host.NS)
 		cfg.VMs = []VMConfig{vm}
 		// Each host dials the other's replication address while it serves
@@ -173,20 +191,16 @@ func labUp(ctx context.Context, dir string, vm VMConfig, heartbeat, failureTimeo
 			peer = lab.Hosts[0]
 		}
 		cfg.Peer = PeerConfig{
+			Name:    peer.NS,
 			Address: net.JoinHostPort(peer.Repl.Addr().String(), strconv.Itoa(lab.LogPort)),
 			Listen:  net.JoinHostPort(host.Repl.Addr().String(), strconv.Itoa(lab.LogPort)),
 			CA:      filepath.Join(pki, "ca.pem"),
 			Cert:    filepath.Join(pki, name+".pem"),
 			Key:     filepath.Join(pki, name+"-key.pem"),
 		}
-		if err := startDaemon(ctx, dir, host.NS, cfg); err != nil {
-			return err
-		}
+		cfgs = append(cfgs, cfg)
 	}
-	if vm.Engine == engineQEMU {
-		return waitVMServes(ctx, 3*time.Minute)
-	}
-	return nil
+	return cfgs, nil
 }
 
 // waitVMServes waits until the VM answers a key-value request from the

@@ -26,7 +26,6 @@ type lagClock struct {
 	frozen   time.Duration // in all, the current freeze not counted
 	frozenAt time.Time     // when the current freeze began, or zero
 	marks    []lagMark     // icounts non-decreasing
-	recorder time.Duration // how long the VM had run when its recorder started
 }
 
 // lagMark: the log had reached icount when the VM had run for ran.
@@ -50,16 +49,7 @@ func (c *lagClock) ranLocked(now time.Time) time.Duration {
 func (c *lagClock) restart(icount uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.recorder = c.ranLocked(time.Now())
-	c.marks = append(c.marks[:0], lagMark{icount, c.recorder})
-}
-
-// recorderRan is how long the VM's current recorder has run: about how long
-// a replay of its whole log takes.
-func (c *lagClock) recorderRan() time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ranLocked(time.Now()) - c.recorder
+	c.marks = append(c.marks[:0], lagMark{icount, c.ranLocked(time.Now())})
 }
 
 // logged notes that the log has reached icount.

@@ -40,10 +40,8 @@ func TestLagClock(t *testing.T) {
 		t.Fatalf("marks %v: want one mark for 400, after the one at 300", c.marks)
 	}
 	near(c.behind(401), 0)
-	near(c.recorderRan(), 6*time.Second) // 10s run, 4s frozen, since the start
 	c.restart(5)
 	if len(c.marks) != 1 || c.marks[0].icount != 5 {
 		t.Fatalf("after restart: %v", c.marks)
 	}
-	near(c.recorderRan(), 0)
 }

@@ -339,7 +339,7 @@ func (d *daemon) start(ctx context.Context) (ev protect.Event, epoch uint64, own
 // once rather than after the failure timeout. Tried for a few seconds; the
 // failure timeout covers the rest.
 func (d *daemon) announceRestart(ctx context.Context, epoch uint64) error {
-	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, "")
+	tlsCfg, err := lockstep.ClientTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID())
 	if err != nil {
 		return err
 	}

@@ -21,9 +21,11 @@ import (
 // preloadName is the library QEMU records with (preload/ftgw-rr.c).
 const preloadName = "ftgw-rr.so"
 
-// goLiveSnapshot is the tag of the VM state a promoted secondary saves from
-// its replay and restarts from.
-const goLiveSnapshot = "ftgw-golive"
+// vmSnapshot is the tag of the VM state in the VM's image: a promoted
+// secondary saves it from its replay and restarts from it; a recorder saves
+// it for a new secondary (SnapshotForReplayer). One tag, so that each save
+// replaces the last and the image does not grow.
+const vmSnapshot = "ftgw"
 
 // qemuEngine runs the protected VM under QEMU record/replay.
 //
@@ -78,12 +80,11 @@ func (e *qemuEngine) StartRecord(ctx context.Context) error {
 }
 
 // recorderLog is one recorder's replay log stream: the log position (byte
-// offset) it starts at, and the snapshot it starts from ("" at boot), taken
-// at guest instruction count icount.
+// offset) it starts at, and the guest instruction count it starts at (0 at
+// boot).
 type recorderLog struct {
 	r      io.Reader
 	base   uint64
-	loadvm string
 	icount uint64
 }
 
@@ -109,25 +110,33 @@ func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base, ico
 		return err
 	}
 	e.setQEMU(q)
-	e.logs <- recorderLog{r: q.Log(), base: base, loadvm: loadvm, icount: icount}
+	e.logs <- recorderLog{r: q.Log(), base: base, icount: icount}
 	e.log.Info("recording", "pid", q.Pid(), "loadvm", loadvm, "log_base", base)
 	return nil
 }
 
+// recorderSnapshot is where a new secondary's replayer starts: the image
+// holding a recorder's snapshot (vmSnapshot), prepared for a replayer, the
+// recorder's start-up events, and where the snapshot stands in its log.
+type recorderSnapshot struct {
+	image   string
+	startup []byte
+	at      replay.RecorderSnapshot
+}
+
 // StartReplay starts the replayer; it runs as the log arrives through Feed.
-// It boots the VM, or, given image, loads the go-live snapshot in it, taken
-// at guest instruction count icount, and follows the log of the recorder
-// that started from that snapshot (re-protection).
-func (e *qemuEngine) StartReplay(ctx context.Context, image string, icount uint64) error {
+// It boots the VM, or, given from, loads a recorder's snapshot and follows
+// that recorder's log from it (re-protection).
+func (e *qemuEngine) StartReplay(ctx context.Context, from *recorderSnapshot) error {
 	if err := os.MkdirAll(e.dir, 0o755); err != nil {
 		return err
 	}
 	loadvm := ""
-	if image != "" {
-		if err := copyFile(image, replay.VMStatePath(e.dir)); err != nil {
-			return fmt.Errorf("restore %s: %w", image, err)
+	if from != nil {
+		if err := copyFile(from.image, replay.VMStatePath(e.dir)); err != nil {
+			return fmt.Errorf("restore %s: %w", from.image, err)
 		}
-		loadvm = goLiveSnapshot
+		loadvm = vmSnapshot
 	}
 	fifo := filepath.Join(e.dir, "replay.fifo")
 	os.Remove(fifo)
@@ -159,10 +168,12 @@ func (e *qemuEngine) StartReplay(ctx context.Context, image string, icount uint6
 		return err
 	}
 	var relay *replay.Relay
-	if loadvm != "" {
-		relay = replay.NewRelayFromSnapshot(w, icount)
-	} else {
+	if from == nil {
 		relay = replay.NewRelay(w, replay.StreamFraming)
+	} else if relay, err = replay.NewRelayFromRecorderSnapshot(w, from.startup, from.at); err != nil {
+		cancel()
+		w.Close()
+		return err
 	}
 	e.mu.Lock()
 	e.relay = relay
@@ -176,7 +187,7 @@ func (e *qemuEngine) StartReplay(ctx context.Context, image string, icount uint6
 			return
 		}
 		e.setQEMU(s.q)
-		e.log.Info("replaying", "pid", s.q.Pid(), "loadvm", loadvm, "icount", icount)
+		e.log.Info("replaying", "pid", s.q.Pid(), "loadvm", loadvm)
 		fctx, fcancel := context.WithCancel(qctx)
 		e.mu.Lock()
 		e.follow = func() { fcancel(); cancel() }
@@ -186,6 +197,37 @@ func (e *qemuEngine) StartReplay(ctx context.Context, image string, icount uint6
 		}
 	}()
 	return nil
+}
+
+// SnapshotForReplayer saves the recording VM's state for a new secondary
+// (pkg/replay/rebase.go): the VM pauses for the savevm. clocksAt gives the
+// clock values the log carried up to the snapshot. It returns the image a
+// replayer loads, where the snapshot stands in the log, and how long the VM
+// paused.
+func (e *qemuEngine) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Clocks, error)) (image []byte, at replay.RecorderSnapshot, paused time.Duration, err error) {
+	e.mu.Lock()
+	q := e.qemu
+	e.mu.Unlock()
+	if q == nil {
+		return nil, at, 0, errors.New("snapshot: the VM is not running")
+	}
+	start := time.Now()
+	if err := q.SaveRecorderVM(vmSnapshot); err != nil {
+		return nil, at, 0, fmt.Errorf("snapshot: %w", err)
+	}
+	paused = time.Since(start)
+	// The copy is patched for a replayer; the recorder's own image is
+	// left as QEMU wrote it.
+	copyPath := filepath.Join(e.dir, "for-replayer.qcow2")
+	defer os.Remove(copyPath)
+	if err := copyFile(replay.VMStatePath(e.dir), copyPath); err != nil {
+		return nil, at, paused, fmt.Errorf("snapshot: %w", err)
+	}
+	if at, err = replay.PrepareRecorderSnapshot(copyPath, vmSnapshot, clocksAt); err != nil {
+		return nil, at, paused, fmt.Errorf("snapshot: %w", err)
+	}
+	image, err = os.ReadFile(copyPath)
+	return image, at, paused, err
 }
 
 // Feed takes the next chunk of the primary's log.
@@ -224,12 +266,12 @@ func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	tail := relay.TailInput()
-	if err := q.SaveVM(goLiveSnapshot); err != nil {
+	if err := q.SaveVM(vmSnapshot); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	relay.Close()
 	e.swapping(func() { q.Stop() })
-	if err := e.startRecorder(ctx, goLiveSnapshot, e.dp.Head(), at); err != nil {
+	if err := e.startRecorder(ctx, vmSnapshot, e.dp.Head(), at); err != nil {
 		return drain, fmt.Errorf("go live: %w", err)
 	}
 	if err := e.redeliver(ctx, tail); err != nil {

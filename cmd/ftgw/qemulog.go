@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/pkg/lockstep"
-	"github.com/ftgw/ftgw/pkg/replay"
 )
 
 // readQEMULog ships each recorder's replay log as it comes out of QEMU, in
@@ -26,22 +25,17 @@ func (d *daemon) readQEMULog(ctx context.Context) error {
 		}
 		d.logMu.Lock()
 		d.lastRead.Store(stream.base)
-		d.recording.restart(stream)
+		d.recent.restart(stream.base)
+		d.shipFrom = 0
 		d.logMu.Unlock()
 		// How far the VM has run, and when, for the throttle: the log is
 		// flushed before every transmit and every 4 KiB, so it trails
 		// the VM by little.
 		d.lagClock.restart(stream.icount)
-		scan := replay.NewLogScanner(replay.StreamFraming)
 		for {
 			n, err := stream.r.Read(buf)
 			if n > 0 {
-				if _, err := scan.Write(buf[:n]); err == nil {
-					d.lagClock.logged(stream.icount + scan.Icount())
-				}
-				if err := d.shipChunk(buf[:n]); err != nil {
-					return err
-				}
+				d.lagClock.logged(stream.icount + d.shipChunk(buf[:n]))
 			}
 			if err != nil {
 				// EOF or a closed pipe: that QEMU is gone; the engine
@@ -56,23 +50,30 @@ func (d *daemon) readQEMULog(ctx context.Context) error {
 }
 
 // shipChunk ships the next chunk of the VM's log if there is a secondary,
-// and keeps it in the recording.
-func (d *daemon) shipChunk(chunk []byte) error {
+// and keeps it in the recent log. It returns the icount the log has
+// reached since its recorder started.
+func (d *daemon) shipChunk(chunk []byte) (icount uint64) {
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
 	end := d.lastRead.Add(uint64(len(chunk)))
-	if d.shipping.Load() {
+	send := chunk
+	if cut := d.shipFrom; end-uint64(len(chunk)) < cut {
+		// Log from before a new secondary's snapshot, which QEMU had
+		// not flushed when it saved it.
+		send = chunk[min(uint64(len(chunk)), cut-(end-uint64(len(chunk)))):]
+	}
+	if d.shipping.Load() && len(send) > 0 {
 		pos := d.queueChunk(end)
-		if err := d.primary().QueueLog(pos, chunk); err != nil {
+		if err := d.primary().QueueLog(pos, send); err != nil {
 			d.logCannotCarry(pos, err)
 		} else {
 			d.primary().Flush()
 		}
 	}
-	// After the send: a reply held for this chunk does not wait on the
-	// disk.
-	d.recording.append(chunk)
-	return nil
+	// After the send: a reply held for this chunk does not wait for the
+	// scan.
+	d.recent.append(chunk)
+	return d.recent.icount()
 }
 
 // queueChunk numbers the next chunk of log, which ends at byte offset end.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -29,22 +30,22 @@ import (
 // from it and follows the log from P+1. Once it has acknowledged P the pair
 // is protected.
 
-// recordingHeader says where a real VM's new secondary starts: from the
-// survivor's go-live snapshot, taken at guest instruction count
-// SnapshotIcount (its image follows the header), or from boot; then it
-// replays the survivor's recording, RecordingBytes of it, which arrives as
-// the log. It may not take over before it has the log up to TakeoverAfter:
-// the recording's outputs have left unprotected.
-type recordingHeader struct {
-	FromSnapshot   bool   `json:"from_snapshot"`
-	SnapshotIcount uint64 `json:"snapshot_icount"`
-	TakeoverAfter  uint64 `json:"takeover_after"`
-	RecordingBytes int64  `json:"recording_bytes"`
+// rebaseHeader says where a real VM's new secondary starts: from the
+// survivor's recorder snapshot (its image follows the header), saved where
+// the recorder had logged up to Icount, with the recorder's start-up events
+// in front of its log (replay.NewRelayFromRecorderSnapshot). The log since
+// the snapshot follows on the channel. The new secondary may not take over
+// before it has the log up to TakeoverAfter: outputs up to there have left
+// unprotected.
+type rebaseHeader struct {
+	Icount        uint64 `json:"icount"`
+	Startup       []byte `json:"startup"`
+	TakeoverAfter uint64 `json:"takeover_after"`
 }
 
-// encodeRecordingSnapshot is a real VM's snapshot on the log channel: the
+// encodeRebaseSnapshot is a real VM's snapshot on the log channel: the
 // header's length (u32, big-endian), the header in JSON, then the image.
-func encodeRecordingSnapshot(h recordingHeader, image []byte) ([]byte, error) {
+func encodeRebaseSnapshot(h rebaseHeader, image []byte) ([]byte, error) {
 	header, err := json.Marshal(h)
 	if err != nil {
 		return nil, err
@@ -53,8 +54,8 @@ func encodeRecordingSnapshot(h recordingHeader, image []byte) ([]byte, error) {
 	return append(append(out, header...), image...), nil
 }
 
-func decodeRecordingSnapshot(b []byte) (recordingHeader, []byte, error) {
-	var h recordingHeader
+func decodeRebaseSnapshot(b []byte) (rebaseHeader, []byte, error) {
+	var h rebaseHeader
 	if len(b) < 4 || uint64(binary.BigEndian.Uint32(b)) > uint64(len(b)-4) {
 		return h, nil, fmt.Errorf("real VM snapshot of %d bytes: no whole header", len(b))
 	}
@@ -63,8 +64,8 @@ func decodeRecordingSnapshot(b []byte) (recordingHeader, []byte, error) {
 		return h, nil, fmt.Errorf("real VM snapshot header: %w", err)
 	}
 	image := b[4+n:]
-	if h.FromSnapshot != (len(image) > 0) {
-		return h, nil, fmt.Errorf("real VM snapshot: from_snapshot %v with a %d-byte image", h.FromSnapshot, len(image))
+	if len(image) == 0 || len(h.Startup) == 0 {
+		return h, nil, fmt.Errorf("real VM snapshot: %d bytes of image, %d of start-up log: both are needed", len(image), len(h.Startup))
 	}
 	return h, image, nil
 }
@@ -108,7 +109,7 @@ func (d *daemon) seekSecondary() {
 	}
 	ctx := d.goChannel(p.Run)
 	if d.qemu == nil {
-		d.group.Go(func() error { return d.awaitProtection(ctx, p, nil) })
+		d.group.Go(func() error { return d.awaitProtection(ctx, p) })
 	}
 	d.log.Info("serving alone: waiting for a secondary to join", "peer", d.cfg.Peer.Address)
 }
@@ -213,149 +214,98 @@ func (d *daemon) snapshotForNewSecondary(ctx context.Context, rebase func(uint64
 
 // snapshotRecording is a real VM survivor's half of a re-protection, run
 // by the log channel p when a secondary that holds none of the log
-// connects. A real VM's state cannot be taken at one log position and
-// handed over (see recording.go), so the new secondary starts where this
-// host's recorder started, from boot or the go-live snapshot (whose image
-// goes with the header), and replays the whole recording, then the live
-// log.
+// connects. It re-bases the new secondary on a snapshot of the running VM
+// (pkg/replay/rebase.go), however long the VM ran alone:
 //
-// Outputs of the log recorded so far have left unprotected: the new
-// secondary must have all of it before it may take over (TakeoverAfter),
-// and until it has, this host's failure loses the VM as it would have
-// anyway. Outputs of anything logged from now on wait for the new
-// secondary's ack, as always.
+//  1. The recorder saves the VM's state: the VM pauses for the savevm,
+//     a fraction of a second.
+//  2. A copy of the image is made loadable by a replayer, and says where
+//     in the recorder's log the snapshot stands (S).
+//  3. Under logMu, the log read so far (R) is known. The log from S goes
+//     to the new secondary: what was read since S from the recent log now,
+//     the rest as it is read (shipFrom cuts what was read before S).
+//  4. Outputs stamped up to max(R, S) may leave: the snapshot and the log
+//     sent with it hold their input, and the new secondary may not take
+//     over before it has that log (TakeoverAfter). The Output Rule holds
+//     for everything after.
 func (d *daemon) snapshotRecording(ctx context.Context, p *lockstep.Primary, rebase func(uint64) error) ([]byte, error) {
 	if err := d.lockLife(ctx); err != nil {
 		return nil, err
 	}
 	defer d.lifeMu.Unlock()
 	if from := d.state(); from != protect.Unprotected {
-		// One catch-up per channel: a new secondary that lost its
+		// One re-protection per channel: a new secondary that lost its
 		// connection meanwhile is given up on through the arbiter, and
 		// the next channel starts afresh.
 		return nil, fmt.Errorf("reprotect: this host is %s, not serving alone", from)
 	}
-	if ran, limit := d.lagClock.recorderRan(), d.vm.QEMU.MaxCatchUp; ran > limit {
-		err := fmt.Errorf("reprotect: the VM's recorder has run %s, and a new secondary would replay all of it while the VM waits: more than qemu.max_catch_up (%s); raise it, or restart the pair when the VM may pause",
-			ran.Round(time.Second), limit)
+	fail := func(err error) ([]byte, error) {
+		err = fmt.Errorf("reprotect: %w", err)
 		d.mu.Lock()
 		d.reprotecting = &reprotectStatus{Error: err.Error()}
 		d.mu.Unlock()
 		return nil, err
 	}
+	image, snap, paused, err := d.qemu.SnapshotForReplayer(func(off int64) (clocks replay.Clocks, err error) {
+		// QEMU may not have flushed the log up to its snapshot yet.
+		err = waitUntil(ctx, 5*time.Second, "the recorder's log to reach its snapshot", func() (ok bool, err error) {
+			d.logMu.Lock()
+			defer d.logMu.Unlock()
+			clocks, ok, err = d.recent.clocksAt(off)
+			return ok, err
+		})
+		return clocks, err
+	})
+	if err != nil {
+		return fail(err)
+	}
+
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
-	r := d.recording
-	f, err := r.reader()
+	base := d.recent.base
+	startup, sinceSnapshot, err := d.recent.since(snap.LogOffset)
 	if err != nil {
-		return nil, fmt.Errorf("reprotect: %w", err)
+		return fail(err)
 	}
-	position, backlog := p.Head(), r.size
-	h := recordingHeader{
-		FromSnapshot: r.from.loadvm != "", SnapshotIcount: r.from.icount, RecordingBytes: backlog,
-		TakeoverAfter: position + uint64((backlog+lockstep.MaxPayload-1)/lockstep.MaxPayload),
-	}
-	var image []byte
-	if h.FromSnapshot {
-		// The image does not change while this recorder runs: only a
-		// go-live saves into it.
-		if image, err = os.ReadFile(replay.VMStatePath(d.qemu.dir)); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("reprotect: read the go-live snapshot: %w", err)
-		}
-	}
-	blob, err := encodeRecordingSnapshot(h, image)
+	position := p.Head()
+	h := rebaseHeader{Icount: snap.Icount, Startup: startup,
+		TakeoverAfter: position + uint64((len(sinceSnapshot)+lockstep.MaxPayload-1)/lockstep.MaxPayload)}
+	blob, err := encodeRebaseSnapshot(h, image)
 	if err == nil {
 		err = rebase(position)
 	}
 	if err != nil {
-		f.Close()
 		return nil, err
 	}
-	released := d.lastRead.Load()
+	snapshotAt := base + uint64(snap.LogOffset)
+	released := max(d.lastRead.Load(), snapshotAt)
 	d.chunks.restart(position, released)
+	d.shipFrom = released
 	d.reprotectAt.Store(h.TakeoverAfter)
 	// The Output Rule holds again from here, before the secondary is even
-	// up: every output of input after what was read waits for its ack.
+	// up: every output of input after what was released waits for its ack.
 	d.gate.Ack(released)
 	rec := d.owner.Current()
 	rec.Role = vip.RoleActive
 	if err := d.gate.Enforce(rec); err != nil {
-		f.Close()
 		return nil, err
 	}
-	d.fire(protect.PeerJoined)
-	c := &catchUp{done: make(chan struct{})}
-	d.group.Go(func() error {
-		c.err = d.shipRecording(ctx, p, f, r.from.base, backlog)
-		close(c.done)
-		return nil
-	})
-	d.mu.Lock()
-	d.reprotecting = &reprotectStatus{TakeoverAfter: h.TakeoverAfter, RecordingBytes: backlog}
-	d.mu.Unlock()
-	d.group.Go(func() error { return d.awaitProtection(ctx, p, c) })
-	d.log.Info("re-protecting from the recording", "position", position, "takeover_after", h.TakeoverAfter,
-		"recording_bytes", backlog, "from_snapshot", h.FromSnapshot, "image_bytes", len(image))
-	return blob, nil
-}
-
-// catchUp is a new secondary's catching up on the recording: done once
-// the live log goes to it directly, or err says why it never will.
-type catchUp struct {
-	done chan struct{}
-	err  error
-}
-
-// catchUpWindow bounds the chunks of recording in flight to a new
-// secondary, well inside the channel's unacknowledged backlog, which the
-// live log shares.
-const catchUpWindow = 256
-
-// shipRecording sends the recording, which starts at log position base,
-// to the new secondary from its start, cut at backlog (the end of what
-// TakeoverAfter covers), and hands over to live shipping (shipChunk) once
-// it has caught up with the file.
-func (d *daemon) shipRecording(ctx context.Context, p *lockstep.Primary, f *os.File, base uint64, backlog int64) error {
-	defer f.Close()
-	buf := make([]byte, lockstep.MaxPayload)
-	var off int64
-	for {
-		d.logMu.Lock()
-		end, err := d.recording.size, d.recording.err
-		if err == nil && off == end && ctx.Err() == nil {
-			d.shipping.Store(true)
-			d.logMu.Unlock()
-			p.Flush()
-			d.log.Info("caught up on the recording: the live log goes to the new secondary", "bytes", off)
-			return nil
+	for off := 0; off < len(sinceSnapshot); off += lockstep.MaxPayload {
+		chunk := sinceSnapshot[off:min(len(sinceSnapshot), off+lockstep.MaxPayload)]
+		if err := p.QueueLog(d.queueChunk(snapshotAt+uint64(off+len(chunk))), chunk); err != nil {
+			return nil, fmt.Errorf("reprotect: queue the log since the snapshot: %w", err)
 		}
-		d.logMu.Unlock()
-		if err != nil {
-			return err
-		}
-		if off < backlog {
-			end = backlog
-		}
-		for p.Head()-p.Acked() >= catchUpWindow {
-			p.Flush()
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-time.After(time.Millisecond):
-			}
-		}
-		chunk, err := readChunk(f, buf, off, end)
-		if err != nil {
-			return err
-		}
-		off += int64(len(chunk))
-		pos := d.queueChunk(base + uint64(off))
-		if err := p.QueueLog(pos, chunk); err != nil {
-			return fmt.Errorf("ship the recording: %w", err)
-		}
-		p.Flush()
 	}
+	d.shipping.Store(true)
+	d.fire(protect.PeerJoined)
+	d.mu.Lock()
+	d.reprotecting = &reprotectStatus{TakeoverAfter: h.TakeoverAfter, PausedSeconds: paused.Seconds(), ImageBytes: len(image)}
+	d.mu.Unlock()
+	d.group.Go(func() error { return d.awaitProtection(ctx, p) })
+	d.log.Info("re-protecting from a snapshot of the running VM", "paused", paused, "image_bytes", len(image),
+		"snapshot_icount", snap.Icount, "snapshot_at", snapshotAt, "released", released, "position", position,
+		"takeover_after", h.TakeoverAfter)
+	return blob, nil
 }
 
 // reprotectTimeout bounds how long output may wait for a new secondary
@@ -365,13 +315,13 @@ const reprotectTimeout = 10 * time.Second
 // awaitProtection declares the pair protected once the new secondary on
 // channel p holds the log up to the position it was rebuilt at
 // (reprotectAt): from then on its copy of the VM can take over, and losing
-// it is a failure to handle. A real VM's new secondary must also have
-// caught up (c) and replayed to within max_lag, or a failover would first
-// replay the whole recording. A new secondary that stops making progress
+// it is a failure to handle. A replayed VM's new secondary must also have
+// replayed to within max_lag, or a failover would first replay the
+// backlog. A new secondary that stops making progress
 // is given up on through the arbiter (protect.ReprotectFailed): it may
 // already count as the VM's copy, so serving alone again at the same epoch
 // could make two hosts serve.
-func (d *daemon) awaitProtection(ctx context.Context, p *lockstep.Primary, c *catchUp) error {
+func (d *daemon) awaitProtection(ctx context.Context, p *lockstep.Primary) error {
 	deadline := time.Now().Add(reprotectTimeout)
 	var lastAcked, lastReplayed, lastPosition uint64
 	for ctx.Err() == nil {
@@ -391,31 +341,22 @@ func (d *daemon) awaitProtection(ctx context.Context, p *lockstep.Primary, c *ca
 			deadline = time.Now().Add(reprotectTimeout)
 		}
 		ready := p.Synced() && acked >= position
-		failed := error(nil)
-		if c != nil {
-			select {
-			case <-c.done:
-				failed = c.err
-			default:
-				ready = false
-			}
+		if d.lagClock != nil {
 			lag, ok := d.peerLag()
 			ready = ready && ok && lag <= d.vm.QEMU.MaxLag
 		}
-		if ready && failed == nil {
+		if ready {
 			if _, err := d.life.FireIf(protect.Reprotecting, protect.PeerCaughtUp); err != nil {
 				continue
 			}
 			d.mu.Lock()
-			d.reprotecting = nil
+			d.lastReprotect, d.reprotecting = d.reprotecting, nil
 			d.mu.Unlock()
 			d.log.Info("re-protected", "position", position, "unprotected_total", d.life.AloneFor())
 			return nil
 		}
-		if failed != nil || time.Now().After(deadline) {
-			if failed == nil {
-				failed = fmt.Errorf("the new secondary made no progress for %s", reprotectTimeout)
-			}
+		if time.Now().After(deadline) {
+			failed := fmt.Errorf("the new secondary made no progress for %s", reprotectTimeout)
 			d.log.Error("re-protection abandoned", "err", failed)
 			d.mu.Lock()
 			d.reprotecting = &reprotectStatus{TakeoverAfter: position, Error: failed.Error()}
@@ -445,8 +386,8 @@ func labReprotect(ctx context.Context, args []string) error {
 	}
 	fmt.Printf("re-protected: %s follows %s from log position %d (epoch %d) after %s; %s served the VM alone for %.3fs in all\n",
 		r.secondary, r.survivor, r.position, r.epoch, r.took.Round(100*time.Microsecond), r.survivor, r.unprotected)
-	if r.recordingBytes > 0 {
-		fmt.Printf("the new secondary replayed %d bytes of recording to catch up\n", r.recordingBytes)
+	if r.imageBytes > 0 {
+		fmt.Printf("the VM paused %.3fs while its state (%d bytes) was saved for the new secondary\n", r.pausedSeconds, r.imageBytes)
 	}
 	return nil
 }
@@ -456,7 +397,9 @@ type reprotection struct {
 	position, epoch     uint64
 	took                time.Duration
 	unprotected         float64 // seconds the survivor has served alone, in all
-	recordingBytes      int64   // a real VM: the recording the new secondary replayed
+	// A real VM: how long it paused for its snapshot, and the image size.
+	pausedSeconds float64
+	imageBytes    int
 }
 
 func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
@@ -484,18 +427,19 @@ func reprotect(ctx context.Context, dir string) (r reprotection, err error) {
 	if err := startDaemon(ctx, dir, other.NS, cfg); err != nil {
 		return r, err
 	}
-	// A real VM's new secondary replays the whole recording first.
+	// A real VM's new secondary starts QEMU, loads the snapshot and
+	// replays to within max_lag first.
 	realVM := cfg.VMs[0].Engine == engineQEMU
 	timeout := 10 * time.Second
 	if realVM {
-		timeout = 5 * time.Minute
+		timeout = 2 * time.Minute
 	}
 	var s Status
 	lastReport := time.Now()
 	err = waitUntil(ctx, timeout, "the pair to be protected", func() (bool, error) {
 		s, err = daemonStatus(dir, survivor.NS)
-		if err == nil && s.Reprotect != nil {
-			r.position, r.recordingBytes = s.Reprotect.TakeoverAfter, s.Reprotect.RecordingBytes
+		if rp := cmp.Or(s.Reprotect, s.LastReprotect); err == nil && rp != nil {
+			r.position, r.pausedSeconds, r.imageBytes = rp.TakeoverAfter, rp.PausedSeconds, rp.ImageBytes
 		}
 		switch {
 		case err != nil:

@@ -40,11 +40,12 @@
 // Open picks one from a spec: "file:/dir" (one file per VM in a directory
 // both hosts see, guarded by flock) or "etcd:http://host:2379,..." (an etcd
 // transaction per claim, plus a leased owner key that shows operators whether
-// the owner is alive).
+// the owner is alive). OpenWith adds TLS and a login for etcd ("etcd:https://...").
 package arbiter
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math"
@@ -83,19 +84,39 @@ var ErrUnavailable = errors.New("arbiter unavailable")
 // stalling a failover.
 const DefaultTimeout = 2 * time.Second
 
+// Options are what a backend needs besides its spec. The zero value suits
+// file: and an etcd cluster without TLS or authentication.
+type Options struct {
+	// EtcdTLS secures https:// etcd endpoints: the CA to trust (RootCAs;
+	// nil: the system's) and this host's client certificate, if the
+	// cluster requires one. Nil with https://: the system's roots and no
+	// client certificate.
+	EtcdTLS *tls.Config
+	// EtcdUsername and EtcdPassword log in to etcd's authentication
+	// (https:// only: the password would otherwise cross the network in
+	// clear).
+	EtcdUsername, EtcdPassword string
+}
+
 // Open parses a spec: "file:/path/to/dir" or
 // "etcd:http://127.0.0.1:2379[,http://...]". Errors name what is wrong with
 // the spec ("arbiter spec %q: ...").
-func Open(spec string) (Arbiter, error) {
+func Open(spec string) (Arbiter, error) { return OpenWith(spec, Options{}) }
+
+// OpenWith is Open with opts: "etcd:https://..." with TLS or a login.
+func OpenWith(spec string, opts Options) (Arbiter, error) {
 	scheme, rest, ok := strings.Cut(spec, ":")
 	if !ok {
 		return nil, fmt.Errorf("arbiter spec %q: missing scheme (want file:/dir or etcd:http://host:port)", spec)
 	}
 	switch scheme {
 	case "file":
+		if opts != (Options{}) {
+			return nil, fmt.Errorf("arbiter spec %q: etcd options for a file: arbiter", spec)
+		}
 		return openFile(spec, rest)
 	case "etcd":
-		return openEtcd(spec, rest)
+		return openEtcd(spec, rest, opts)
 	default:
 		return nil, fmt.Errorf("arbiter spec %q: unknown scheme %q (want file or etcd)", spec, scheme)
 	}

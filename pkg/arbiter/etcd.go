@@ -3,10 +3,13 @@ package arbiter
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -19,24 +22,31 @@ import (
 //	/ftgw/vms/<vm>/owner  the winning host, on a lease this Arbiter keeps
 //	                      alive; it disappears when the winner dies, is cut
 //	                      off, closes its Arbiter or claims again and loses,
-//	                      so operators can see whether the owner is alive
+//	                      so operators can see whether the owner is alive;
+//	                      it comes back when a cut-off winner that still
+//	                      holds the claim reaches the cluster again
 //
 // A claim is one transaction: if the claim key is unchanged since we read it
 // (same ModRevision, or still absent), put the new record and the owner key;
 // else get the record that beat us.
 type etcdArbiter struct {
-	cli      *clientv3.Client
+	cfg      clientv3.Config
 	leaseTTL int64 // seconds; a field so tests can shorten it
+	// renewed, if set (tests), is told the outcome of each attempt that
+	// got an answer to put a lost owner key back.
+	renewed func(stands bool)
 
-	mu      sync.Mutex
-	leases  map[string]ownerLease // by VM: the owner keys this Arbiter keeps alive
-	closed  bool
-	revokes sync.WaitGroup // background revokes, waited for by Close
+	dialMu sync.Mutex                      // one client is created at a time
+	cli    atomic.Pointer[clientv3.Client] // nil until first used (see client)
+
+	mu         sync.Mutex
+	leases     map[string]ownerLease // by VM: the owner keys this Arbiter keeps
+	closed     bool
+	background sync.WaitGroup // owner key holders and revokes, waited for by Close
 }
 
 type ownerLease struct {
-	id   clientv3.LeaseID
-	stop context.CancelFunc // ends the KeepAlive
+	stop context.CancelFunc // ends holdOwnerKey, which revokes the lease
 }
 
 // etcdRecord is the JSON under the claim key.
@@ -51,11 +61,12 @@ const ownerTTL = 5 // seconds
 func claimKey(vm string) string { return "/ftgw/vms/" + vm + "/claim" }
 func ownerKey(vm string) string { return "/ftgw/vms/" + vm + "/owner" }
 
-func openEtcd(spec, list string) (Arbiter, error) {
+func openEtcd(spec, list string, opts Options) (Arbiter, error) {
 	if list == "" {
 		return nil, fmt.Errorf("arbiter spec %q: no endpoints (want etcd:http://host:port[,...])", spec)
 	}
 	var endpoints []string
+	scheme := ""
 	for _, ep := range strings.Split(list, ",") {
 		u, err := url.Parse(ep)
 		if err != nil {
@@ -70,22 +81,77 @@ func openEtcd(spec, list string) (Arbiter, error) {
 		if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
 			return nil, fmt.Errorf("arbiter spec %q: endpoint %q: want only scheme://host:port", spec, ep)
 		}
+		if scheme != "" && u.Scheme != scheme {
+			// The client takes the first endpoint's scheme for all.
+			return nil, fmt.Errorf("arbiter spec %q: endpoints mix http and https", spec)
+		}
+		scheme = u.Scheme
 		endpoints = append(endpoints, u.Scheme+"://"+u.Host)
 	}
-	// New does not connect (gRPC dials lazily), so a host can start while the
-	// cluster is down; each call then fails with ErrUnavailable.
-	cli, err := clientv3.New(clientv3.Config{
+	if scheme == "http" && opts.EtcdTLS != nil {
+		// The client would silently speak plain http.
+		return nil, fmt.Errorf("arbiter spec %q: TLS options for http:// endpoints; use https://", spec)
+	}
+	if scheme == "http" && (opts.EtcdUsername != "" || opts.EtcdPassword != "") {
+		return nil, fmt.Errorf("arbiter spec %q: a login over http:// would send the password in clear; use https://", spec)
+	}
+	if (opts.EtcdUsername == "") != (opts.EtcdPassword == "") {
+		// The client ignores a username without a password, and so would
+		// go on without logging in.
+		return nil, fmt.Errorf("arbiter spec %q: an etcd login needs both a username and a password", spec)
+	}
+	cfg := clientv3.Config{
 		Endpoints:   endpoints,
 		DialTimeout: DefaultTimeout,
+		TLS:         opts.EtcdTLS,
+		Username:    opts.EtcdUsername,
+		Password:    opts.EtcdPassword,
 		// Failures come back to the caller as errors; the client's own
 		// retry warnings would only repeat them on stderr.
 		Logger: zap.NewNop(),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("arbiter spec %q: create etcd client: %w", spec, err)
 	}
-	return &etcdArbiter{cli: cli, leaseTTL: ownerTTL, leases: map[string]ownerLease{}}, nil
+	return &etcdArbiter{cfg: cfg, leaseTTL: ownerTTL, leases: map[string]ownerLease{}}, nil
 }
+
+// client returns the etcd client, creating it on first use. Without a
+// login, creating one connects nothing (gRPC dials lazily); with one, it
+// logs in, which needs the cluster. Either way a host can start while the
+// cluster is down, and each call fails with ErrUnavailable until it is back.
+// caller is the context before DefaultTimeout, for unavailable.
+func (a *etcdArbiter) client(caller, ctx context.Context) (*clientv3.Client, error) {
+	if cli := a.cli.Load(); cli != nil {
+		return cli, nil
+	}
+	a.dialMu.Lock()
+	defer a.dialMu.Unlock()
+	if cli := a.cli.Load(); cli != nil {
+		return cli, nil
+	}
+	// A login waits for the cluster up to DialTimeout, whatever ctx says.
+	cfg := a.cfg
+	if deadline, ok := ctx.Deadline(); ok {
+		cfg.DialTimeout = min(cfg.DialTimeout, time.Until(deadline))
+	}
+	if cfg.DialTimeout <= 0 { // which would be no timeout at all
+		return nil, unavailable(caller, "connect to etcd", context.DeadlineExceeded)
+	}
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		return nil, unavailable(caller, "connect to etcd", err)
+	}
+	a.mu.Lock()
+	closed := a.closed
+	a.mu.Unlock()
+	if closed {
+		// Close may already have looked for a client to close.
+		cli.Close()
+		return nil, fmt.Errorf("connect to etcd: %w", errClosed)
+	}
+	a.cli.Store(cli)
+	return cli, nil
+}
+
+var errClosed = errors.New("arbiter closed")
 
 func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint64) (Claim, error) {
 	if err := checkClaim(vm, host, known); err != nil {
@@ -102,7 +168,11 @@ func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint6
 	// shows a gap in the owner key.
 	defer a.endLease(a.takeLease(vm))
 
-	cur, rev, err := a.get(caller, ctx, vm)
+	cli, err := a.client(caller, ctx)
+	if err != nil {
+		return Claim{}, fmt.Errorf("claim vm %s: %w", vm, err)
+	}
+	cur, rev, err := a.get(caller, ctx, cli, vm)
 	if err != nil {
 		return Claim{}, fmt.Errorf("claim vm %s: %w", vm, err)
 	}
@@ -121,7 +191,7 @@ func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint6
 		return Claim{Epoch: cur.Epoch, Owner: cur.Owner}, nil
 	}
 
-	grant, err := a.cli.Grant(ctx, a.leaseTTL)
+	grant, err := cli.Grant(ctx, a.leaseTTL)
 	if err != nil {
 		return Claim{}, unavailable(caller, "claim vm "+vm+": grant owner lease", err)
 	}
@@ -133,17 +203,17 @@ func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint6
 	if rev == 0 {
 		unchanged = clientv3.Compare(clientv3.Version(claimKey(vm)), "=", 0)
 	}
-	resp, err := a.cli.Txn(ctx).
+	resp, err := cli.Txn(ctx).
 		If(unchanged).
 		Then(then...).
 		Else(clientv3.OpGet(claimKey(vm))).
 		Commit()
 	if err != nil {
-		a.revokeLater(grant.ID)
+		a.revokeLater(cli, grant.ID)
 		return Claim{}, unavailable(caller, "claim vm "+vm, err)
 	}
 	if !resp.Succeeded {
-		a.revokeLater(grant.ID)
+		a.revokeLater(cli, grant.ID)
 		kvs := resp.Responses[0].GetResponseRange().GetKvs()
 		if len(kvs) == 0 {
 			return Claim{}, fmt.Errorf("claim vm %s: record vanished", vm)
@@ -156,9 +226,13 @@ func (a *etcdArbiter) TryClaim(ctx context.Context, vm, host string, known uint6
 	}
 
 	won := Claim{Epoch: known + 1, Owner: host, Won: true}
-	if !a.keepAlive(vm, grant.ID) {
+	claimRev := rev // a retry: the claim key is the one read
+	if cur.Epoch == known {
+		claimRev = resp.Header.Revision // the claim key was put by this transaction
+	}
+	if !a.keepAlive(cli, ownerClaim{vm: vm, host: host, claimRev: claimRev}, grant.ID) {
 		// Closed meanwhile: the claim stands, but nobody keeps the owner key.
-		a.revokeLater(grant.ID)
+		a.revokeLater(cli, grant.ID)
 	}
 	return won, nil
 }
@@ -170,7 +244,11 @@ func (a *etcdArbiter) Current(ctx context.Context, vm string) (Claim, error) {
 	caller := ctx
 	ctx, cancel := withTimeout(ctx)
 	defer cancel()
-	rec, _, err := a.get(caller, ctx, vm)
+	cli, err := a.client(caller, ctx)
+	if err != nil {
+		return Claim{}, fmt.Errorf("read vm %s: %w", vm, err)
+	}
+	rec, _, err := a.get(caller, ctx, cli, vm)
 	if err != nil {
 		return Claim{}, fmt.Errorf("read vm %s: %w", vm, err)
 	}
@@ -179,8 +257,8 @@ func (a *etcdArbiter) Current(ctx context.Context, vm string) (Claim, error) {
 
 // get reads the record and the ModRevision to compare against (0: absent).
 // caller is the context before DefaultTimeout, for unavailable.
-func (a *etcdArbiter) get(caller, ctx context.Context, vm string) (etcdRecord, int64, error) {
-	resp, err := a.cli.Get(ctx, claimKey(vm))
+func (a *etcdArbiter) get(caller, ctx context.Context, cli *clientv3.Client, vm string) (etcdRecord, int64, error) {
+	resp, err := cli.Get(ctx, claimKey(vm))
 	if err != nil {
 		return etcdRecord{}, 0, unavailable(caller, "get record", err)
 	}
@@ -199,33 +277,95 @@ func decodeRecord(b []byte) (etcdRecord, error) {
 	return rec, nil
 }
 
-// keepAlive keeps the owner lease for vm alive until endLease or Close. It
-// reports false if the Arbiter is already closed.
-func (a *etcdArbiter) keepAlive(vm string, id clientv3.LeaseID) bool {
+// ownerClaim is a claim this Arbiter won, whose owner key it keeps.
+type ownerClaim struct {
+	vm, host string
+	claimRev int64 // the claim key's ModRevision as won: unchanged while it stands
+}
+
+// keepAlive keeps the owner key of c on a live lease, from lease id, until
+// endLease or Close. It reports false if the Arbiter is already closed.
+func (a *etcdArbiter) keepAlive(cli *clientv3.Client, c ownerClaim, id clientv3.LeaseID) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed {
 		return false
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	ch, err := a.cli.KeepAlive(ctx, id)
-	if err != nil {
-		stop()
-		return false
-	}
-	// The channel must be drained or the client logs that it is full; it
-	// closes when stop is called or the lease is lost.
-	go func() {
-		for range ch {
-		}
-	}()
-	if old, ok := a.leases[vm]; ok {
+	a.background.Go(func() { a.holdOwnerKey(ctx, cli, c, id) })
+	if old, ok := a.leases[c.vm]; ok {
 		// Another TryClaim for vm by this Arbiter won meanwhile; keep one.
 		old.stop()
-		a.revokes.Go(func() { a.revoke(old.id) })
 	}
-	a.leases[vm] = ownerLease{id: id, stop: stop}
+	a.leases[c.vm] = ownerLease{stop: stop}
 	return true
+}
+
+// Bounds of the wait between attempts to put a lost owner key back.
+const (
+	minRenewBackoff = 100 * time.Millisecond
+	maxRenewBackoff = 5 * time.Second
+)
+
+// holdOwnerKey keeps lease id alive until ctx ends, then revokes the lease
+// it holds (the owner key disappears at once rather than after the TTL).
+// The lease can be lost while this host still holds the claim: the cluster
+// was out of reach for longer than the TTL, or an operator revoked it. The
+// owner key went with it, and a serving host would look dead to whoever
+// reads it, for good. So the key is put back on a new lease, once the
+// cluster answers, as long as the claim is still the one won. Losing the
+// key never endangers a claim: epochs are decided on the claim key alone.
+func (a *etcdArbiter) holdOwnerKey(ctx context.Context, cli *clientv3.Client, c ownerClaim, id clientv3.LeaseID) {
+	defer func() { a.revoke(cli, id) }() // the lease held last
+	for {
+		if ch, err := cli.KeepAlive(ctx, id); err == nil {
+			// The channel must be drained or the client logs that it is
+			// full; it closes when ctx ends or the lease is lost.
+			for range ch {
+			}
+		}
+		backoff := minRenewBackoff
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			renewed, stands, err := a.renewOwnerKey(ctx, cli, c)
+			if err == nil && a.renewed != nil {
+				a.renewed(stands)
+			}
+			if err == nil && !stands {
+				return // another claim since: the key is not ours to put
+			}
+			if err == nil {
+				a.revoke(cli, id) // lost, most likely; if not, it holds nothing now
+				id = renewed
+				break
+			}
+			backoff = min(2*backoff, maxRenewBackoff)
+		}
+	}
+}
+
+// renewOwnerKey puts c's owner key on a new lease if c's claim still
+// stands; stands reports whether it did.
+func (a *etcdArbiter) renewOwnerKey(ctx context.Context, cli *clientv3.Client, c ownerClaim) (id clientv3.LeaseID, stands bool, err error) {
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	grant, err := cli.Grant(ctx, a.leaseTTL)
+	if err != nil {
+		return 0, false, err
+	}
+	resp, err := cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(claimKey(c.vm)), "=", c.claimRev)).
+		Then(clientv3.OpPut(ownerKey(c.vm), c.host, clientv3.WithLease(grant.ID))).
+		Commit()
+	if err != nil || !resp.Succeeded {
+		a.revoke(cli, grant.ID)
+		return 0, false, err
+	}
+	return grant.ID, true, nil
 }
 
 // takeLease removes this Arbiter's owner lease for vm from those it keeps
@@ -238,31 +378,30 @@ func (a *etcdArbiter) takeLease(vm string) (l ownerLease, ok bool) {
 	return l, ok
 }
 
-// endLease stops keeping a lease alive and revokes it in the background (if
-// the owner key is still on it, the key disappears now rather than after
-// the TTL).
+// endLease stops keeping an owner key; its holder revokes the lease in the
+// background (if the owner key is still on it, the key disappears now
+// rather than after the TTL).
 func (a *etcdArbiter) endLease(l ownerLease, ok bool) {
 	if ok {
 		l.stop()
-		a.revokeLater(l.id)
 	}
 }
 
 // revokeLater revokes without making the caller wait: a revoke that fails
 // (cluster unreachable) only means the lease runs out its TTL instead.
-func (a *etcdArbiter) revokeLater(id clientv3.LeaseID) {
+func (a *etcdArbiter) revokeLater(cli *clientv3.Client, id clientv3.LeaseID) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed {
 		return // the client is closing; the lease runs out its TTL
 	}
-	a.revokes.Go(func() { a.revoke(id) })
+	a.background.Go(func() { a.revoke(cli, id) })
 }
 
-func (a *etcdArbiter) revoke(id clientv3.LeaseID) {
+func (a *etcdArbiter) revoke(cli *clientv3.Client, id clientv3.LeaseID) {
 	ctx, cancel := context.WithTimeout(context.Background(), DefaultTimeout)
 	defer cancel()
-	a.cli.Revoke(ctx, id) // best effort, see revokeLater
+	cli.Revoke(ctx, id) // best effort, see revokeLater
 }
 
 // Close revokes this Arbiter's owner leases (their keys disappear at once)
@@ -278,16 +417,18 @@ func (a *etcdArbiter) Close() error {
 	a.leases = nil
 	a.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(context.Background(), DefaultTimeout)
-	defer cancel()
-	var wg sync.WaitGroup
 	for _, l := range leases {
-		l.stop()
-		wg.Go(func() { a.cli.Revoke(ctx, l.id) })
+		l.stop() // each holder revokes its lease as it ends, all at once
 	}
-	wg.Wait()
-	a.revokes.Wait()
-	if err := a.cli.Close(); err != nil {
+	a.background.Wait()
+	// A client being created now sees closed and closes itself.
+	a.dialMu.Lock()
+	cli := a.cli.Load()
+	a.dialMu.Unlock()
+	if cli == nil {
+		return nil
+	}
+	if err := cli.Close(); err != nil {
 		return fmt.Errorf("close etcd client: %w", err)
 	}
 	return nil

@@ -34,17 +34,30 @@ type etcdServer struct {
 }
 
 // startEtcd starts etcd with a fresh data dir and waits until it serves.
-func startEtcd(t *testing.T) *etcdServer {
+func startEtcd(t *testing.T) *etcdServer { return startEtcdWith(t, nil) }
+
+// startEtcdWith starts etcd serving clients over TLS with pki's server
+// certificate and requiring a client certificate from its CA, or over
+// plain http with no pki.
+func startEtcdWith(t *testing.T, pki *etcdPKI) *etcdServer {
 	t.Helper()
 	if _, err := os.Stat(etcdBinary); err != nil {
 		t.Skipf("no %s: install Debian's etcd-server (scripts/setup.sh does) to run the etcd tests", etcdBinary)
 	}
-	client := "http://" + freeAddr(t)
+	scheme, hc := "http://", &http.Client{Timeout: time.Second}
+	var tlsFlags []string
+	if pki != nil {
+		scheme = "https://"
+		hc.Transport = &http.Transport{TLSClientConfig: pki.client}
+		tlsFlags = []string{"--cert-file=" + pki.file("server.pem"), "--key-file=" + pki.file("server-key.pem"),
+			"--trusted-ca-file=" + pki.file("ca.pem"), "--client-cert-auth"}
+	}
+	client := scheme + freeAddr(t)
 	peer := "http://" + freeAddr(t)
 	s := &etcdServer{endpoint: client, done: make(chan struct{}), log: &syncBuffer{}}
 	// etcd 3.4 has no --unsafe-no-fsync; a tmpfs data dir would do the same
 	// job, but the tests are quick enough on the ordinary temp dir.
-	s.cmd = exec.Command(etcdBinary,
+	s.cmd = exec.Command(etcdBinary, append(tlsFlags,
 		"--name=test",
 		"--data-dir="+filepath.Join(t.TempDir(), "data"), // etcd makes it 0700
 		"--listen-client-urls="+client,
@@ -53,7 +66,7 @@ func startEtcd(t *testing.T) *etcdServer {
 		"--initial-advertise-peer-urls="+peer,
 		"--initial-cluster=test="+peer,
 		"--logger=zap", "--log-outputs=stderr", "--log-level=warn",
-	)
+	)...)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
 		t.Fatalf("start etcd: %v", err)
@@ -68,7 +81,6 @@ func startEtcd(t *testing.T) *etcdServer {
 
 	// Ready when /health says so; bounded, and early out if etcd died.
 	deadline := time.Now().Add(20 * time.Second)
-	hc := &http.Client{Timeout: time.Second}
 	for {
 		resp, err := hc.Get(client + "/health")
 		if err == nil {

@@ -293,7 +293,6 @@ func TestSecondaryRejectsBadInput(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			before := s.Stats().Errors[ReasonAuth]
 			cfg := tc.cfg()
-			cfg.ServerName = "127.0.0.1"
 			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, cfg)
 			if err == nil {
 				// TLS 1.3: the client finishes first and hears of the
@@ -583,7 +582,7 @@ func TestConfigChecks(t *testing.T) {
 	if _, err := NewPrimary(PrimaryConfig{Addr: "127.0.0.1:1", VM: testVM}); err == nil {
 		t.Error("primary accepted no TLS")
 	}
-	if err := GenerateLabPKI(pki.dir, loopback, loopback); err == nil {
+	if err := GenerateLabPKI(pki.dir, primaryHost, secondaryHost); err == nil {
 		t.Error("GenerateLabPKI overwrote an existing PKI")
 	}
 	for _, f := range []string{"primary-key.pem", "secondary-key.pem"} {

@@ -12,14 +12,16 @@
 // # Transport
 //
 // One TCP connection with mutual TLS 1.3, dialed by the primary. Both sides
-// need a certificate from the same CA (GenerateLabPKI, ServerTLS, ClientTLS);
-// a refused handshake (missing or foreign certificate, or bytes that are not
-// TLS) is counted as "auth" by the side that refuses it, while a handshake
-// that times out or is cut off counts as "io". (With TLS 1.3 the refused
-// primary only learns of it on its first read, as an io error naming the
-// TLS alert.) The
-// secondary serves one primary at a time: a newer connection that passes TLS
-// and the Hello check replaces the current one.
+// need a certificate from the same CA that carries their host name
+// (GenerateLabPKI, ServerTLS, ClientTLS), and each accepts only the peer its
+// Identity names, never a certificate that also carries its own name; a
+// refused handshake (missing, foreign or another host's certificate, or
+// bytes that are not TLS) is counted as "auth" by the side that refuses it,
+// while a handshake that times out or is cut off counts as "io". (With TLS
+// 1.3 the refused primary only learns of it on its first read, as an io
+// error naming the TLS alert.) The secondary serves one primary at a time:
+// a newer connection that passes TLS and the Hello check replaces the
+// current one.
 //
 // # Records
 //

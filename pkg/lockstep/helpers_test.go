@@ -19,7 +19,16 @@ import (
 
 const testVM = "vm-test"
 
-var loopback = []net.IP{net.IPv4(127, 0, 0, 1)}
+// The test hosts' names, which their certificates carry.
+const (
+	primaryHost   = "host-a"
+	secondaryHost = "host-b"
+)
+
+var (
+	primaryID   = Identity{Self: primaryHost, Peer: secondaryHost}
+	secondaryID = Identity{Self: secondaryHost, Peer: primaryHost}
+)
 
 type testPKI struct {
 	dir            string
@@ -29,15 +38,15 @@ type testPKI struct {
 func newPKI(t testing.TB) testPKI {
 	t.Helper()
 	dir := t.TempDir()
-	if err := GenerateLabPKI(dir, loopback, loopback); err != nil {
+	if err := GenerateLabPKI(dir, primaryHost, secondaryHost); err != nil {
 		t.Fatal(err)
 	}
 	f := func(name string) string { return filepath.Join(dir, name) }
-	server, err := ServerTLS(f("secondary.pem"), f("secondary-key.pem"), f("ca.pem"))
+	server, err := ServerTLS(f("secondary.pem"), f("secondary-key.pem"), f("ca.pem"), secondaryID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := ClientTLS(f("primary.pem"), f("primary-key.pem"), f("ca.pem"), "")
+	client, err := ClientTLS(f("primary.pem"), f("primary-key.pem"), f("ca.pem"), primaryID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +99,9 @@ func startSecondary(t testing.TB, pki testPKI, cfg SecondaryConfig) *Secondary {
 func newTestPrimary(t testing.TB, pki testPKI, addr string, cfg PrimaryConfig) *Primary {
 	t.Helper()
 	cfg.Addr = addr
-	cfg.TLS = pki.client
+	if cfg.TLS == nil {
+		cfg.TLS = pki.client
+	}
 	cfg.VM = testVM
 	if cfg.Epoch == 0 {
 		cfg.Epoch = 1
@@ -315,8 +326,6 @@ func newFakePeer(t testing.TB, conn *tls.Conn) *fakePeer {
 // handshake.
 func dialFake(t testing.TB, addr string, cfg *tls.Config) *fakePeer {
 	t.Helper()
-	cfg = cfg.Clone()
-	cfg.ServerName = "127.0.0.1"
 	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: cfg}
 	c, err := d.DialContext(context.Background(), "tcp", addr)
 	if err != nil {

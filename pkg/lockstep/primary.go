@@ -16,7 +16,7 @@ import (
 // PrimaryConfig configures the sending end of the log channel.
 type PrimaryConfig struct {
 	Addr  string      // secondary's host:port
-	TLS   *tls.Config // from ClientTLS; ServerName defaults to Addr's host
+	TLS   *tls.Config // from ClientTLS, which pins the secondary's name
 	VM    string      // protected VM; both ends must agree
 	Epoch uint64      // stamped on every record
 	// OnFenced is called, once, when a secondary answers with an epoch
@@ -119,7 +119,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	tc, err := clientTLSFor(cfg.TLS, cfg.Addr)
+	tc, err := clientTLSFor(cfg.TLS)
 	if err != nil {
 		return nil, fmt.Errorf("new primary: %w", err)
 	}
@@ -213,18 +213,13 @@ func (p *Primary) Flush() {
 	}
 }
 
-// clientTLSFor is tlsCfg for dialing addr: with no ServerName, the
-// secondary's certificate must name addr's host.
-func clientTLSFor(tlsCfg *tls.Config, addr string) (*tls.Config, error) {
-	tc := tlsCfg.Clone()
-	if tc.ServerName == "" {
-		host, _, err := net.SplitHostPort(addr)
-		if err != nil {
-			return nil, fmt.Errorf("parse address: %w", err)
-		}
-		tc.ServerName = host
+// clientTLSFor checks that tlsCfg pins the secondary's name, as ClientTLS
+// does: the address dialed says nothing about who answers there.
+func clientTLSFor(tlsCfg *tls.Config) (*tls.Config, error) {
+	if tlsCfg.ServerName == "" || tlsCfg.VerifyConnection == nil {
+		return nil, errors.New("TLS config does not pin the secondary's name (use ClientTLS)")
 	}
-	return tc, nil
+	return tlsCfg.Clone(), nil
 }
 
 // dialTLS dials the secondary at addr and runs the TLS handshake, each
@@ -252,7 +247,7 @@ func dialTLS(ctx context.Context, addr string, tc *tls.Config, timeout time.Dura
 // (SecondaryConfig.OnPrimaryRestarted). It returns once the secondary has
 // answered.
 func AnnounceRestart(ctx context.Context, addr string, tlsCfg *tls.Config, vm string, epoch uint64, timeout time.Duration) error {
-	tc, err := clientTLSFor(tlsCfg, addr)
+	tc, err := clientTLSFor(tlsCfg)
 	if err != nil {
 		return fmt.Errorf("announce restart: %w", err)
 	}

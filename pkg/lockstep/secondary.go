@@ -16,7 +16,7 @@ import (
 // SecondaryConfig configures the receiving end of the log channel.
 type SecondaryConfig struct {
 	Listen string      // host:port to listen on; ignored if Listener is set
-	TLS    *tls.Config // from ServerTLS; must require and verify client certs
+	TLS    *tls.Config // from ServerTLS: must verify client certs and pin the primary's name
 	VM     string      // protected VM; both ends must agree
 
 	Heartbeat time.Duration // default DefaultHeartbeat
@@ -95,6 +95,9 @@ func NewSecondary(cfg SecondaryConfig) (*Secondary, error) {
 	case cfg.TLS.ClientAuth != tls.RequireAndVerifyClientCert:
 		// Anything weaker would let any host inject frames into the VM.
 		return nil, errors.New("new secondary: TLS config must set ClientAuth to RequireAndVerifyClientCert (use ServerTLS)")
+	case cfg.TLS.VerifyConnection == nil:
+		// Any certificate from the CA would do, whoever it was issued to.
+		return nil, errors.New("new secondary: TLS config must pin the primary's name (use ServerTLS)")
 	case cfg.VM == "" || len(cfg.VM) > MaxVMName:
 		return nil, fmt.Errorf("new secondary: VM name %q must be 1..%d bytes", cfg.VM, MaxVMName)
 	}

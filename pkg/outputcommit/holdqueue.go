@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -45,9 +46,13 @@ type HoldQueue struct {
 	rx, tx *xsk.Socket
 	log    *slog.Logger
 
+	// acked is the log position acknowledged; an ack stores it and wakes
+	// the releaser (acks).
+	acked atomic.Uint64
+	acks  chan struct{}
+
 	mu          sync.Mutex
 	held        []heldFrame // in arrival order; the frames stay in rx's UMEM
-	acked       uint64
 	passthrough bool
 	latency     datapath.LatencyHistogram
 	lostInQueue uint64 // frames the kernel could not put on the hold socket
@@ -71,7 +76,7 @@ func Open(dp *datapath.Datapath, cfg Config) (_ *HoldQueue, err error) {
 		cfg.Logger = slog.Default()
 	}
 	ring := ringSize(cfg.Capacity)
-	q := &HoldQueue{dp: dp, log: cfg.Logger}
+	q := &HoldQueue{dp: dp, log: cfg.Logger, acks: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			q.Close()
@@ -126,9 +131,13 @@ func (q *HoldQueue) Close() error {
 	return errors.Join(errs...)
 }
 
-// Run takes frames off the hold socket until ctx is done. Frames whose stamp
-// is already acknowledged (the ack can overtake them) leave at once.
+// Run takes frames off the hold socket until ctx is done, and releases
+// what each ack covers. Frames whose stamp is already acknowledged (the ack
+// can overtake them) leave at once.
 func (q *HoldQueue) Run(ctx context.Context) error {
+	var releaser sync.WaitGroup
+	releaser.Go(func() { q.releaseOnAck(ctx) })
+	defer releaser.Wait()
 	lastStats := time.Now()
 	for ctx.Err() == nil {
 		n, _, err := q.rx.Poll(100 * time.Millisecond)
@@ -169,18 +178,40 @@ func (q *HoldQueue) takeLocked() {
 	}
 }
 
-// ReleaseUpTo records that the secondary holds the log up to pos and sends
-// every frame, in order, up to the first whose stamp is still beyond it.
+// ReleaseUpTo records that the secondary holds the log up to pos; Run's
+// releaser then sends every frame, in order, up to the first whose stamp is
+// still beyond it. It never waits for a release: its caller is the log
+// channel's reader, and a flush of the release socket can take a second
+// under load, far longer than the failure timeout a stalled reader would
+// then miss heartbeats for.
 func (q *HoldQueue) ReleaseUpTo(pos uint64) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if pos > q.acked {
-		q.acked = pos
+	for {
+		old := q.acked.Load()
+		if pos <= old || q.acked.CompareAndSwap(old, pos) {
+			break
+		}
 	}
-	// A reply can still sit on the socket, its reader not yet awake: take
-	// it now rather than let the ack wait for that wakeup.
-	q.takeLocked()
-	q.releaseLocked()
+	select {
+	case q.acks <- struct{}{}:
+	default: // a wakeup is pending already
+	}
+}
+
+// releaseOnAck sends what the acks cover, until ctx is done.
+func (q *HoldQueue) releaseOnAck(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-q.acks:
+		}
+		q.mu.Lock()
+		// A reply can still sit on the socket, its reader not yet awake:
+		// take it now rather than let the ack wait for that wakeup.
+		q.takeLocked()
+		q.releaseLocked()
+		q.mu.Unlock()
+	}
 }
 
 // SetPassthrough turns output commit off (everything held leaves now, and
@@ -194,7 +225,8 @@ func (q *HoldQueue) SetPassthrough(on bool) {
 
 func (q *HoldQueue) releaseLocked() {
 	n := 0
-	for n < len(q.held) && (q.passthrough || q.held[n].stamp <= q.acked) {
+	acked := q.acked.Load()
+	for n < len(q.held) && (q.passthrough || q.held[n].stamp <= acked) {
 		n++
 	}
 	if n == 0 {
@@ -280,7 +312,7 @@ type Stats struct {
 func (q *HoldQueue) Stats() Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Stats{Held: len(q.held), Acked: q.acked, Released: q.released, Lost: q.lostInQueue, Latency: q.latency}
+	return Stats{Held: len(q.held), Acked: q.acked.Load(), Released: q.released, Lost: q.lostInQueue, Latency: q.latency}
 }
 
 func monotonicNs() uint64 { return datapath.MonotonicNs() }

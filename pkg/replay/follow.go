@@ -3,6 +3,7 @@ package replay
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -133,4 +134,19 @@ func (q *QEMU) SaveVM(tag string) error {
 		return fmt.Errorf("savevm: %s", out)
 	}
 	return nil
+}
+
+// SaveRecorderVM saves a recorder's state under tag for a new replayer (see
+// rebase.go): the VM pauses for the savevm. QEMU refuses while the
+// recorder has events queued for the log ("try once more later"), so it
+// is asked again, a little later each time.
+func (q *QEMU) SaveRecorderVM(tag string) error {
+	var err error
+	for try := range 20 {
+		if err = q.SaveVM(tag); err == nil || !strings.Contains(err.Error(), "once more later") {
+			return err
+		}
+		time.Sleep(time.Duration(try+1) * 5 * time.Millisecond)
+	}
+	return err
 }

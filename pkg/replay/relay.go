@@ -54,10 +54,6 @@ type Relay struct {
 	tail    [][]byte // frames of the NET events after the last INSTRUCTION
 	drops   []int64  // offsets of host shutdown events not yet queued
 	holds   holdPoints
-	// splicing: the log's start is still to be rewritten for a replayer
-	// that loads a go-live snapshot (resume.go); its bytes so far.
-	splicing  bool
-	unspliced []byte
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signalled when the backlog grows or shrinks, on close or failure
@@ -154,18 +150,6 @@ func (r *Relay) Write(chunk []byte) (int, error) {
 		return 0, errors.New("relay write: relay closed")
 	}
 	written := len(chunk)
-	if r.splicing {
-		r.unspliced = append(r.unspliced, chunk...)
-		out, ok, err := spliceForSnapshot(r.unspliced)
-		if err != nil {
-			r.fail(err)
-			return 0, err
-		}
-		if !ok {
-			return written, nil
-		}
-		r.splicing, r.unspliced, chunk = false, nil, out
-	}
 	// Scanned a piece at a time so that the backlog has an event boundary,
 	// a point Forwarded can stop at, at least every relayPiece bytes.
 	for p := chunk; len(p) > 0; {
