@@ -510,24 +510,7 @@ func TestPrimaryRefusesForeignSecondary(t *testing.T) {
 	// primary: only the primary can refuse.
 	cfg := other.server.Clone()
 	cfg.ClientCAs = pki.server.ClientCAs
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				c.(*tls.Conn).Handshake()
-				c.Close()
-			}()
-		}
-	}()
+	ln := handshakeOnly(t, cfg)
 	p := newTestPrimary(t, pki, ln.Addr().String(), PrimaryConfig{})
 	run(t, p.Run)
 	waitFor(t, "auth counted", func() bool { return p.Stats().Errors[ReasonAuth] >= 1 })

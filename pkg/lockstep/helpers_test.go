@@ -390,3 +390,29 @@ func fileMode(t testing.TB, path string) os.FileMode {
 	}
 	return st.Mode().Perm()
 }
+
+// handshakeOnly listens with cfg and does nothing with a connection but its
+// TLS handshake: a server whose only part is accepting or refusing the
+// dialer's certificate.
+func handshakeOnly(t *testing.T, cfg *tls.Config) net.Listener {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				c.(*tls.Conn).Handshake()
+				c.Close()
+			}()
+		}
+	}()
+	return ln
+}

@@ -159,24 +159,7 @@ func TestPrimaryDialsOnlyItsSecondary(t *testing.T) {
 	pki := newNamesPKI(t)
 	for _, file := range []string{"intruder", "primary", "twin"} {
 		t.Run(file, func(t *testing.T) {
-			ln, err := tls.Listen("tcp", "127.0.0.1:0", pki.presenting(pki.server, file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					go func() {
-						c.SetDeadline(time.Now().Add(10 * time.Second))
-						c.(*tls.Conn).Handshake()
-						c.Close()
-					}()
-				}
-			}()
+			ln := handshakeOnly(t, pki.presenting(pki.server, file))
 			p := newTestPrimary(t, pki.testPKI, ln.Addr().String(), PrimaryConfig{})
 			run(t, p.Run)
 			waitFor(t, "auth counted", func() bool { return p.Stats().Errors[ReasonAuth] >= 1 })
