@@ -41,6 +41,12 @@ func newPKI(t testing.TB) testPKI {
 	if err := GenerateLabPKI(dir, primaryHost, secondaryHost); err != nil {
 		t.Fatal(err)
 	}
+	return loadTestPKI(t, dir)
+}
+
+// loadTestPKI loads the two hosts' TLS configs from a lab PKI in dir.
+func loadTestPKI(t testing.TB, dir string) testPKI {
+	t.Helper()
 	f := func(name string) string { return filepath.Join(dir, name) }
 	server, err := ServerTLS(f("secondary.pem"), f("secondary-key.pem"), f("ca.pem"), secondaryID)
 	if err != nil {

@@ -30,15 +30,7 @@ func newNamesPKI(t *testing.T) namesPKI {
 		t.Fatal(err)
 	}
 	f := func(name string) string { return filepath.Join(dir, name) }
-	server, err := ServerTLS(f("secondary.pem"), f("secondary-key.pem"), f("ca.pem"), secondaryID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, err := ClientTLS(f("primary.pem"), f("primary-key.pem"), f("ca.pem"), primaryID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := namesPKI{testPKI: testPKI{dir: dir, server: server, client: client}, certs: map[string]tls.Certificate{}}
+	p := namesPKI{testPKI: loadTestPKI(t, dir), certs: map[string]tls.Certificate{}}
 	for _, name := range []string{"primary", "secondary", "intruder", "twin"} {
 		if p.certs[name], err = tls.LoadX509KeyPair(f(name+".pem"), f(name+"-key.pem")); err != nil {
 			t.Fatal(err)
