@@ -45,10 +45,12 @@ type daemon struct {
 	// the engine: a failover, a re-protection, a switchover, a rejoin.
 	lifeMu sync.Mutex
 
-	// The VM's engine: the synthetic guest (replaced when a snapshot
-	// rebuilds it) or a real VM under QEMU record/replay.
-	engineMu sync.Mutex
-	engine   Engine
+	// The VM's engine (engine.go), which owns its input log, and the copy
+	// of the VM it runs now: replaced when a snapshot rebuilds it, nil
+	// while the host waits for one.
+	eng    vmEngine
+	copyMu sync.Mutex
+	copy   vmCopy
 
 	// Serving side: the Output Rule (gate) over the hold queue.
 	hold       *outputcommit.HoldQueue
@@ -59,12 +61,11 @@ type daemon struct {
 	// reprotectAt is the log position a new secondary was rebuilt at: the
 	// pair is protected once it has acknowledged it.
 	reprotectAt atomic.Uint64
-	// takeoverAfter: a real VM's new secondary may not take over before it
-	// has the log up to here (rebaseHeader).
+	// takeoverAfter: a new secondary may not take over before it has the
+	// log up to here (a real VM's rebaseHeader).
 	takeoverAfter atomic.Uint64
 	// Following side.
 	secondaryPtr atomic.Pointer[lockstep.Secondary]
-	feeder       *guestFeeder
 
 	// incarnation names the log this host writes or follows (lockstep's
 	// Hello): drawn when its VM's log starts afresh (first boot, go-live),
@@ -73,43 +74,9 @@ type daemon struct {
 	incarnation atomic.Uint64
 	fromBoot    atomic.Bool
 
-	// The qemu engine (nil for the synthetic guest) logs the VM's input
-	// itself: the log is its replay log, shipped in chunks numbered from
-	// 1, and the data path's positions are byte offsets in it.
-	qemu   *qemuEngine
-	chunks chunkIndex
-	// logMu orders taking the VM's log (readQEMULog) against a
-	// re-protection, which sends the log since its snapshot from recent
-	// and then turns shipping on: no chunk is shipped twice or skipped.
-	logMu  sync.Mutex
-	recent recentLog
-	// shipFrom: the log position a new secondary's log starts at; the
-	// part of a chunk before it is the snapshot's, not sent.
-	shipFrom uint64
-	// replayLag is how far the secondary's replay trails, in ns. A
-	// secondary measures it in guest time against the log it has
-	// received; a primary in its VM's running time (lagClock) from the
-	// icount its secondary reports (peerReplayed), and pauses the VM
-	// (throttles) while it exceeds the bound.
-	replayLag       atomic.Int64
-	lagClock        *lagClock
-	peerReplayed    atomic.Uint64
-	hasPeerProgress atomic.Bool
-	throttles       atomic.Uint64
-
-	// inputBase is the guest's input count that log position 0 of the log
-	// this host follows corresponds to: the guest has reached position
-	// State().Frames - inputBase. It moves when a secondary goes live
-	// (its own log goes on from its data path's head) or starts from a
-	// snapshot.
-	inputBase atomic.Uint64
-	lastRead  atomic.Uint64 // the last log position readLog took from the ring
-
 	runCtx   context.Context // and group: for what starts after start-up
 	group    *errgroup.Group
 	shipping atomic.Bool // the log goes to a secondary
-	// handingOver: a switchover froze the real VM; the throttle keeps off.
-	handingOver atomic.Bool
 
 	mu            sync.Mutex
 	channel       *logChannel       // the one running, or nil
@@ -141,23 +108,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err e
 		cancel()
 		return errors.Join(err, ignoreCanceled(g.Wait()))
 	}
-	g.Go(func() error { return d.readLog(ctx) })
-	if d.qemu != nil {
-		// A secondary reports its replay; a primary throttles on the
-		// reports. Each does nothing while its host has the other role:
-		// a secondary that goes live may be re-protected.
-		g.Go(func() error { return d.reportReplayProgress(ctx) })
-		g.Go(func() error { return d.throttle(ctx) })
-	}
+	g.Go(func() error { return d.eng.run(ctx) })
 	g.Go(func() error { return d.watch(ctx) })
 	g.Go(func() error { return d.serveMetrics(ctx) })
 	g.Go(func() error { return d.serveControl(ctx) })
 	d.log.Info("serving", "state", d.state().String(), "first_boot_role", cfg.Role, "uplink", cfg.Uplink, "tap", d.vm.Tap, "metrics", cfg.Metrics)
 	<-ctx.Done()
 	d.channelStop()
-	if e := d.currentEngine(); e != nil {
-		e.Stop()
-	}
+	d.stopCopy()
 	return ignoreCanceled(g.Wait())
 }
 
@@ -170,6 +128,7 @@ func ignoreCanceled(err error) error {
 
 func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	var err error
+	d.eng = newVMEngine(d)
 	// The log channel's certificates are loaded at each role change; a
 	// wrong one would otherwise only show as connections the peer refuses.
 	if _, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID()); err != nil {
@@ -212,10 +171,6 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 	if err := d.dp.Attach(d.uplink, d.tap); err != nil {
 		return err
 	}
-	if d.vm.Engine == engineQEMU {
-		d.qemu = newQEMUEngine(d.vm, d.cfg.StateDir, d.dp, d.log)
-		d.lagClock = newLagClock()
-	}
 
 	ev, epoch, owner, err := d.start(ctx)
 	if err != nil {
@@ -247,14 +202,9 @@ func (d *daemon) bootPrimary(ctx context.Context, epoch uint64) error {
 	}
 	d.incarnation.Store(newIncarnation())
 	d.fromBoot.Store(true)
-	if d.qemu != nil {
-		// The role stays standby (outputs dropped) until published
-		// active below; the boot's log is read meanwhile.
-		if err := d.qemu.StartRecord(ctx); err != nil {
-			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-		}
-		d.superviseEngine(d.qemu)
-	} else if err := d.startSynthetic(""); err != nil {
+	// The role stays standby (outputs dropped) until published active
+	// below; the boot's log is read meanwhile.
+	if err := d.eng.boot(ctx, true); err != nil {
 		return err
 	}
 	if err := d.publish(vip.RoleActive, epoch); err != nil {
@@ -273,12 +223,7 @@ func (d *daemon) bootPrimary(ctx context.Context, epoch uint64) error {
 // bootSecondary boots this host's copy of the VM and follows the primary's
 // log from boot.
 func (d *daemon) bootSecondary(ctx context.Context) error {
-	if d.qemu != nil {
-		if err := d.qemu.StartReplay(ctx, nil); err != nil {
-			return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-		}
-		d.superviseEngine(d.qemu)
-	} else if err := d.startSynthetic(""); err != nil {
+	if err := d.eng.boot(ctx, false); err != nil {
 		return err
 	}
 	d.fire(protect.BootSecondary)
@@ -289,13 +234,7 @@ func (d *daemon) bootSecondary(ctx context.Context) error {
 // waits for the owner to rebuild it from a snapshot over the log channel.
 // The owner finds it on its own: it dials this host while it serves alone.
 func (d *daemon) rejoin() {
-	if d.qemu != nil && d.currentEngine() != nil {
-		// A real VM's engine is not restarted in place: its QEMU, FIFO
-		// and relay start once per daemon.
-		d.log.Warn("this host's copy of the real VM is stale: restart its daemon, which joins the VM's owner and is rebuilt")
-		return
-	}
-	d.stopEngine()
+	d.eng.drop()
 	if _, ok := d.fire(protect.Rejoin); !ok {
 		return
 	}
@@ -317,25 +256,13 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	cfg.Epoch = max(cfg.Epoch, d.owner.Current().Epoch)
 	cfg.OnHandOver = d.onHandOver
 	cfg.OnPrimaryRestarted = d.onPrimaryRestarted
-	// The VM takes in either logged frames or QEMU's replay log.
-	if d.qemu != nil {
-		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.qemu.Feed(chunk) }
-	} else {
-		if d.feeder == nil {
-			if d.feeder, err = newGuestFeeder(d.tap); err != nil {
-				return err
-			}
-		}
-		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.feeder.Feed(frame) }
+	if err := d.eng.follow(&cfg); err != nil {
+		return err
 	}
 	// The VM is rebuilt from the owner's snapshot when it cannot follow the
 	// owner's log from what it holds.
 	var s *lockstep.Secondary
-	install := d.installSnapshot
-	if d.qemu != nil {
-		install = d.installRecording
-	}
-	cfg.OnSnapshot = func(pos uint64, state []byte) error { return install(s, pos, state) }
+	cfg.OnSnapshot = func(pos uint64, state []byte) error { return d.eng.install(s, pos, state) }
 	// The listener may still be held by the channel this one replaces
 	// for a moment after it stopped.
 	for range 50 {
@@ -358,7 +285,7 @@ func (d *daemon) publish(role vip.Role, epoch uint64) error {
 
 // ownerRecord is the VM's record in role at epoch, with output commit on.
 func (d *daemon) ownerRecord(role vip.Role, epoch uint64) vip.Record {
-	return vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr(), EngineLogs: d.vm.Engine == engineQEMU}
+	return vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr(), EngineLogs: !d.eng.dataPathLogs()}
 }
 
 // setOutputMode switches output commit for benchmarks: "commit" (the
@@ -389,7 +316,6 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 	if err != nil {
 		return nil, err
 	}
-	d.hasPeerProgress.Store(false) // a new secondary's replay is not the old one's
 	p, err := lockstep.NewPrimary(lockstep.PrimaryConfig{
 		Addr: addr, TLS: tlsCfg, VM: d.vm.Name, Epoch: d.owner.Current().Epoch, StartHead: startHead,
 		Incarnation: d.incarnation.Load(), FromBoot: d.fromBoot.Load(),
@@ -397,16 +323,10 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 		OnFenced:       d.onFenced,
 		Snapshot:       snapshot,
 		OnPeerLacksLog: d.onPeerLacksLog,
-		OnProgress: func(replayedIcount uint64) {
-			d.peerReplayed.Store(replayedIcount)
-			d.hasPeerProgress.Store(true)
-		},
+		OnProgress:     d.eng.peerProgress,
 		OnAck: func(pos uint64) {
 			d.ackClock.ack(pos)
-			if d.qemu != nil {
-				pos = d.chunks.acked(pos) // the byte offset the chunk ends at
-			}
-			d.gate.Ack(pos)
+			d.gate.Ack(d.eng.ackedStamp(pos))
 		},
 	})
 	if err != nil {
@@ -494,47 +414,16 @@ func (d *daemon) ensureHoldQueue() error {
 	return nil
 }
 
-// readLog takes the log from the kernel ring on every host: a protected
-// primary ships it, any other active host discards it (nothing else would
-// make room in the ring for new input).
-func (d *daemon) readLog(ctx context.Context) error {
-	if d.qemu != nil {
-		return d.readQEMULog(ctx)
-	}
-	return d.dp.ReadLog(ctx, func(e datapath.LogEntry) error {
-		// Uncontended but for a re-protection, which starts shipping
-		// between two frames.
-		d.logMu.Lock()
-		defer d.logMu.Unlock()
-		d.lastRead.Store(e.Position)
-		if !d.shipping.Load() {
-			return nil
-		}
-		d.shipDelay.observe(datapath.MonotonicNs() - e.LoggedNs)
-		// Before the append: its ack can be back before it returns.
-		d.ackClock.append(e.Position)
-		if err := d.primary().QueueFrame(e.Position, e.Frame); err != nil {
-			d.logCannotCarry(e.Position, err)
-		}
-		return nil
-	}, func() error {
-		if d.shipping.Load() {
-			d.primary().Flush()
-		}
-		return nil
-	})
-}
-
 func (d *daemon) close() error {
 	var errs []error
-	if e := d.currentEngine(); e != nil {
-		errs = append(errs, e.Stop())
+	if c := d.currentCopy(); c != nil {
+		errs = append(errs, c.Stop())
 	}
 	if d.hold != nil {
 		errs = append(errs, d.hold.Close())
 	}
-	if d.feeder != nil {
-		errs = append(errs, d.feeder.Close())
+	if d.eng != nil {
+		errs = append(errs, d.eng.close())
 	}
 	if d.arb != nil {
 		errs = append(errs, d.arb.Close())
@@ -613,14 +502,9 @@ func (d *daemon) status() Status {
 	d.mu.Unlock()
 	if rp := s.Reprotect; rp != nil && rp.Error == "" && d.primary() != nil {
 		rp.Acked = d.primary().Acked()
-		if lag, ok := d.peerLag(); ok {
-			rp.ReplayLagSeconds = lag.Seconds()
-		}
 	}
 	s.UnprotectedSeconds = d.life.AloneFor().Seconds()
-	if d.qemu != nil {
-		s.Replay = d.qemu.progress()
-	}
+	d.eng.status(&s)
 	if d.hold != nil {
 		s.Held = d.hold.Stats().Held
 	}

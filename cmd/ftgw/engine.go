@@ -1,253 +1,143 @@
 package main
 
 import (
-	"encoding/json"
+	"context"
 	"errors"
 	"fmt"
-	"log/slog"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
-	"syscall"
 	"time"
 
-	"github.com/ftgw/ftgw/pkg/guest"
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/ftgw/ftgw/pkg/lockstep"
-	"github.com/ftgw/ftgw/pkg/protect"
-	"github.com/ftgw/ftgw/pkg/replay"
 )
 
-// Engine runs the protected VM on its tap: the synthetic guest
-// (syntheticEngine) or a real VM under QEMU record/replay (qemuEngine).
-// Each is started its own way, after the data path is attached, so none of
-// the VM's frames escape the Output Rule.
-type Engine interface {
-	// Wait returns when the VM has stopped.
+// vmEngine runs this host's copy of the VM and owns its input log. The
+// lifecycle (lifecycle.go, reprotect.go, switchover.go) knows only this
+// interface; what a log position means, how input reaches a copy and how a
+// copy is rebuilt are the engine's:
+//
+//   - syntheticVM (synthetic.go): the data path logs every frame for the VM;
+//     a log position is a frame count, and a copy's state is the guest's
+//     JSON snapshot.
+//   - recordedVM (recorded.go): QEMU record/replay. The recorder's replay log
+//     is the input log, shipped in chunks numbered from 1; the data path's
+//     stamps are byte offsets in it, and a copy is rebuilt from a snapshot
+//     of the running recorder.
+//
+// The engine lives as long as the daemon; the copies it runs (vmCopy) come
+// and go with the lifecycle: a stale copy is dropped, and the next one is
+// rebuilt from the owner's snapshot.
+type vmEngine interface {
+	// run reads the VM's input log for the daemon's life: shipped while a
+	// secondary follows (daemon.shipping), dropped otherwise, so that the
+	// VM never blocks on it.
+	run(ctx context.Context) error
+	// boot starts this host's copy from the VM's first instruction: the
+	// copy that serves (record) or one that follows the primary's log.
+	boot(ctx context.Context, record bool) error
+	// drop stops this host's copy: it is stale or about to be replaced.
+	drop()
+
+	// follow points the log channel's deliveries at this host's copy.
+	follow(cfg *lockstep.SecondaryConfig) error
+	// install rebuilds this host's copy from the owner's snapshot, taken at
+	// log position pos, for the log channel s; the log from pos+1 follows.
+	install(s *lockstep.Secondary, pos uint64, snapshot []byte) error
+	// tookIn reports whether this host's copy has taken in the log up to
+	// pos, or will before it goes live: what a switchover waits for.
+	tookIn(pos uint64) (bool, error)
+	// goLive makes the standby's copy, which has received the log up to
+	// received, the one that serves; drain is how long it took to take in
+	// what it had received.
+	goLive(ctx context.Context, received uint64) (drain time.Duration, err error)
+	// freeze stops (true) or restarts the VM's execution while a
+	// switchover drains its outputs. A VM that sits still on its own
+	// needs neither.
+	freeze(frozen bool) error
+
+	// newChannel is the log position a new log channel to a secondary
+	// starts at; the last secondary's progress is forgotten.
+	newChannel() (startHead uint64)
+	// ackedStamp maps an ack on the log channel to the data path's stamp
+	// it releases outputs up to.
+	ackedStamp(pos uint64) uint64
+	// peerProgress takes the secondary's report of how far it has
+	// replayed (lockstep's progress records).
+	peerProgress(replayed uint64)
+	// snapshot is the serving host's half of a re-protection: the state a
+	// new secondary on channel p starts from. It restarts the channel's
+	// log where the state stands (rebase) and turns the Output Rule back
+	// on (reprotect.go).
+	snapshot(ctx context.Context, p *lockstep.Primary, rebase func(uint64) error) ([]byte, error)
+	// peerCaughtUp reports whether the new secondary, which holds the log
+	// it was rebuilt at, could go live without a long catch-up, and a
+	// figure that moves while it progresses.
+	peerCaughtUp() (ok bool, progress uint64)
+
+	// status and collect add the engine's part to /status and /metrics.
+	status(s *Status)
+	collect(c *collector, ch chan<- prometheus.Metric)
+	// dataPathLogs reports whether the data path logs the VM's input
+	// (vip.Record.EngineLogs says the opposite): the synthetic guest's
+	// frames are logged in the kernel, a recorder logs its own input.
+	dataPathLogs() bool
+	// close releases what the engine holds beyond its copy.
+	close() error
+}
+
+// newVMEngine makes the engine the VM's configuration asks for.
+func newVMEngine(d *daemon) vmEngine {
+	if d.vm.Engine == engineQEMU {
+		return newRecordedVM(d)
+	}
+	return &syntheticVM{d: d}
+}
+
+// vmCopy is one running copy of the VM on this host: a synthetic guest
+// process, or a QEMU (which go-live replaces in place).
+type vmCopy interface {
+	// Wait returns when the copy has stopped.
 	Wait() error
 	Stop() error
 }
 
-// syntheticEngine runs `ftgw guest` as a child process that owns the tap the
-// way QEMU would.
-type syntheticEngine struct {
-	vm      VMConfig
-	control string
-	restore string // a snapshot to start from, or ""
-	log     *slog.Logger
-
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-	stop sync.Once
+// currentCopy is the copy of the VM running now, or nil.
+func (d *daemon) currentCopy() vmCopy {
+	d.copyMu.Lock()
+	defer d.copyMu.Unlock()
+	return d.copy
 }
 
-func newSyntheticEngine(vm VMConfig, control, restore string, log *slog.Logger) *syntheticEngine {
-	return &syntheticEngine{vm: vm, control: control, restore: restore, log: log, done: make(chan struct{})}
-}
-
-func (e *syntheticEngine) Start() error {
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	args := []string{"guest", "--tap", e.vm.Tap, "--ip", e.vm.IP, "--mac", e.vm.MAC, "--control", e.control}
-	if e.restore != "" {
-		args = append(args, "--restore", e.restore)
-	}
-	// A dead guest's socket would pass for this one's.
-	if err := os.Remove(e.control); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove stale guest socket: %w", err)
-	}
-	e.cmd = exec.Command(self, args...)
-	e.cmd.Stdout, e.cmd.Stderr = os.Stderr, os.Stderr
-	// If the daemon dies, so does its VM, as a QEMU child would.
-	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := e.cmd.Start(); err != nil {
-		return fmt.Errorf("start guest: %w", err)
-	}
-	go func() {
-		e.err = e.cmd.Wait()
-		close(e.done)
-	}()
-	return e.waitReady()
-}
-
-// waitReady waits until the guest answers on its control socket. It opens
-// its tap and restores its snapshot before it answers: until then, frames
-// for it would be dropped (a tap with no reader drops) and the log and the
-// guest would part ways.
-func (e *syntheticEngine) waitReady() error {
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-e.done:
-			return fmt.Errorf("guest exited at start: %w", e.err)
-		default:
-		}
-		if _, err := guest.QueryState(e.control); err == nil {
-			return nil
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return errors.New("guest not ready after 10s")
-}
-
-func (e *syntheticEngine) Wait() error {
-	<-e.done
-	return e.err
-}
-
-func (e *syntheticEngine) Stop() error {
-	if e.cmd == nil || e.cmd.Process == nil {
-		return nil
-	}
-	e.stop.Do(func() {
-		e.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-e.done:
-		case <-time.After(2 * time.Second):
-			e.cmd.Process.Kill()
-			<-e.done
-		}
-	})
-	return nil
-}
-
-// State is the guest's state: its Frames are the input frames it has taken
-// in and answered. It asks the guest between frames, so every reply to a
-// frame it counts has been written to the tap.
-func (e *syntheticEngine) State() (guest.State, error) { return guest.QueryState(e.control) }
-
-// currentEngine is the engine running the VM now, or nil.
-func (d *daemon) currentEngine() Engine {
-	d.engineMu.Lock()
-	defer d.engineMu.Unlock()
-	return d.engine
-}
-
-// superviseEngine makes e the VM's engine and watches it: an engine that
+// superviseCopy makes c the VM's running copy and watches it: a copy that
 // ends on its own ends the daemon's job; one stopped or replaced by the
 // lifecycle does not.
-func (d *daemon) superviseEngine(e Engine) {
-	d.engineMu.Lock()
-	d.engine = e
-	d.engineMu.Unlock()
+func (d *daemon) superviseCopy(c vmCopy) {
+	d.copyMu.Lock()
+	d.copy = c
+	d.copyMu.Unlock()
 	d.group.Go(func() error {
-		err := e.Wait()
-		d.engineMu.Lock()
-		current := d.engine == e
-		d.engineMu.Unlock()
+		err := c.Wait()
+		d.copyMu.Lock()
+		current := d.copy == c
+		d.copyMu.Unlock()
 		if !current || d.runCtx.Err() != nil {
 			return nil
 		}
 		if err == nil {
 			err = errors.New("exited")
 		}
-		return fmt.Errorf("vm engine: %w", err)
+		return fmt.Errorf("vm %s: %w", d.vm.Name, err)
 	})
 }
 
-// syntheticGuest is the synthetic guest running the VM now.
-func (d *daemon) syntheticGuest() (*syntheticEngine, error) {
-	e, ok := d.currentEngine().(*syntheticEngine)
-	if !ok {
-		return nil, errors.New("no synthetic guest runs here")
-	}
-	return e, nil
-}
-
-// stopEngine stops the VM's copy on this host: it is stale or about to be
+// stopCopy stops the VM's copy on this host: it is stale or about to be
 // replaced.
-func (d *daemon) stopEngine() {
-	d.engineMu.Lock()
-	e := d.engine
-	d.engine = nil
-	d.engineMu.Unlock()
-	if e != nil {
-		e.Stop()
+func (d *daemon) stopCopy() {
+	d.copyMu.Lock()
+	c := d.copy
+	d.copy = nil
+	d.copyMu.Unlock()
+	if c != nil {
+		c.Stop()
 	}
-}
-
-// startSynthetic starts the synthetic guest, fresh or from a snapshot
-// file, as the VM's engine.
-func (d *daemon) startSynthetic(restore string) error {
-	e := newSyntheticEngine(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), restore, d.log)
-	if err := e.Start(); err != nil {
-		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
-	}
-	d.superviseEngine(e)
-	return nil
-}
-
-// installSnapshot rebuilds this host's synthetic guest from the owner's
-// snapshot, taken at log position pos, for the log channel s: from here on
-// the guest follows the owner's log from pos+1.
-func (d *daemon) installSnapshot(s *lockstep.Secondary, pos uint64, state []byte) error {
-	var st guest.State
-	if err := json.Unmarshal(state, &st); err != nil {
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	if st.Frames < pos {
-		return fmt.Errorf("install snapshot: the guest took in %d frames, fewer than the snapshot's log position %d", st.Frames, pos)
-	}
-	from := d.state()
-	if from != protect.Joining && from != protect.Standby || d.secondary() != s {
-		return fmt.Errorf("install snapshot: this host is %s now", from)
-	}
-	path := filepath.Join(d.cfg.StateDir, d.vm.Name+"-snapshot.json")
-	if err := os.WriteFile(path, state, 0o600); err != nil {
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	d.stopEngine()
-	// The snapshot's frame count is where this guest starts; log
-	// positions after pos come on top of it.
-	d.inputBase.Store(st.Frames - pos)
-	if err := d.startSynthetic(path); err != nil {
-		return err
-	}
-	_, err := d.life.FireIf(from, protect.SnapshotInstalled)
-	if err == nil && d.secondary() != s {
-		err = errors.New("a newer log channel replaced this one")
-	}
-	if err != nil {
-		// The lifecycle moved on while the guest started (fenced, or a
-		// new channel): this copy is not the one to keep.
-		d.stopEngine()
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	d.log.Info("rebuilt the VM from the owner's snapshot", "position", pos, "puts", st.Puts)
-	return nil
-}
-
-// installRecording rebuilds this host's real VM from the owner's snapshot
-// of its running VM (rebaseHeader), for the log channel s: a replayer that
-// loads it and follows the owner's log from there, which arrives from
-// pos+1. Only a daemon whose VM has not started yet joins so (rejoin).
-func (d *daemon) installRecording(s *lockstep.Secondary, pos uint64, state []byte) error {
-	h, image, err := decodeRebaseSnapshot(state)
-	if err != nil {
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	if from := d.state(); from != protect.Joining || d.secondary() != s || d.currentEngine() != nil {
-		return fmt.Errorf("install snapshot: this host is %s, with a VM engine running: %v", from, d.currentEngine() != nil)
-	}
-	path := filepath.Join(d.cfg.StateDir, d.vm.Name+"-restore.qcow2")
-	if err := os.WriteFile(path, image, 0o600); err != nil {
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	defer os.Remove(path)
-	d.takeoverAfter.Store(h.TakeoverAfter)
-	from := &recorderSnapshot{image: path, startup: h.Startup,
-		at: replay.RecorderSnapshot{Icount: h.Icount}}
-	if err := d.qemu.StartReplay(d.runCtx, from); err != nil {
-		return fmt.Errorf("install snapshot: start vm %s: %w", d.vm.Name, err)
-	}
-	d.superviseEngine(d.qemu)
-	if _, err := d.life.FireIf(protect.Joining, protect.SnapshotInstalled); err != nil {
-		return fmt.Errorf("install snapshot: %w", err)
-	}
-	d.log.Info("rebuilding the real VM from a snapshot of the owner's", "position", pos, "snapshot_icount", h.Icount,
-		"image_bytes", len(image), "takeover_after", h.TakeoverAfter)
-	return nil
 }

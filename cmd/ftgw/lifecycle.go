@@ -209,22 +209,7 @@ func (d *daemon) settle(ctx context.Context, from protect.State, phases failover
 // VM is exactly where the primary's was when it last heard from it; outputs
 // the primary held but never released are reproduced by this VM.
 func (d *daemon) goLive(ctx context.Context) (drain time.Duration, err error) {
-	received := d.secondary().Received()
-	if d.qemu != nil {
-		// The replayer must first reach the end of the log and become a
-		// running VM: until then nothing serves the VM's clients.
-		if drain, err = d.qemu.GoLive(ctx); err != nil {
-			return drain, err
-		}
-	} else {
-		// This host's own log goes on from its data path's head (0 on a
-		// host that never served); the guest has taken in, or will
-		// before anything logged from now on (the tap keeps their
-		// order), every frame received. (Unsigned arithmetic wraps: only
-		// differences of these counts mean anything.)
-		d.inputBase.Store(d.inputBase.Load() + received - d.dp.Head())
-	}
-	return drain, nil
+	return d.eng.goLive(ctx, d.secondary().Received())
 }
 
 // claim runs the arbiter's test-and-set for the epoch this host knows. An

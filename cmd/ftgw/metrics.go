@@ -4,7 +4,6 @@ import (
 	"math"
 	"runtime"
 	"sync/atomic"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -164,11 +163,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.state, v, st.String())
 	}
 	ch <- prometheus.MustNewConstMetric(c.unprotected, prometheus.CounterValue, d.life.AloneFor().Seconds(), vm)
-	if d.qemu != nil {
-		ch <- prometheus.MustNewConstMetric(c.replayLag, prometheus.GaugeValue, time.Duration(d.replayLag.Load()).Seconds(), vm)
-		ch <- prometheus.MustNewConstMetric(c.throttles, prometheus.CounterValue, float64(d.throttles.Load()), vm)
-		ch <- prometheus.MustNewConstMetric(c.throttled, prometheus.CounterValue, d.lagClock.frozenFor().Seconds(), vm)
-	}
+	d.eng.collect(c, ch)
 	d.mu.Lock()
 	for _, cause := range []string{causePrimaryLost, causeSecondaryLost, causeSwitchover} {
 		counter(c.failovers, d.failovers[cause], cause)

@@ -63,15 +63,10 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 		d.fire(protect.HandOverAborted)
 		return 0, 0, err
 	}
-	if d.qemu != nil {
-		// A real VM never sits still by itself (its recorder logs clock
-		// checkpoints while idle): it is frozen, so that its log ends.
-		d.handingOver.Store(true)
-		if err := d.qemu.Pause(true); err != nil {
-			d.handingOver.Store(false)
-			d.fire(protect.HandOverAborted)
-			return 0, 0, errors.Join(err, d.owner.Publish(rec))
-		}
+	// The VM must hold still, so that its log ends.
+	if err := d.eng.freeze(true); err != nil {
+		d.fire(protect.HandOverAborted)
+		return 0, 0, errors.Join(err, d.owner.Publish(rec))
 	}
 	// A frame that passed the old record may still be taking its position:
 	// the log must hold still, every answer to it have left, and the
@@ -79,16 +74,11 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	var stable int
 	err = waitUntil(ctx, 5*time.Second, "the guest's last outputs to leave", func() (bool, error) {
 		logged := d.dp.Head()
-		drained := d.dp.Acked() >= logged && d.hold.Stats().Held == 0 && d.dp.Pending() == 0
-		if d.qemu != nil {
-			drained = drained && d.lastRead.Load() == logged
-		} else {
-			consumed, err := d.consumedPosition()
-			if err != nil {
-				return false, err
-			}
-			drained = drained && consumed == logged
+		tookIn, err := d.eng.tookIn(logged)
+		if err != nil {
+			return false, err
 		}
+		drained := tookIn && d.dp.Acked() >= logged && d.hold.Stats().Held == 0 && d.dp.Pending() == 0
 		if !drained || d.dp.Head() != logged {
 			stable = 0
 			return false, nil
@@ -98,10 +88,7 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	})
 	if err != nil {
 		// Back to serving: nothing was handed over.
-		if d.qemu != nil {
-			d.qemu.Pause(false)
-			d.handingOver.Store(false)
-		}
+		d.eng.freeze(false)
 		d.fire(protect.HandOverAborted)
 		return 0, 0, errors.Join(err, d.owner.Publish(rec))
 	}
@@ -119,13 +106,9 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	}
 	d.log.Info("handed over", "epoch", epoch, "head", head)
 	d.channelStop()
-	if d.qemu != nil {
-		// Its copy is stale from here: a real VM is rebuilt by `ftgw lab
-		// reprotect`, not over the log channel.
-		d.stopEngine()
-		d.handingOver.Store(false)
-		return epoch, head, nil
-	}
+	// Its copy is stale from here: this host joins the new primary, and
+	// is rebuilt from its snapshot.
+	d.eng.drop()
 	d.group.Go(func() error {
 		d.lifeMu.Lock()
 		defer d.lifeMu.Unlock()
@@ -145,12 +128,10 @@ func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhas
 	}
 	start := time.Now()
 	err := waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
-		if d.qemu != nil {
-			// Going live replays what was received to its end.
-			return d.secondary().Received() >= head, nil
+		if d.secondary().Received() < head {
+			return false, nil
 		}
-		consumed, err := d.consumedPosition()
-		return d.secondary().Received() >= head && consumed >= head, err
+		return d.eng.tookIn(head)
 	})
 	if err != nil {
 		return phases, err
@@ -181,9 +162,6 @@ type switchoverReply struct {
 	Epoch   uint64        `json:"epoch"`
 	Head    uint64        `json:"head"`
 	Drained time.Duration `json:"drained_ns"`
-	// Rejoins: this host joins the new primary and is rebuilt as its
-	// standby (a real VM's host does once its daemon restarts).
-	Rejoins bool `json:"rejoins"`
 }
 
 func (d *daemon) serveSwitchover(mux *http.ServeMux) {
@@ -194,7 +172,7 @@ func (d *daemon) serveSwitchover(mux *http.ServeMux) {
 			http.Error(w, err.Error(), http.StatusConflict)
 			return
 		}
-		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start), Rejoins: d.qemu == nil})
+		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start)})
 	})
 }
 
@@ -231,10 +209,6 @@ func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Du
 		return fmt.Errorf("switchover reply: %w", err)
 	}
 	fmt.Fprintf(w, "switchover: handed over epoch %d at log position %d after %s of drain\n", reply.Epoch, reply.Head, reply.Drained.Round(10*time.Microsecond))
-	if !reply.Rejoins {
-		fmt.Fprintln(w, "switchover: the standby takes over; this host's copy of the real VM is stopped: restart its daemon and it joins as the new standby")
-		return nil
-	}
 	var s Status
 	err = waitUntil(ctx, timeout, "this host to be the new standby", func() (bool, error) {
 		s, err = statusAt(socket)

@@ -27,23 +27,25 @@ const preloadName = "ftgw-rr.so"
 // replaces the last and the image does not grow.
 const vmSnapshot = "ftgw"
 
-// qemuEngine runs the protected VM under QEMU record/replay.
+// qemuVM is one copy of the VM under QEMU record/replay (recordedVM starts
+// one per copy).
 //
 // On the primary QEMU records; its replay log, which carries the VM's input
-// itself, comes out of Logs and the daemon ships it. On the secondary QEMU
+// itself, goes to logs, and recordedVM ships it. On the secondary QEMU
 // replays what the log channel delivers (Feed) through a Relay, held by
 // replay-break just short of what has arrived. Going live (GoLive) replays
 // to the end of the log, saves the VM and restarts it as a recorder: QEMU
 // cannot leave replay mode in place.
-type qemuEngine struct {
+type qemuVM struct {
 	vm  VMConfig
 	dir string
 	dp  *datapath.Datapath
 	log *slog.Logger
 
-	// Logs carries each recorder's log stream, in order: one at start on
-	// a primary, one after go-live on a promoted secondary.
-	logs chan recorderLog
+	// logs takes each recorder's log stream, in order: one at start on
+	// a primary, one after go-live on a promoted secondary. It is the
+	// engine's, and outlives the copy.
+	logs chan<- recorderLog
 
 	mu      sync.Mutex
 	qemu    *replay.QEMU
@@ -58,14 +60,14 @@ type qemuEngine struct {
 	stopping       atomic.Bool
 }
 
-func newQEMUEngine(vm VMConfig, stateDir string, dp *datapath.Datapath, log *slog.Logger) *qemuEngine {
-	return &qemuEngine{
+func newQEMUVM(vm VMConfig, stateDir string, dp *datapath.Datapath, logs chan<- recorderLog, log *slog.Logger) *qemuVM {
+	return &qemuVM{
 		vm: vm, dir: filepath.Join(stateDir, vm.Name+"-qemu"), dp: dp, log: log.With("engine", "qemu"),
-		logs: make(chan recorderLog, 2), swapped: make(chan struct{}), done: make(chan struct{}),
+		logs: logs, swapped: make(chan struct{}), done: make(chan struct{}),
 	}
 }
 
-func (e *qemuEngine) machine() replay.Machine {
+func (e *qemuVM) machine() replay.Machine {
 	return replay.Machine{
 		Kernel: e.vm.QEMU.Kernel, Initrd: e.vm.QEMU.Initrd, Cmdline: e.vm.QEMU.Cmdline,
 		MemoryMB: e.vm.QEMU.MemoryMB, MAC: e.vm.hwAddr(),
@@ -75,7 +77,7 @@ func (e *qemuEngine) machine() replay.Machine {
 // StartRecord boots the VM as a recorder. It does not wait for the guest:
 // the boot's log must be read (and shipped) meanwhile, or QEMU blocks on its
 // full pipe.
-func (e *qemuEngine) StartRecord(ctx context.Context) error {
+func (e *qemuVM) StartRecord(ctx context.Context) error {
 	return e.startRecorder(ctx, "", 0, 0)
 }
 
@@ -91,7 +93,7 @@ type recorderLog struct {
 // startRecorder starts a recording QEMU from boot or from a snapshot taken
 // at guest instruction count icount, with the log's positions continuing
 // at base.
-func (e *qemuEngine) startRecorder(ctx context.Context, loadvm string, base, icount uint64) error {
+func (e *qemuVM) startRecorder(ctx context.Context, loadvm string, base, icount uint64) error {
 	t, err := tap.Open(e.vm.Tap)
 	if err != nil {
 		return err
@@ -127,7 +129,7 @@ type recorderSnapshot struct {
 // StartReplay starts the replayer; it runs as the log arrives through Feed.
 // It boots the VM, or, given from, loads a recorder's snapshot and follows
 // that recorder's log from it (re-protection).
-func (e *qemuEngine) StartReplay(ctx context.Context, from *recorderSnapshot) error {
+func (e *qemuVM) StartReplay(ctx context.Context, from *recorderSnapshot) error {
 	if err := os.MkdirAll(e.dir, 0o755); err != nil {
 		return err
 	}
@@ -204,7 +206,7 @@ func (e *qemuEngine) StartReplay(ctx context.Context, from *recorderSnapshot) er
 // clock values the log carried up to the snapshot. It returns the image a
 // replayer loads, where the snapshot stands in the log, and how long the VM
 // paused.
-func (e *qemuEngine) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Clocks, error)) (image []byte, at replay.RecorderSnapshot, paused time.Duration, err error) {
+func (e *qemuVM) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Clocks, error)) (image []byte, at replay.RecorderSnapshot, paused time.Duration, err error) {
 	e.mu.Lock()
 	q := e.qemu
 	e.mu.Unlock()
@@ -231,7 +233,7 @@ func (e *qemuEngine) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.
 }
 
 // Feed takes the next chunk of the primary's log.
-func (e *qemuEngine) Feed(chunk []byte) error {
+func (e *qemuVM) Feed(chunk []byte) error {
 	e.mu.Lock()
 	r := e.relay
 	e.mu.Unlock()
@@ -245,7 +247,7 @@ func (e *qemuEngine) Feed(chunk []byte) error {
 // GoLive turns the replaying secondary into the VM: it replays the log it
 // received to its end, saves the VM there and restarts it recording from
 // that state. It returns how long the replay of the remaining log took.
-func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error) {
+func (e *qemuVM) GoLive(ctx context.Context) (drain time.Duration, err error) {
 	start := time.Now()
 	e.mu.Lock()
 	q, relay, stopFollow := e.qemu, e.relay, e.follow
@@ -295,7 +297,7 @@ func (e *qemuEngine) GoLive(ctx context.Context) (drain time.Duration, err error
 // suppressed, and waits (briefly) for the guest's answers to go quiet: a
 // client that already had them from the old primary would take a second
 // copy for the answer to its next request.
-func (e *qemuEngine) redeliver(ctx context.Context, frames [][]byte) error {
+func (e *qemuVM) redeliver(ctx context.Context, frames [][]byte) error {
 	if len(frames) == 0 {
 		return nil
 	}
@@ -333,7 +335,7 @@ func (e *qemuEngine) redeliver(ctx context.Context, frames [][]byte) error {
 }
 
 // suppressed counts the guest's outputs this host has dropped.
-func (e *qemuEngine) suppressed() uint64 {
+func (e *qemuVM) suppressed() uint64 {
 	c, err := e.dp.Counters()
 	if err != nil {
 		return 0
@@ -343,7 +345,7 @@ func (e *qemuEngine) suppressed() uint64 {
 
 // setQEMU makes q the engine's QEMU and watches it: its exit ends the engine
 // unless the engine is stopping or replacing it.
-func (e *qemuEngine) setQEMU(q *replay.QEMU) {
+func (e *qemuVM) setQEMU(q *replay.QEMU) {
 	e.mu.Lock()
 	e.qemu = q
 	swapped := e.swapped
@@ -360,7 +362,7 @@ func (e *qemuEngine) setQEMU(q *replay.QEMU) {
 }
 
 // swapping runs fn, which ends the current QEMU, without ending the engine.
-func (e *qemuEngine) swapping(fn func()) {
+func (e *qemuVM) swapping(fn func()) {
 	e.mu.Lock()
 	close(e.swapped)
 	e.swapped = make(chan struct{})
@@ -368,9 +370,9 @@ func (e *qemuEngine) swapping(fn func()) {
 	fn()
 }
 
-// progress is the replay's progress, or nil when this engine does not
+// progress is the replay's progress, or nil when this copy does not
 // replay.
-func (e *qemuEngine) progress() *replayProgress {
+func (e *qemuVM) progress() *replayProgress {
 	e.mu.Lock()
 	relay := e.relay
 	e.mu.Unlock()
@@ -383,7 +385,7 @@ func (e *qemuEngine) progress() *replayProgress {
 
 // Pause freezes (or thaws) the VM's QEMU: the throttle. It freezes the
 // process rather than stopping the VM over QMP (replay.QEMU.Freeze says why).
-func (e *qemuEngine) Pause(pause bool) error {
+func (e *qemuVM) Pause(pause bool) error {
 	e.mu.Lock()
 	q := e.qemu
 	e.mu.Unlock()
@@ -400,7 +402,7 @@ func (e *qemuEngine) Pause(pause bool) error {
 // (each instruction is 2^IcountShift ns): the part of the primary's
 // execution the secondary would still have to replay before it could go
 // live; and the icount the replay has reached.
-func (e *qemuEngine) ReplayLag() (lag time.Duration, replayed uint64, ok bool) {
+func (e *qemuVM) ReplayLag() (lag time.Duration, replayed uint64, ok bool) {
 	e.mu.Lock()
 	relay := e.relay
 	e.mu.Unlock()
@@ -416,19 +418,19 @@ func (e *qemuEngine) ReplayLag() (lag time.Duration, replayed uint64, ok bool) {
 	return time.Duration((received - done) << replay.IcountShift), done, true
 }
 
-func (e *qemuEngine) finish(err error) {
+func (e *qemuVM) finish(err error) {
 	e.end.Do(func() {
 		e.err = err
 		close(e.done)
 	})
 }
 
-func (e *qemuEngine) Wait() error {
+func (e *qemuVM) Wait() error {
 	<-e.done
 	return e.err
 }
 
-func (e *qemuEngine) Stop() error {
+func (e *qemuVM) Stop() error {
 	e.stopping.Store(true)
 	e.mu.Lock()
 	q, relay, follow := e.qemu, e.relay, e.follow
@@ -467,4 +469,12 @@ func writeFile(dst string, r io.Reader) error {
 		return err
 	}
 	return out.Close()
+}
+
+// replaying reports whether this copy follows a primary's log (it has not
+// gone live).
+func (e *qemuVM) replaying() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.relay != nil
 }
