@@ -375,9 +375,13 @@ int guest_egress(struct xdp_md *ctx)
 	__u64 stamp = READ_ONCE(st->head);
 	__u64 pending = READ_ONCE(st->held_in) - READ_ONCE(st->released);
 
-	/* While anything is held, later frames queue behind it: order per VM. */
+	/* While anything is held, later frames queue behind it: order per VM.
+	 * An acked frame leaves at once only under the lease: past it, the
+	 * secondary may have taken over, and this host (paused, cut off) must
+	 * not release for the VM beside it. */
 	if (pending == 0 && !(own->flags & OWNER_F_HOLD_ALL) &&
-	    ((own->flags & OWNER_F_PASSTHROUGH) || stamp <= READ_ONCE(st->acked))) {
+	    ((own->flags & OWNER_F_PASSTHROUGH) ||
+	     (stamp <= READ_ONCE(st->acked) && arrival < READ_ONCE(st->lease_until)))) {
 		count(COUNTER_TX_FAST, len);
 		observe_fast_latency(bpf_ktime_get_ns() - arrival);
 		return bpf_redirect_map(&to_uplink, 0, XDP_DROP);

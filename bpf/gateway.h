@@ -50,6 +50,10 @@ struct log_state {
 	__u8 _pad2[56];
 	__u64 released; /* written by the daemon: held frames ever released or dropped */
 	__u8 _pad3[56];
+	__u64 lease_until; /* written by the daemon: CLOCK_MONOTONIC ns until which the
+			    * secondary cannot have declared this host failed; acked output
+			    * leaves only before it (passthrough needs no lease) */
+	__u8 _pad4[56];
 };
 
 /* One replication-log entry in the log ring: the header, then the frame. */

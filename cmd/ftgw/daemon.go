@@ -324,6 +324,7 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 		Snapshot:       snapshot,
 		OnPeerLacksLog: d.onPeerLacksLog,
 		OnProgress:     d.eng.peerProgress,
+		OnPeerHeard:    d.renewLease,
 		OnAck: func(pos uint64) {
 			d.ackClock.ack(pos)
 			d.gate.Ack(d.eng.ackedStamp(pos))
@@ -334,6 +335,17 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 	}
 	d.primaryPtr.Store(p)
 	return p, nil
+}
+
+// renewLease extends the time acknowledged output may leave: the secondary
+// had this host's heartbeat sent at sentAt, so it cannot take over before
+// sentAt plus the failure timeout (both hosts must have the same one). A
+// host paused or cut off for longer releases nothing until it hears from
+// its secondary again, or learns it was fenced.
+func (d *daemon) renewLease(sentAt time.Time) {
+	if left := time.Until(sentAt.Add(d.cfg.FailureTimeout)); left > 0 {
+		d.gate.Lease(datapath.MonotonicNs() + uint64(left))
+	}
 }
 
 // logCannotCarry: the log channel refused input the VM has taken in

@@ -171,7 +171,16 @@ func (d *daemon) settle(ctx context.Context, from protect.State, phases failover
 		d.fence(phases.Epoch)
 		return
 	}
-	if !from.Serves() {
+	switch {
+	case from == protect.Yielded:
+		// A switchover's old primary claiming back the copy it drained
+		// and kept: it runs on from where it stopped.
+		if err := d.eng.freeze(false); err != nil {
+			d.log.Error("claim back", "err", err)
+			d.fence(phases.Epoch)
+			return
+		}
+	case !from.Serves():
 		drain, err := d.goLive(ctx)
 		phases.Drain = drain
 		if err != nil {

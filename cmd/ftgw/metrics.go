@@ -51,7 +51,7 @@ func newCollector(d *daemon) *collector {
 		rtt:   desc("log_rtt_seconds", "Last heartbeat round-trip time on the log channel."),
 		role:  desc("role", "1 for this host's current role for the VM.", "role"),
 		epoch: desc("epoch", "The VM's epoch as this host knows it."),
-		state: desc("state", "1 for this host's state for the VM: joining, standby, protected, reprotecting, unprotected, arbitrating, draining or passive (pkg/protect).", "state"),
+		state: desc("state", "1 for this host's state for the VM: joining, standby, protected, reprotecting, unprotected, arbitrating, draining, yielded or passive (pkg/protect).", "state"),
 		failovers: desc("failovers_total",
 			"Failovers this host took part in, by cause (primary_lost, secondary_lost, switchover), whether it won the arbiter or not.", "cause"),
 		failoverPhase: desc("last_failover_seconds",

@@ -48,6 +48,9 @@ func waitUntil(ctx context.Context, d time.Duration, what string, cond func() (b
 func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	d.lifeMu.Lock()
 	defer d.lifeMu.Unlock()
+	if d.arb == nil {
+		return 0, 0, errors.New("switchover: no arbiter configured: the standby could not claim the VM")
+	}
 	p := d.primary()
 	if p == nil || !p.Synced() {
 		return 0, 0, errors.New("switchover: the secondary is not connected")
@@ -106,19 +109,47 @@ func (d *daemon) handOver(ctx context.Context) (epoch, head uint64, err error) {
 	}
 	d.log.Info("handed over", "epoch", epoch, "head", head)
 	d.channelStop()
-	// Its copy is stale from here: this host joins the new primary, and
-	// is rebuilt from its snapshot.
-	d.eng.drop()
-	d.group.Go(func() error {
-		d.lifeMu.Lock()
-		defer d.lifeMu.Unlock()
-		if d.state() == protect.Passive {
-			d.rejoin()
-		}
-		return nil
-	})
+	d.group.Go(func() error { d.awaitClaim(d.runCtx, epoch); return nil })
 	return epoch, head, nil
 }
+
+// awaitClaim is the old primary's last part in a switchover (Yielded). Once
+// the arbiter shows the standby claimed the VM, this host's copy is stale:
+// it joins the new primary and is rebuilt from its snapshot. A standby that
+// has not claimed it by the time its takeover would have given up (it died,
+// or never got the word) has left nothing serving: this host asks the
+// arbiter for the VM at the epoch it handed over, with the drained copy it
+// kept, which is where the standby would have gone live from. Either may
+// win that test-and-set; the loser joins the winner.
+func (d *daemon) awaitClaim(ctx context.Context, epoch uint64) {
+	giveUp := time.Now().Add(takeOverCatchUp + d.cfg.FailureTimeout + time.Second)
+	for ctx.Err() == nil && d.state() == protect.Yielded {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := d.arb.Current(cctx, d.vm.Name)
+		cancel()
+		switch {
+		case err == nil && c.Epoch > epoch:
+			d.lifeMu.Lock()
+			if d.state() == protect.Yielded {
+				d.log.Info("the standby claimed the VM: joining it", "epoch", c.Epoch, "owner", c.Owner)
+				d.rejoin()
+			}
+			d.lifeMu.Unlock()
+			return
+		case time.Now().After(giveUp):
+			d.log.Warn("the standby never claimed the VM it was handed: claiming it back", "epoch", epoch)
+			d.arbitrate(ctx, protect.Yielded, protect.PeerLost, causeSwitchover, time.Since(giveUp))
+			return
+		case err != nil:
+			d.log.Warn("read the arbiter after a hand-over", "err", err)
+		}
+		time.Sleep(max(d.cfg.Heartbeat, 20*time.Millisecond))
+	}
+}
+
+// takeOverCatchUp bounds how long a standby told to take over waits for
+// its copy to take in the log the primary drained.
+const takeOverCatchUp = 5 * time.Second
 
 // takeOver is the secondary's half.
 func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhases, error) {
@@ -127,7 +158,7 @@ func (d *daemon) takeOver(ctx context.Context, epoch, head uint64) (failoverPhas
 		return phases, fmt.Errorf("switchover: this host is %s, not a standby", st)
 	}
 	start := time.Now()
-	err := waitUntil(ctx, 5*time.Second, "the guest to consume the log", func() (bool, error) {
+	err := waitUntil(ctx, takeOverCatchUp, "the guest to consume the log", func() (bool, error) {
 		if d.secondary().Received() < head {
 			return false, nil
 		}

@@ -244,6 +244,12 @@ func (d *Datapath) Acked() uint64 { return atomic.LoadUint64(&d.state.Acked) }
 // Only the daemon's ack handler calls it, in increasing order.
 func (d *Datapath) SetAcked(pos uint64) { atomic.StoreUint64(&d.state.Acked, pos) }
 
+// SetLease publishes the lease to the fast path: until untilNs
+// (CLOCK_MONOTONIC, MonotonicNs), the secondary cannot have declared this
+// host failed, and acknowledged output may leave; after it, output waits
+// (outputcommit.Gate.Lease). Output in passthrough needs no lease.
+func (d *Datapath) SetLease(untilNs uint64) { atomic.StoreUint64(&d.state.LeaseUntil, untilNs) }
+
 // Pending is the number of frames in the hold queue as the programs see it.
 func (d *Datapath) Pending() uint64 {
 	released := atomic.LoadUint64(&d.state.Released)

@@ -293,6 +293,7 @@ func TestSerializeInputLeavesEngineLoggedInputToTheEngine(t *testing.T) {
 
 	// The engine's head stamps the guest's output like the serializer's.
 	egress := l.d.Programs()["guest_egress"]
+	l.d.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 	l.d.SetAcked(4095)
 	l.run(t, egress, udpTo(clientMAC, 100), xdpDrop, datapath.CounterTxNoHoldSocket)
 	l.d.SetAcked(4096)
@@ -320,6 +321,7 @@ func TestGuestEgress(t *testing.T) {
 	l, _ := serializer(t, datapath.DefaultConfig)
 	prog := l.d.Programs()["guest_egress"]
 	frame := udpTo(clientMAC, 100)
+	l.d.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 
 	t.Run("standby suppresses output", func(t *testing.T) {
 		l.publish(t, vip.RoleStandby, false)
@@ -376,6 +378,17 @@ func TestGuestEgress(t *testing.T) {
 		l.publish(t, vip.RoleActive, false)
 		l.d.SetAcked(l.d.Head())
 		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast)
+	})
+	t.Run("acked stamp waits once the lease has run out", func(t *testing.T) {
+		// A host paused or cut off past its lease may have been taken
+		// over: it must not release beside the new primary.
+		l.publish(t, vip.RoleActive, false)
+		l.d.SetAcked(l.d.Head())
+		l.d.SetLease(datapath.MonotonicNs() - 1)
+		l.run(t, prog, frame, xdpDrop, datapath.CounterTxNoHoldSocket)
+		l.publish(t, vip.RoleActive, true)
+		l.run(t, prog, frame, xdpRedirect, datapath.CounterTxFast) // alone: no lease needed
+		l.d.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 	})
 	t.Run("runt frame", func(t *testing.T) {
 		// BPF_PROG_TEST_RUN refuses frames under 14 bytes; the shortest

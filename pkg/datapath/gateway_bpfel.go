@@ -74,15 +74,17 @@ type gatewayLogRecord struct {
 }
 
 type gatewayLogState struct {
-	_        structs.HostLayout
-	Head     uint64
-	Pad0     [56]uint8
-	Acked    uint64
-	Pad1     [56]uint8
-	HeldIn   uint64
-	Pad2     [56]uint8
-	Released uint64
-	Pad3     [56]uint8
+	_          structs.HostLayout
+	Head       uint64
+	Pad0       [56]uint8
+	Acked      uint64
+	Pad1       [56]uint8
+	HeldIn     uint64
+	Pad2       [56]uint8
+	Released   uint64
+	Pad3       [56]uint8
+	LeaseUntil uint64
+	Pad4       [56]uint8
 }
 
 type gatewayOwnerRecord struct {

@@ -959,3 +959,34 @@ func TestAnnouncedRestartReachesTheSecondaryOfThatEpoch(t *testing.T) {
 		t.Error("a secondary with no log was told its primary restarted")
 	}
 }
+
+// Each heartbeat the secondary echoes gives the primary its send time: the
+// moment after which the secondary has heard from it (the output lease).
+// The times only grow and are never in the future.
+func TestPeerHeardReportsEchoedSendTimes(t *testing.T) {
+	pki := newPKI(t)
+	s := startSecondary(t, pki, SecondaryConfig{OnFrame: new(frameLog).onFrame, Heartbeat: 5 * time.Millisecond})
+	type echo struct{ sentAt, heardAt time.Time }
+	echoes := make(chan echo, 100)
+	p := newTestPrimary(t, pki, s.Addr().String(), PrimaryConfig{Heartbeat: 5 * time.Millisecond,
+		OnPeerHeard: func(sentAt time.Time) {
+			select {
+			case echoes <- echo{sentAt, time.Now()}:
+			default:
+			}
+		}})
+	start := time.Now()
+	run(t, p.Run)
+	var last time.Time
+	for i := range 5 {
+		select {
+		case e := <-echoes:
+			if e.sentAt.Before(start) || e.sentAt.After(e.heardAt) || !e.sentAt.After(last) {
+				t.Fatalf("echo %d: sent at %s, heard at %s, the last sent at %s (start %s)", i, e.sentAt, e.heardAt, last, start)
+			}
+			last = e.sentAt
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d echoes in 5s, want 5", i)
+		}
+	}
+}

@@ -56,6 +56,11 @@ type PrimaryConfig struct {
 	// reader, so keep it short (a slow OnAck delays heartbeat answers and
 	// the next acks); it may call AppendFrame.
 	OnAck func(pos uint64)
+	// OnPeerHeard gets the send time of each heartbeat the secondary
+	// echoes: it had this primary's word at sentAt or later, so it cannot
+	// declare this primary failed before sentAt plus its failure timeout
+	// (the output lease, outputcommit.Gate.Lease).
+	OnPeerHeard func(sentAt time.Time)
 	// OnProgress gets each progress the secondary reports: the guest
 	// instruction count its replay has reached. From the same goroutine
 	// as OnAck.
@@ -598,7 +603,12 @@ func (p *Primary) readLoop(l *link, br *bufio.Reader, buf []byte) error {
 				p.synced.Store(true)
 			}
 		case KindHeartbeat:
+			before := l.lastEchoSeen
 			err = l.onHeartbeat(r, &p.rtt)
+			// A time from the future would be no proof of anything.
+			if echo := l.lastEchoSeen; err == nil && echo != before && echo <= monoNow() && p.cfg.OnPeerHeard != nil {
+				p.cfg.OnPeerHeard(clockStart.Add(time.Duration(echo)))
+			}
 		case KindProgress:
 			if p.cfg.OnProgress != nil {
 				p.cfg.OnProgress(r.Position)

@@ -41,6 +41,16 @@ func (g *Gate) Ack(pos uint64) {
 	g.hold.ReleaseUpTo(g.acked)
 }
 
+// Lease lets acknowledged output leave until untilNs (datapath.MonotonicNs):
+// the data path's fast path and the hold queue alike. The serving host
+// renews it each time the secondary echoes a heartbeat: it cannot declare
+// this host failed before the echoed heartbeat's send time plus its failure
+// timeout. Passthrough needs no lease.
+func (g *Gate) Lease(untilNs uint64) {
+	g.dp.SetLease(untilNs)
+	g.hold.SetLease(untilNs)
+}
+
 // Acked is the position up to which the log is safe.
 func (g *Gate) Acked() uint64 {
 	g.mu.Lock()

@@ -50,6 +50,9 @@ type HoldQueue struct {
 	// the releaser (acks).
 	acked atomic.Uint64
 	acks  chan struct{}
+	// leaseUntil (MonotonicNs): acknowledged frames leave only before it,
+	// unless in passthrough (SetLease).
+	leaseUntil atomic.Uint64
 
 	mu          sync.Mutex
 	held        []heldFrame // in arrival order; the frames stay in rx's UMEM
@@ -191,6 +194,20 @@ func (q *HoldQueue) ReleaseUpTo(pos uint64) {
 			break
 		}
 	}
+	q.wake()
+}
+
+// SetLease lets acknowledged frames leave until untilNs (MonotonicNs) and
+// wakes the releaser: frames acknowledged while no lease held leave now.
+// Past the lease the secondary may have declared this host failed and
+// taken over: a host that was paused or cut off must not release beside
+// it, whatever it acknowledged before. Passthrough needs no lease.
+func (q *HoldQueue) SetLease(untilNs uint64) {
+	q.leaseUntil.Store(untilNs)
+	q.wake()
+}
+
+func (q *HoldQueue) wake() {
 	select {
 	case q.acks <- struct{}{}:
 	default: // a wakeup is pending already
@@ -224,6 +241,9 @@ func (q *HoldQueue) SetPassthrough(on bool) {
 }
 
 func (q *HoldQueue) releaseLocked() {
+	if !q.passthrough && monotonicNs() >= q.leaseUntil.Load() {
+		return // until the lease is renewed (SetLease wakes the releaser)
+	}
 	n := 0
 	acked := q.acked.Load()
 	for n < len(q.held) && (q.passthrough || q.held[n].stamp <= acked) {

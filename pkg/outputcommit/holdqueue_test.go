@@ -102,6 +102,9 @@ func newHost(t *testing.T, capacity int) *host {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A secondary that keeps answering, unless a test says otherwise.
+	dp.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
+	hold.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { hold.Run(ctx) })
@@ -327,4 +330,28 @@ func TestGateOpensEnforcesAndAcks(t *testing.T) {
 	if err := gate.Mode("bogus"); err == nil {
 		t.Error("mode bogus accepted")
 	}
+}
+
+// Past its lease a host releases nothing, acknowledged or not, neither on
+// the fast path nor from the queue: the secondary may have taken over. A
+// renewed lease lets out what waited, in order.
+func TestNothingLeavesPastTheLease(t *testing.T) {
+	h := newHost(t, 16)
+	gate := outputcommit.NewGate(h.dp, h.hold, h.owner)
+	h.input(t, 1)
+	gate.Ack(1)
+	gate.Lease(datapath.MonotonicNs() - 1)
+	first := h.output(t, 1) // stamped 1, acked, nothing held: held all the same
+	h.waitHeld(t, 1)
+	h.input(t, 2)
+	second := h.output(t, 2) // stamped 2
+	h.waitHeld(t, 2)
+	gate.Ack(2)
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+
+	gate.Lease(datapath.MonotonicNs() + uint64(time.Hour))
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), first, second)
+	h.waitHeld(t, 0)
+	third := h.output(t, 3) // the lease holds again: straight out
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), third)
 }

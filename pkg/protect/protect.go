@@ -11,8 +11,8 @@
 //	restart, or an owner elsewhere: ──Rejoin──▶ Joining ──SnapshotInstalled──▶ Standby
 //	peer lost:   Protected, Reprotecting, Standby ──PeerLost──▶ Arbitrating ──Won──▶ Unprotected ──PeerJoined──┘
 //	                                                                          ──Lost──▶ Passive ──Rejoin──▶ Joining
-//	switchover:  Protected ──HandOver──▶ Draining ──HandedOver──▶ Passive
-//	             Standby ──TakeOver──▶ Arbitrating
+//	switchover:  Protected ──HandOver──▶ Draining ──HandedOver──▶ Yielded ──Rejoin──▶ Joining
+//	             Standby ──TakeOver──▶ Arbitrating               Yielded ──PeerLost──▶ Arbitrating
 //
 // Two rules carry the safety argument:
 //   - A host that starts while the arbiter already names an owner for the
@@ -56,6 +56,12 @@ const (
 	// Passive: another host serves at a newer epoch: this host releases
 	// nothing, and its copy of the VM is stale.
 	Passive
+	// Yielded: a switchover's old primary that handed over. It releases
+	// nothing and keeps its drained copy, which is exactly what the
+	// standby goes live from, until the arbiter shows the standby claimed
+	// the VM (then it rejoins). A standby that dies before it claims
+	// would otherwise leave no copy at all: this host claims it back.
+	Yielded
 	StateLen // number of states; not a state
 )
 
@@ -68,6 +74,7 @@ var stateNames = [StateLen]string{
 	Arbitrating:  "arbitrating",
 	Draining:     "draining",
 	Passive:      "passive",
+	Yielded:      "yielded",
 }
 
 func (s State) String() string {
@@ -180,8 +187,15 @@ var transitions = map[State]map[Event]State{
 	},
 	Draining: {
 		HandOverAborted: Protected,
-		HandedOver:      Passive,
+		HandedOver:      Yielded,
 		Fenced:          Passive,
+	},
+	Yielded: {
+		Rejoin: Joining, // the standby claimed the VM
+		// The standby never claimed it: the arbiter decides, at the
+		// epoch this host handed over.
+		PeerLost: Arbitrating,
+		Fenced:   Passive,
 	},
 	Passive: {
 		Rejoin: Joining,

@@ -45,8 +45,11 @@ func TestTransitions(t *testing.T) {
 		{Arbitrating, Fenced, Passive},
 		// Switchover.
 		{Draining, HandOverAborted, Protected},
-		{Draining, HandedOver, Passive},
+		{Draining, HandedOver, Yielded},
 		{Draining, Fenced, Passive},
+		{Yielded, Rejoin, Joining},
+		{Yielded, PeerLost, Arbitrating},
+		{Yielded, Fenced, Passive},
 		// Losers.
 		{Passive, Rejoin, Joining},
 		{Passive, Fenced, Passive},
@@ -145,6 +148,7 @@ func TestLives(t *testing.T) {
 		{"restarted host joins and is rebuilt", []Event{Rejoin, SnapshotInstalled}, Standby, 0},
 		{"loser of a link cut rejoins", []Event{BootPrimary, PeerLost, Lost, Rejoin, SnapshotInstalled}, Standby, 0},
 		{"switchover", []Event{BootPrimary, HandOver, HandedOver, Rejoin}, Joining, 0},
+		{"switchover whose standby died before it claimed: claimed back", []Event{BootPrimary, HandOver, HandedOver, PeerLost, Won}, Unprotected, 0},
 		{"abandoned re-protection asks the arbiter", []Event{BootSecondary, PeerLost, Won, PeerJoined, ReprotectFailed, Won}, Unprotected, 2 * time.Second},
 	}
 	for _, tt := range tests {
