@@ -107,6 +107,18 @@ peer:`, 1)
 	}
 }
 
+// A second YAML document (an edit appended after a ---) would be ignored:
+// the config is refused instead, and a lone leading --- is fine.
+func TestLoadConfigRefusesASecondDocument(t *testing.T) {
+	if _, err := loadConfig(writeConfig(t, "---\n"+goodPrimary)); err != nil {
+		t.Errorf("one document after a leading ---: %v", err)
+	}
+	_, err := loadConfig(writeConfig(t, goodPrimary+"---\nheartbeat: 1s\n"))
+	if err == nil || !strings.Contains(err.Error(), "more than one YAML document") {
+		t.Errorf("error %v, want a second document refused", err)
+	}
+}
+
 // etcdPrimary is goodPrimary with a secured etcd arbiter.
 var etcdPrimary = goodPrimary + `arbiter: etcd:https://10.0.0.5:2379
 etcd:

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -235,12 +236,38 @@ func (d *daemon) bootSecondary(ctx context.Context) error {
 // The owner finds it on its own: it dials this host while it serves alone.
 func (d *daemon) rejoin() {
 	d.eng.drop()
+	d.takeoverAfter.Store(0) // the next copy says (install)
 	if _, ok := d.fire(protect.Rejoin); !ok {
 		return
 	}
 	if err := d.follow(lockstep.SecondaryConfig{}); err != nil {
 		d.log.Error("join the VM's owner", "err", err)
 	}
+}
+
+// copyTook passes on the outcome of delivering a log record to this
+// standby's copy. A copy that refuses a record for good (errCopyCannotTake)
+// no longer follows the log, and the channel would resend that record
+// forever: it may no longer take over, and is dropped and rebuilt from the
+// primary's snapshot. The primary holds the outputs that waited for it
+// meanwhile; it is re-protected, or gives up on this host through the
+// arbiter, which a copy that is joining never asks.
+func (d *daemon) copyTook(err error) error {
+	if err == nil || !errors.Is(err, errCopyCannotTake) {
+		return err
+	}
+	d.takeoverAfter.Store(math.MaxUint64)
+	s := d.secondary()
+	go func() {
+		d.lifeMu.Lock()
+		defer d.lifeMu.Unlock()
+		if d.state() != protect.Standby || d.secondary() != s {
+			return
+		}
+		d.log.Error("this copy of the VM cannot take the primary's log: dropping it, to be rebuilt from a snapshot", "err", err)
+		d.rejoin()
+	}()
+	return err
 }
 
 // follow starts the log channel of a host that follows the VM's owner,
@@ -258,6 +285,12 @@ func (d *daemon) follow(cfg lockstep.SecondaryConfig) error {
 	cfg.OnPrimaryRestarted = d.onPrimaryRestarted
 	if err := d.eng.follow(&cfg); err != nil {
 		return err
+	}
+	if deliver := cfg.OnFrame; deliver != nil {
+		cfg.OnFrame = func(pos uint64, frame []byte) error { return d.copyTook(deliver(pos, frame)) }
+	}
+	if deliver := cfg.OnLog; deliver != nil {
+		cfg.OnLog = func(pos uint64, chunk []byte) error { return d.copyTook(deliver(pos, chunk)) }
 	}
 	// The VM is rebuilt from the owner's snapshot when it cannot follow the
 	// owner's log from what it holds.

@@ -40,12 +40,19 @@ func newGuestFeeder(tap *net.Interface) (*guestFeeder, error) {
 	return &guestFeeder{conn: conn}, nil
 }
 
+// errCopyCannotTake marks a log record this host's copy of the VM refuses
+// for good (a frame its tap will never take, a replayer that failed): the
+// copy no longer follows the log, and resending cannot help.
+var errCopyCannotTake = errors.New("this copy of the VM cannot take the log")
+
 // Feed delivers one frame. Without a qdisc a full tap queue refuses the
 // frame instead of queueing it; a frame lost here would make this copy of the
-// VM diverge, so it waits (bounded) for the guest to catch up.
+// VM diverge, so it waits (bounded) for the guest to catch up. A guest
+// still behind after that is an error to retry (the log channel resends);
+// any other refusal is errCopyCannotTake.
 func (f *guestFeeder) Feed(frame []byte) error {
 	if len(frame) < 14 {
-		return fmt.Errorf("feed guest: frame of %d bytes", len(frame))
+		return fmt.Errorf("feed guest: frame of %d bytes: %w", len(frame), errCopyCannotTake)
 	}
 	addr := &packet.Addr{HardwareAddr: net.HardwareAddr(frame[0:6])}
 	var err error
@@ -53,12 +60,17 @@ func (f *guestFeeder) Feed(frame []byte) error {
 		if _, err = f.conn.WriteTo(frame, addr); err == nil {
 			return nil
 		}
-		if !errors.Is(err, unix.ENOBUFS) && !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EBUSY) {
-			break
+		if !guestBehind(err) {
+			return fmt.Errorf("feed guest a frame of %d bytes: %w: %w", len(frame), errCopyCannotTake, err)
 		}
 		time.Sleep(wait)
 	}
 	return fmt.Errorf("feed guest: %w", err)
+}
+
+// guestBehind: the tap's queue is full, for now.
+func guestBehind(err error) bool {
+	return errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EBUSY)
 }
 
 func (f *guestFeeder) Close() error { return f.conn.Close() }

@@ -113,9 +113,14 @@ func (e *recordedVM) follow(cfg *lockstep.SecondaryConfig) error {
 	cfg.OnLog = func(pos uint64, chunk []byte) error {
 		q := e.copy()
 		if q == nil {
-			return errors.New("feed replay: no replayer")
+			return fmt.Errorf("feed replay: no replayer: %w", errCopyCannotTake)
 		}
-		return q.Feed(chunk)
+		if err := q.Feed(chunk); err != nil {
+			// The relay takes whatever arrives; an error is a replay
+			// that has failed.
+			return fmt.Errorf("%w: %w", errCopyCannotTake, err)
+		}
+		return nil
 	}
 	return nil
 }

@@ -169,6 +169,17 @@ func checkClaim(vm, host string, known uint64) error {
 }
 
 // withTimeout applies DefaultTimeout unless ctx already ends sooner.
+// checkStored refuses a stored claim that no claim writes: epoch 0 reads
+// as "never claimed", and would let a restarting host boot the VM afresh
+// (protect.StartEvent) beside the one that serves it. A record that is
+// there but unreadable is an error to fix, never a VM without an owner.
+func checkStored(epoch uint64, owner string) error {
+	if epoch == 0 || owner == "" {
+		return fmt.Errorf("corrupt claim record: epoch %d, owner %q: a claim has both", epoch, owner)
+	}
+	return nil
+}
+
 func withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, DefaultTimeout)
 }

@@ -274,6 +274,9 @@ func decodeRecord(b []byte) (etcdRecord, error) {
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return etcdRecord{}, fmt.Errorf("decode claim record: %w", err)
 	}
+	if err := checkStored(rec.Epoch, rec.Owner); err != nil {
+		return etcdRecord{}, err
+	}
 	return rec, nil
 }
 

@@ -192,6 +192,9 @@ func (a *fileArbiter) read(vm string) (fileRecord, error) {
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return fileRecord{}, fmt.Errorf("decode claim %s: %w", a.claimPath(vm), err)
 	}
+	if err := checkStored(rec.Epoch, rec.Owner); err != nil {
+		return fileRecord{}, fmt.Errorf("claim %s: %w", a.claimPath(vm), err)
+	}
 	return rec, nil
 }
 

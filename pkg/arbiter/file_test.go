@@ -82,14 +82,21 @@ func TestFileLayout(t *testing.T) {
 }
 
 func TestFileCorruptRecord(t *testing.T) {
-	dir := t.TempDir()
-	a := openFileTest(t, dir)
-	if err := os.WriteFile(filepath.Join(dir, "vm1.claim"), []byte("{garbage"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	_, err := a.TryClaim(testContext(t), "vm1", "a", 0)
-	if err == nil || errors.Is(err, ErrUnavailable) {
-		t.Fatalf("TryClaim on a corrupt record: %v; want a decode error", err)
+	// Garbage, and records no claim writes: epoch 0 would read as "never
+	// claimed" and let a restarting host boot the VM afresh.
+	for _, rec := range []string{"{garbage", `{"epoch":0,"owner":"b"}`, `{"epoch":3}`, `null`, `{}`} {
+		dir := t.TempDir()
+		a := openFileTest(t, dir)
+		if err := os.WriteFile(filepath.Join(dir, "vm1.claim"), []byte(rec), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, err := a.TryClaim(testContext(t), "vm1", "a", 0)
+		if err == nil || errors.Is(err, ErrUnavailable) {
+			t.Errorf("TryClaim on the record %s: %v; want a decode error", rec, err)
+		}
+		if c, err := a.Current(testContext(t), "vm1"); err == nil {
+			t.Errorf("Current on the record %s: %+v, want an error", rec, c)
+		}
 	}
 }
 
