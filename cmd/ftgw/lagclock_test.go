@@ -45,3 +45,29 @@ func TestLagClock(t *testing.T) {
 		t.Fatalf("after restart: %v", c.marks)
 	}
 }
+
+// A new secondary that replays faster than the VM by a quarter or more
+// catches up; one that keeps pace, or falls behind, does not.
+func TestCatchUpTrend(t *testing.T) {
+	start := time.Unix(0, 0)
+	for _, tc := range []struct {
+		name string
+		lags []int // ms, one sample every 100ms
+		want bool
+	}{
+		{"first window: benefit of the doubt", []int{3000, 3000}, true},
+		{"shrinks 2x faster than time passes", []int{3000, 2800, 2600, 2400, 2200, 2000}, true},
+		{"keeps pace", []int{3000, 3000, 3000, 3000, 3000, 3000}, false},
+		{"shrinks, but slower than 1.25x", []int{3000, 2990, 2980, 2970, 2960, 2950}, false},
+		{"grows", []int{3000, 3100, 3200, 3300, 3400, 3500}, false},
+	} {
+		var c catchUpTrend
+		var got bool
+		for i, lag := range tc.lags {
+			got = c.note(start.Add(time.Duration(100*i)*time.Millisecond), time.Duration(lag)*time.Millisecond)
+		}
+		if got != tc.want {
+			t.Errorf("%s: catches up %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

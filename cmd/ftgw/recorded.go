@@ -377,6 +377,7 @@ func (e *recordedVM) throttle(ctx context.Context) error {
 	stallAfter := 25 * d.cfg.Heartbeat
 	var replayed uint64
 	var moved time.Time
+	var trend catchUpTrend
 	for {
 		select {
 		case <-ctx.Done():
@@ -409,11 +410,19 @@ func (e *recordedVM) throttle(ctx context.Context) error {
 			}
 			continue
 		}
-		// A new secondary caught up on the recording is throttled too
-		// (snapshotRecording): without it, it would trail by all the time
-		// the VM ran alone, for good.
+		// A new secondary is throttled too (snapshot): without it, one
+		// whose replay is slower than the VM would trail for good. But it
+		// starts behind by all the VM ran while it loaded the snapshot,
+		// and one that catches up on its own (an idle or light guest)
+		// needs no pause.
+		catchingUp := false
+		if ok && d.state() == protect.Reprotecting {
+			catchingUp = trend.note(time.Now(), lag)
+		} else {
+			trend = catchUpTrend{}
+		}
 		switch {
-		case !paused && ok && d.shipping.Load() && lag > maxLag:
+		case !paused && ok && d.shipping.Load() && lag > maxLag && !catchingUp:
 			if err := q.Pause(true); err != nil {
 				d.log.Warn("throttle: pause the vm", "err", err)
 				continue
@@ -430,6 +439,31 @@ func (e *recordedVM) throttle(ctx context.Context) error {
 			paused = false
 		}
 	}
+}
+
+// catchUpTrend tells a new secondary that catches up from one that falls
+// behind, over windows of catchUpWindow: catching up is shrinking the lag by
+// at least a quarter of each window (replaying at 1.25 times the VM's pace
+// or faster), so a lag of L is gone within 4L. The first window gets the
+// benefit of the doubt.
+type catchUpTrend struct {
+	at        time.Time
+	lag       time.Duration
+	catchesUp bool
+}
+
+const catchUpWindow = 500 * time.Millisecond
+
+// note takes a lag sample and reports whether the secondary catches up.
+func (c *catchUpTrend) note(now time.Time, lag time.Duration) bool {
+	switch {
+	case c.at.IsZero():
+		c.at, c.lag, c.catchesUp = now, lag, true
+	case now.Sub(c.at) >= catchUpWindow:
+		c.catchesUp = lag <= c.lag-now.Sub(c.at)/4
+		c.at, c.lag = now, lag
+	}
+	return c.catchesUp
 }
 
 // peerLag is how far the secondary's replay trails this primary's VM, in
