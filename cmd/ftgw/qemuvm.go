@@ -232,7 +232,16 @@ func (e *qemuVM) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Cloc
 	return image, at, paused, err
 }
 
-// Feed takes the next chunk of the primary's log.
+// maxReplayBacklog bounds the log a standby holds in memory that its
+// replayer has not taken yet. The primary's lag throttle keeps the replay
+// within max_lag of the VM's running time, which bounds this by the log
+// rate; a replayer that stops taking log (hung, or a log far denser than
+// the throttle assumes) would otherwise grow the standby without bound.
+const maxReplayBacklog = 256 << 20
+
+// Feed takes the next chunk of the primary's log. A replayer that has
+// fallen more than maxReplayBacklog behind is refused: this copy is given
+// up and rebuilt.
 func (e *qemuVM) Feed(chunk []byte) error {
 	e.mu.Lock()
 	r := e.relay
@@ -240,8 +249,18 @@ func (e *qemuVM) Feed(chunk []byte) error {
 	if r == nil {
 		return errors.New("feed replay: no replayer")
 	}
+	if err := checkReplayBacklog(r.Pending(), len(chunk)); err != nil {
+		return err
+	}
 	_, err := r.Write(chunk)
 	return err
+}
+
+func checkReplayBacklog(pending, more int) error {
+	if pending+more > maxReplayBacklog {
+		return fmt.Errorf("feed replay: the replayer has %d bytes of log to take, and %d more would pass the bound of %d", pending, more, maxReplayBacklog)
+	}
+	return nil
 }
 
 // GoLive turns the replaying secondary into the VM: it replays the log it

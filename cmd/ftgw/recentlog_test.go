@@ -139,3 +139,15 @@ func FuzzDecodeRebaseSnapshot(f *testing.F) {
 		}
 	})
 }
+
+// Hole 13 of the fault campaign: a standby acknowledges log it holds only
+// in memory, for a replayer that may stop taking it. Past the bound, Feed
+// refuses the chunk, and the copy is given up and rebuilt (copyTook).
+func TestReplayBacklogIsBounded(t *testing.T) {
+	if err := checkReplayBacklog(maxReplayBacklog-100, 100); err != nil {
+		t.Errorf("a backlog at the bound: %v", err)
+	}
+	if err := checkReplayBacklog(maxReplayBacklog-100, 101); err == nil {
+		t.Error("a backlog past the bound was taken")
+	}
+}
