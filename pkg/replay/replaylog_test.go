@@ -400,7 +400,6 @@ type rrVM struct {
 	name    string
 	cmd     *exec.Cmd
 	qmpPath string
-	console string
 	stderr  string // file with QEMU's own messages
 	mon     *SocketMonitor
 	exited  chan struct{}
