@@ -269,6 +269,16 @@ func (m *SocketMonitor) run(s *session, command []byte) ([]byte, error) {
 		}
 		return r.ret, nil
 	case <-s.done:
+		// QEMU may answer and hang up at once (quit, or dying): both
+		// are ready, and select picks either. The answer counts.
+		select {
+		case r := <-ch:
+			if r.err != nil {
+				return nil, fmt.Errorf("run command %s: %w", name, r.err)
+			}
+			return r.ret, nil
+		default:
+		}
 		return nil, fmt.Errorf("run command %s: %w", name, s.closeErr)
 	case <-timer.C:
 		return nil, fmt.Errorf("run command %s: %w after %v waiting for reply", name, ErrTimeout, m.timeout)

@@ -121,6 +121,10 @@ func (f *fakeQMP) serve(c net.Conn) {
 		case cmd.Execute == "x-hangup":
 			w.Flush()
 			return
+		case cmd.Execute == "x-answer-and-hangup":
+			answer("return", map[string]any{"bye": true})
+			w.Flush()
+			return
 		default:
 			answer("error", map[string]string{"class": "CommandNotFound", "desc": "The command " + cmd.Execute + " has not been found"})
 		}
@@ -478,5 +482,19 @@ func TestServerHangupWakesRun(t *testing.T) {
 	}
 	if _, err := m.Run([]byte(queryStatus)); err != nil {
 		t.Fatalf("Run after reconnect: %v", err)
+	}
+}
+
+// A QEMU that answers and hangs up at once (quit does) has answered: Run
+// returns the answer, not the hang-up, whichever its reader sees first.
+func TestAnswerThenHangupIsTheAnswer(t *testing.T) {
+	for i := range 50 {
+		f := startFake(t, &fakeQMP{})
+		m := connected(t, f)
+		out, err := m.Run([]byte(`{"execute":"x-answer-and-hangup"}`))
+		if err != nil || string(out) != `{"bye":true}` {
+			t.Fatalf("run %d: %s, %v; want the answer", i, out, err)
+		}
+		m.Disconnect()
 	}
 }
