@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/vishvananda/netlink"
 
 	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/guest"
@@ -48,11 +47,9 @@ type syntheticVM struct {
 
 // run takes the log from the kernel ring: a protected primary ships it, any
 // other host discards it (nothing else would make room in the ring for new
-// input). Meanwhile it watches for frames the tap dropped after they were
-// logged.
+// input).
 func (e *syntheticVM) run(ctx context.Context) error {
 	d := e.d
-	go e.watchTapDrops(ctx)
 	return d.dp.ReadLog(ctx, func(entry datapath.LogEntry) error {
 		// Uncontended but for a re-protection, which starts shipping
 		// between two frames.
@@ -75,44 +72,6 @@ func (e *syntheticVM) run(ctx context.Context) error {
 		}
 		return nil
 	})
-}
-
-// watchTapDrops: the data path logs a frame before it hands it to the tap,
-// and a tap whose guest fell tapQueueLen frames behind drops it. The
-// secondary's guest then took a frame this host's did not: its copy differs
-// from the one that serves, and may not take over with it. The serving host
-// gives it up (logCannotCarry: through the arbiter, which this host, still
-// talking to it, nearly always wins) and rebuilds it from a snapshot. (A
-// recorder logs only what its guest took in: recordedVM has no such gap.)
-func (e *syntheticVM) watchTapDrops(ctx context.Context) {
-	d := e.d
-	dropped := func() (uint64, bool) {
-		link, err := netlink.LinkByIndex(d.tap.Index)
-		if err != nil || link.Attrs().Statistics == nil {
-			return 0, false
-		}
-		return link.Attrs().Statistics.TxDropped, true
-	}
-	last, _ := dropped()
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		n, ok := dropped()
-		if !ok || n == last {
-			continue
-		}
-		lost := n - last
-		last = n
-		// A standby's own drops are frames its feeder retries.
-		if st := d.state(); (st == protect.Protected || st == protect.Reprotecting) && d.shipping.Load() {
-			d.logCannotCarry(e.lastRead.Load(), fmt.Errorf("the tap dropped %d logged frames: the guest fell behind", lost))
-		}
-	}
 }
 
 func (e *syntheticVM) boot(ctx context.Context, record bool) error { return e.start("") }
@@ -140,12 +99,16 @@ func (e *syntheticVM) guest() (*guestProcess, error) {
 
 // consumed is the log position the guest has reached.
 func (e *syntheticVM) consumed() (uint64, error) {
+	st, err := e.guestState()
+	return st.Frames - e.inputBase.Load(), err
+}
+
+func (e *syntheticVM) guestState() (guest.State, error) {
 	g, err := e.guest()
 	if err != nil {
-		return 0, err
+		return guest.State{}, err
 	}
-	st, err := g.State()
-	return st.Frames - e.inputBase.Load(), err
+	return g.State()
 }
 
 func (e *syntheticVM) follow(cfg *lockstep.SecondaryConfig) error {
@@ -275,10 +238,7 @@ func (e *syntheticVM) snapshot(ctx context.Context, p *lockstep.Primary, rebase 
 		return e.tookIn(queuedFrom)
 	})
 	if err == nil {
-		var g *guestProcess
-		if g, err = e.guest(); err == nil {
-			state, err = g.State()
-		}
+		state, err = e.guestState()
 	}
 	var raw []byte
 	if err == nil {
