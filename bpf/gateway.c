@@ -27,6 +27,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by the daemon before load. */
 volatile const __u32 serializer_cpu = 0;
 volatile const __u64 hold_capacity = 1024;
+/* How far ahead of a paced guest (OWNER_F_GUEST_PACED) input may be logged:
+ * less than its tap's queue, which drops what does not fit. */
+volatile const __u64 guest_budget = 2048;
 
 /* The shape of the inner map. Declared as a map of its own too, because
  * clang emits the BTF of owner_record only for top-level map definitions;
@@ -311,6 +314,16 @@ int serialize_input(struct xdp_md *ctx)
 	struct log_state *st = log_state();
 	if (!st)
 		return XDP_ABORTED;
+
+	/* The tap drops what its queue cannot take, after the frame was logged:
+	 * the secondary's guest would take a frame this one never saw. A paced
+	 * guest is kept within guest_budget frames of the log's head instead;
+	 * what would go further is dropped unlogged, as the network drops. */
+	if ((own->flags & OWNER_F_GUEST_PACED) &&
+	    READ_ONCE(st->head) - (READ_ONCE(st->guest_taken) - READ_ONCE(st->input_base)) >= guest_budget) {
+		count(COUNTER_RX_GUEST_BEHIND, len);
+		return XDP_DROP;
+	}
 
 	/* A frame the log does not hold must never reach the guest. */
 	if (log_frame(ctx, st, len))

@@ -25,6 +25,9 @@ enum role {
 #define OWNER_F_ENGINE_LOGS 4 /* the VM engine logs its own input (QEMU's replay log):
 			       * input is delivered in order but not put in the log ring,
 			       * and the head is written by the engine, not by serialize_input */
+#define OWNER_F_GUEST_PACED 8 /* the guest publishes how far it has taken its input
+			       * (log_state.guest_taken): input is not logged while the guest
+			       * is guest_budget frames behind, where its tap would drop it */
 
 /* The one record every program reads to decide what a frame is and where it
  * goes. It is never modified in place: the daemon publishes a new inner map
@@ -54,6 +57,12 @@ struct log_state {
 			    * secondary cannot have declared this host failed; acked output
 			    * leaves only before it (passthrough needs no lease) */
 	__u8 _pad4[56];
+	__u64 guest_taken; /* written by the guest (OWNER_F_GUEST_PACED): the frames it has
+			    * taken from its tap, counted as its state counts its input */
+	__u8 _pad5[56];
+	__u64 input_base;  /* written by the daemon: guest_taken - input_base is the log
+			    * position the guest has taken its input up to */
+	__u8 _pad6[56];
 };
 
 /* One replication-log entry in the log ring: the header, then the frame. */
@@ -90,6 +99,7 @@ enum counter {
 	COUNTER_RX_TOO_LONG,       /* input dropped: larger than MAX_FRAME */
 	COUNTER_RX_STANDBY,        /* input dropped: this host is not active */
 	COUNTER_RX_MALFORMED,      /* uplink frame shorter than an Ethernet header */
+	COUNTER_RX_GUEST_BEHIND,   /* input dropped before logging: the guest is too far behind */
 	COUNTER_TX_FAST,           /* output sent at once: nothing pending */
 	COUNTER_TX_HELD,           /* output queued until its stamp is acknowledged */
 	COUNTER_TX_HOLD_FULL,      /* output dropped: hold queue full */

@@ -318,7 +318,7 @@ func (d *daemon) publish(role vip.Role, epoch uint64) error {
 
 // ownerRecord is the VM's record in role at epoch, with output commit on.
 func (d *daemon) ownerRecord(role vip.Role, epoch uint64) vip.Record {
-	return vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr(), EngineLogs: !d.eng.dataPathLogs()}
+	return vip.Record{Epoch: epoch, Role: role, IP: d.vm.addr(), MAC: d.vm.hwAddr(), EngineLogs: !d.eng.dataPathLogs(), GuestPaced: d.eng.dataPathLogs()}
 }
 
 // setOutputMode switches output commit for benchmarks: "commit" (the

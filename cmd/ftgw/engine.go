@@ -79,7 +79,10 @@ type vmEngine interface {
 	collect(c *collector, ch chan<- prometheus.Metric)
 	// dataPathLogs reports whether the data path logs the VM's input
 	// (vip.Record.EngineLogs says the opposite): the synthetic guest's
-	// frames are logged in the kernel, a recorder logs its own input.
+	// frames are logged in the kernel, a recorder logs its own input. The
+	// data path then also paces the guest (vip.Record.GuestPaced): a
+	// frame logged that the guest's tap dropped would be one the
+	// secondary's copy takes and this one never does.
 	dataPathLogs() bool
 	// close releases what the engine holds beyond its copy.
 	close() error

@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/guest"
 )
 
@@ -116,6 +117,7 @@ func guestCommand(ctx context.Context, args []string) error {
 	macFlag := fs.String("mac", "", "the guest's MAC address")
 	control := fs.String("control", "", "unix socket answering STATE (optional)")
 	restore := fs.String("restore", "", "start from this snapshot (a JSON STATE) instead of empty")
+	stateFD := fs.Int("log-state-fd", -1, "internal: the data path's log state, inherited from the daemon, to publish how far the guest has taken its input")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -140,6 +142,16 @@ func guestCommand(ctx context.Context, args []string) error {
 		if err := json.Unmarshal(raw, cfg.Restore); err != nil {
 			return fmt.Errorf("--restore %s: %w", *restore, err)
 		}
+	}
+	if *stateFD >= 0 {
+		f := os.NewFile(uintptr(*stateFD), "log-state")
+		counter, err := datapath.OpenGuestCounter(f)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("--log-state-fd: %w", err)
+		}
+		defer counter.Close()
+		cfg.OnTaken = counter.Taken
 	}
 	return guest.Run(ctx, cfg, newLogger(false))
 }

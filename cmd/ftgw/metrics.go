@@ -78,6 +78,7 @@ var droppedBy = map[datapath.Counter]string{
 	datapath.CounterRxTooLong:      "too_long",
 	datapath.CounterRxStandby:      "standby_input",
 	datapath.CounterRxMalformed:    "malformed_input",
+	datapath.CounterRxGuestBehind:  "guest_behind",
 	datapath.CounterTxHoldFull:     "hold_full",
 	datapath.CounterTxNoHoldSocket: "no_hold_socket",
 	datapath.CounterTxMalformed:    "malformed_output",

@@ -80,6 +80,12 @@ func (e *syntheticVM) boot(ctx context.Context, record bool) error { return e.st
 func (e *syntheticVM) start(restore string) error {
 	d := e.d
 	g := newGuestProcess(d.vm, filepath.Join(d.cfg.StateDir, d.vm.Name+"-guest.sock"), restore)
+	state, err := d.dp.StateFile()
+	if err != nil {
+		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
+	}
+	defer state.Close() // the guest holds its own copy
+	g.state = state
 	if err := g.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
@@ -109,6 +115,13 @@ func (e *syntheticVM) guestState() (guest.State, error) {
 		return guest.State{}, err
 	}
 	return g.State()
+}
+
+// setInputBase moves inputBase, and the data path's copy, by which it
+// paces the guest (datapath.OwnerGuestPaced).
+func (e *syntheticVM) setInputBase(base uint64) {
+	e.inputBase.Store(base)
+	e.d.dp.SetInputBase(base)
 }
 
 func (e *syntheticVM) follow(cfg *lockstep.SecondaryConfig) error {
@@ -144,7 +157,7 @@ func (e *syntheticVM) install(s *lockstep.Secondary, pos uint64, state []byte) e
 	d.stopCopy()
 	// The snapshot's frame count is where this guest starts; log
 	// positions after pos come on top of it.
-	e.inputBase.Store(st.Frames - pos)
+	e.setInputBase(st.Frames - pos)
 	if err := e.start(path); err != nil {
 		return err
 	}
@@ -177,7 +190,7 @@ func (e *syntheticVM) tookIn(pos uint64) (bool, error) {
 // (Unsigned arithmetic wraps: only differences of these counts mean
 // anything.)
 func (e *syntheticVM) goLive(ctx context.Context, received uint64) (time.Duration, error) {
-	e.inputBase.Store(e.inputBase.Load() + received - e.d.dp.Head())
+	e.setInputBase(e.inputBase.Load() + received - e.d.dp.Head())
 	return 0, nil
 }
 
@@ -285,7 +298,8 @@ func (e *syntheticVM) close() error {
 type guestProcess struct {
 	vm      VMConfig
 	control string
-	restore string // a snapshot to start from, or ""
+	restore string   // a snapshot to start from, or ""
+	state   *os.File // the data path's log state, for pacing (--log-state-fd)
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -306,12 +320,18 @@ func (g *guestProcess) Start() error {
 	if g.restore != "" {
 		args = append(args, "--restore", g.restore)
 	}
+	if g.state != nil {
+		args = append(args, "--log-state-fd", "3") // the first of ExtraFiles
+	}
 	// A dead guest's socket would pass for this one's.
 	if err := os.Remove(g.control); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove stale guest socket: %w", err)
 	}
 	g.cmd = exec.Command(self, args...)
 	g.cmd.Stdout, g.cmd.Stderr = os.Stderr, os.Stderr
+	if g.state != nil {
+		g.cmd.ExtraFiles = []*os.File{g.state}
+	}
 	// If the daemon dies, so does its VM, as a QEMU child would.
 	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := g.cmd.Start(); err != nil {

@@ -15,6 +15,7 @@ var counterNames = [...]string{
 	gatewayCounterCOUNTER_RX_TOO_LONG:       "rx_too_long",
 	gatewayCounterCOUNTER_RX_STANDBY:        "rx_standby",
 	gatewayCounterCOUNTER_RX_MALFORMED:      "rx_malformed",
+	gatewayCounterCOUNTER_RX_GUEST_BEHIND:   "rx_guest_behind",
 	gatewayCounterCOUNTER_TX_FAST:           "tx_fast",
 	gatewayCounterCOUNTER_TX_HELD:           "tx_held",
 	gatewayCounterCOUNTER_TX_HOLD_FULL:      "tx_hold_full",
@@ -32,6 +33,7 @@ const (
 	CounterRxTooLong      = gatewayCounterCOUNTER_RX_TOO_LONG
 	CounterRxStandby      = gatewayCounterCOUNTER_RX_STANDBY
 	CounterRxMalformed    = gatewayCounterCOUNTER_RX_MALFORMED
+	CounterRxGuestBehind  = gatewayCounterCOUNTER_RX_GUEST_BEHIND
 	CounterTxFast         = gatewayCounterCOUNTER_TX_FAST
 	CounterTxHeld         = gatewayCounterCOUNTER_TX_HELD
 	CounterTxHoldFull     = gatewayCounterCOUNTER_TX_HOLD_FULL

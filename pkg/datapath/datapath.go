@@ -44,6 +44,11 @@ const (
 	// log): input is delivered in order but not logged, and the engine
 	// writes the head (see StateMapFD).
 	OwnerEngineLogs = 4
+	// OwnerGuestPaced says the guest publishes how far it has taken its
+	// input (GuestCounter): input is not logged while the guest is
+	// Config.GuestBudget frames behind, where its tap would drop it after
+	// it was logged.
+	OwnerGuestPaced = 8
 
 	// MaxFrame is the largest frame the log carries (MAX_FRAME in gateway.h).
 	MaxFrame = 9216
@@ -65,6 +70,9 @@ type Config struct {
 	LogRingBytes int
 	// SerializerQueue is the CPUMAP queue size in frames.
 	SerializerQueue int
+	// GuestBudget is how many frames ahead of a paced guest
+	// (OwnerGuestPaced) input may be logged: less than its tap's queue.
+	GuestBudget int
 }
 
 // DefaultConfig is what the daemon uses unless told otherwise.
@@ -73,6 +81,7 @@ var DefaultConfig = Config{
 	HoldCapacity:    4096,
 	LogRingBytes:    8 << 20,
 	SerializerQueue: 2048,
+	GuestBudget:     2048,
 }
 
 func (c Config) validate() error {
@@ -89,6 +98,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("log ring size %d: must be a power of two of at least a page", c.LogRingBytes)
 	case c.SerializerQueue < 1:
 		return fmt.Errorf("serializer queue %d: must be at least 1", c.SerializerQueue)
+	case c.GuestBudget < 1:
+		return fmt.Errorf("guest budget %d: must be at least 1", c.GuestBudget)
 	}
 	return nil
 }
@@ -113,6 +124,9 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 	}
 	if err := spec.Variables["hold_capacity"].Set(uint64(cfg.HoldCapacity)); err != nil {
 		return nil, fmt.Errorf("set hold_capacity: %w", err)
+	}
+	if err := spec.Variables["guest_budget"].Set(uint64(cfg.GuestBudget)); err != nil {
+		return nil, fmt.Errorf("set guest_budget: %w", err)
 	}
 	spec.Maps[gatewayMapLogRing].MaxEntries = uint32(cfg.LogRingBytes)
 	return spec, nil
@@ -249,6 +263,33 @@ func (d *Datapath) SetAcked(pos uint64) { atomic.StoreUint64(&d.state.Acked, pos
 // host failed, and acknowledged output may leave; after it, output waits
 // (outputcommit.Gate.Lease). Output in passthrough needs no lease.
 func (d *Datapath) SetLease(untilNs uint64) { atomic.StoreUint64(&d.state.LeaseUntil, untilNs) }
+
+// SetInputBase publishes where the paced guest's count of its input starts
+// in the log: GuestCounter's count minus base is the log position it has
+// taken its input up to (OwnerGuestPaced).
+func (d *Datapath) SetInputBase(base uint64) { atomic.StoreUint64(&d.state.InputBase, base) }
+
+// GuestCounter is a paced guest's side of the log state (OwnerGuestPaced):
+// it publishes how many frames it has taken from its tap. The guest gets
+// the state from the daemon as a file (Datapath.StateFile).
+type GuestCounter struct {
+	mem   []byte
+	state *gatewayLogState
+}
+
+// OpenGuestCounter maps the log state f for a guest.
+func OpenGuestCounter(f *os.File) (*GuestCounter, error) {
+	mem, err := unix.Mmap(int(f.Fd()), 0, unix.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap log state: %w", err)
+	}
+	return &GuestCounter{mem: mem, state: (*gatewayLogState)(unsafe.Pointer(&mem[0]))}, nil
+}
+
+// Taken publishes the count of frames the guest has taken in.
+func (c *GuestCounter) Taken(n uint64) { atomic.StoreUint64(&c.state.GuestTaken, n) }
+
+func (c *GuestCounter) Close() error { return unix.Munmap(c.mem) }
 
 // Pending is the number of frames in the hold queue as the programs see it.
 func (d *Datapath) Pending() uint64 {

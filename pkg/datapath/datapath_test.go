@@ -317,6 +317,50 @@ func TestSerializeInputDropsWhenLogIsFull(t *testing.T) {
 	}
 }
 
+// A paced guest is never handed more than its budget of logged frames it
+// has not taken: its tap would drop the rest after they were logged, and
+// the secondary's guest would take frames this one never saw. Past the
+// budget, input is dropped before it is logged.
+func TestSerializeInputKeepsAPacedGuestWithinItsBudget(t *testing.T) {
+	cfg := datapath.DefaultConfig
+	cfg.GuestBudget = 2
+	l, prog := serializer(t, cfg)
+	if err := l.owner.Publish(vip.Record{Epoch: 1, Role: vip.RoleActive, IP: vmIP, MAC: vmMAC, GuestPaced: true}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := l.d.StateFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest, err := datapath.OpenGuestCounter(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer guest.Close()
+
+	frame := udpTo(vmMAC, 100)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpDrop, datapath.CounterRxGuestBehind) // 2 frames in flight
+	if l.d.Head() != 2 {
+		t.Fatalf("head %d, want 2: a frame dropped for the guest took a position", l.d.Head())
+	}
+	guest.Taken(1)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpDrop, datapath.CounterRxGuestBehind)
+	// A guest restored from a snapshot counts on from its snapshot's
+	// count: the base says where that is in the log.
+	l.d.SetInputBase(100)
+	guest.Taken(102) // position 2 of 3
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+	l.run(t, prog, frame, xdpDrop, datapath.CounterRxGuestBehind)
+
+	// A guest that does not publish is not paced.
+	l.publish(t, vip.RoleActive, false)
+	l.run(t, prog, frame, xdpRedirect, datapath.CounterRxLogged)
+}
+
 func TestGuestEgress(t *testing.T) {
 	l, _ := serializer(t, datapath.DefaultConfig)
 	prog := l.d.Programs()["guest_egress"]

@@ -31,14 +31,15 @@ const (
 	gatewayCounterCOUNTER_RX_TOO_LONG       gatewayCounter = 3
 	gatewayCounterCOUNTER_RX_STANDBY        gatewayCounter = 4
 	gatewayCounterCOUNTER_RX_MALFORMED      gatewayCounter = 5
-	gatewayCounterCOUNTER_TX_FAST           gatewayCounter = 6
-	gatewayCounterCOUNTER_TX_HELD           gatewayCounter = 7
-	gatewayCounterCOUNTER_TX_HOLD_FULL      gatewayCounter = 8
-	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET gatewayCounter = 9
-	gatewayCounterCOUNTER_TX_SUPPRESSED     gatewayCounter = 10
-	gatewayCounterCOUNTER_TX_MALFORMED      gatewayCounter = 11
-	gatewayCounterCOUNTER_TX_META_FAILED    gatewayCounter = 12
-	gatewayCounterCOUNTER__LEN              gatewayCounter = 13
+	gatewayCounterCOUNTER_RX_GUEST_BEHIND   gatewayCounter = 6
+	gatewayCounterCOUNTER_TX_FAST           gatewayCounter = 7
+	gatewayCounterCOUNTER_TX_HELD           gatewayCounter = 8
+	gatewayCounterCOUNTER_TX_HOLD_FULL      gatewayCounter = 9
+	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET gatewayCounter = 10
+	gatewayCounterCOUNTER_TX_SUPPRESSED     gatewayCounter = 11
+	gatewayCounterCOUNTER_TX_MALFORMED      gatewayCounter = 12
+	gatewayCounterCOUNTER_TX_META_FAILED    gatewayCounter = 13
+	gatewayCounterCOUNTER__LEN              gatewayCounter = 14
 )
 
 type gatewayCounterValue struct {
@@ -85,6 +86,10 @@ type gatewayLogState struct {
 	Pad3       [56]uint8
 	LeaseUntil uint64
 	Pad4       [56]uint8
+	GuestTaken uint64
+	Pad5       [56]uint8
+	InputBase  uint64
+	Pad6       [56]uint8
 }
 
 type gatewayOwnerRecord struct {
@@ -124,6 +129,7 @@ const (
 	gatewayProgSerializeInput = "serialize_input"
 	gatewayProgUplinkIngress  = "uplink_ingress"
 	gatewayProgXdpPass        = "xdp_pass"
+	gatewayVarGuestBudget     = "guest_budget"
 	gatewayVarHoldCapacity    = "hold_capacity"
 	gatewayVarSerializerCpu   = "serializer_cpu"
 )
@@ -197,6 +203,7 @@ type gatewayMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type gatewayVariableSpecs struct {
+	GuestBudget   *ebpf.VariableSpec `ebpf:"guest_budget"`
 	HoldCapacity  *ebpf.VariableSpec `ebpf:"hold_capacity"`
 	SerializerCpu *ebpf.VariableSpec `ebpf:"serializer_cpu"`
 }
@@ -254,6 +261,7 @@ func (m *gatewayMaps) Close() error {
 //
 // It can be passed to loadGatewayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type gatewayVariables struct {
+	GuestBudget   *ebpf.Variable `ebpf:"guest_budget"`
 	HoldCapacity  *ebpf.Variable `ebpf:"hold_capacity"`
 	SerializerCpu *ebpf.Variable `ebpf:"serializer_cpu"`
 }

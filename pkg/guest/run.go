@@ -29,6 +29,10 @@ type Config struct {
 	// Restore, if set, is where the guest starts: a snapshot of another
 	// guest (its STATE) at a log position.
 	Restore *State
+	// OnTaken, if set, gets the count of frames taken from the tap so
+	// far, counted as State.Frames counts them (from the restored count),
+	// after each read: the data path paces the guest's input on it.
+	OnTaken func(frames uint64)
 }
 
 // Run acts as the VM behind cfg.Tap until ctx is done, then returns nil.
@@ -83,8 +87,17 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 
 	frames := make(chan []byte, 256)
 	var readErr error // set before frames is closed
+	var taken uint64
+	if cfg.Restore != nil {
+		taken = cfg.Restore.Frames
+	}
+	onTaken := cfg.OnTaken
+	if onTaken == nil {
+		onTaken = func(uint64) {}
+	}
+	onTaken(taken)
 	wg.Go(func() {
-		readErr = readFrames(ctx, t, frames)
+		readErr = readFrames(ctx, t, frames, func() { taken++; onTaken(taken) })
 		close(frames)
 	})
 	stateReqs := make(chan chan State)
@@ -133,8 +146,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 }
 
-// readFrames copies each frame from t to out until t fails or ctx is done.
-func readFrames(ctx context.Context, t *tap.Tap, out chan<- []byte) error {
+// readFrames copies each frame from t to out until t fails or ctx is done,
+// calling took after each read.
+func readFrames(ctx context.Context, t *tap.Tap, out chan<- []byte, took func()) error {
 	buf := make([]byte, maxFrame)
 	for {
 		n, err := t.Read(buf)
@@ -144,6 +158,7 @@ func readFrames(ctx context.Context, t *tap.Tap, out chan<- []byte) error {
 			}
 			return err
 		}
+		took()
 		select {
 		case out <- append([]byte(nil), buf[:n]...):
 		case <-ctx.Done():

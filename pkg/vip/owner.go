@@ -53,6 +53,9 @@ type Record struct {
 	// EngineLogs: the VM engine logs its own input, as QEMU's replay log
 	// does, and writes the log head itself.
 	EngineLogs bool
+	// GuestPaced: the guest publishes how far it has taken its input, and
+	// input is not logged too far ahead of it (datapath.OwnerGuestPaced).
+	GuestPaced bool
 }
 
 func (r Record) encode() (datapath.OwnerRecord, error) {
@@ -77,6 +80,9 @@ func (r Record) encode() (datapath.OwnerRecord, error) {
 	}
 	if r.EngineLogs {
 		out.Flags |= datapath.OwnerEngineLogs
+	}
+	if r.GuestPaced {
+		out.Flags |= datapath.OwnerGuestPaced
 	}
 	return out, nil
 }
