@@ -435,3 +435,34 @@ func TestHistoryLoadConfig(t *testing.T) {
 		})
 	}
 }
+
+func TestAnomalies(t *testing.T) {
+	ops := []Op{
+		put(0, "k0", "c0-0", 1, 0, 10),
+		put(0, "k0", "c0-1", 2, 20, 30),
+		get(1, "k0", "c0-0", 40, 50), // overwritten before it began
+		get(2, "k0", "c0-1", 40, 50),
+		put(0, "k1", "c0-2", 3, 60, 70),
+		getNotFound(1, "k1", 80, 90), // lost
+		get(2, "k2", "ghost", 80, 90),
+		get(1, "k0", "c3-9", 100, 110),
+		put(3, "k0", "c3-9", 4, 120, 130), // read before it was sent
+	}
+	got := Anomalies(ops, 10)
+	want := []string{"overwritten before", "read a value nobody wrote", "read nothing", "sent only at"}
+	if len(got) != len(want) {
+		t.Fatalf("anomalies %q, want %d", got, len(want))
+	}
+	for _, w := range want {
+		found := false
+		for _, g := range got {
+			found = found || strings.Contains(g, w)
+		}
+		if !found {
+			t.Errorf("no anomaly %q in %q", w, got)
+		}
+	}
+	if n := len(Anomalies(ops, 2)); n != 2 {
+		t.Errorf("limit 2: %d anomalies", n)
+	}
+}
