@@ -295,21 +295,23 @@ func recoverPair(ctx context.Context, dir, engine string, t chaosTiming, n *neme
 			return "restarted " + other
 		}
 	} else {
-		// Nobody serves: both daemons start again, the arbiter's owner
-		// first (a restart is all a supervisor can do).
-		owner, _ := arbiterOwner(dir)
-		order := []string{n.primary, n.secondary}
-		if owner == n.secondary {
-			order = []string{n.secondary, n.primary}
-		}
-		progress("nobody serves (arbiter owner %q): restart both daemons", owner)
-		for _, ns := range order {
+		// Nobody serves. A standby's copy (or an arbitrating one) may
+		// be all that is left of the VM: only the daemons that hold
+		// none start again, as their operator would restart them.
+		var restarted []string
+		for _, ns := range []string{n.primary, n.secondary} {
+			s, err := daemonStatus(dir, ns)
+			if err == nil && (s.State == protect.Standby.String() || s.State == protect.Arbitrating.String()) {
+				continue
+			}
+			progress("nobody serves: restart %s's daemon", ns)
 			if err := n.restart(ctx, ns); err != nil {
 				n.note("restart %s: %v", ns, err)
 			}
+			restarted = append(restarted, ns)
 		}
-		if waitPair(ctx, dir, t.protectWait) == nil {
-			return "restarted both"
+		if len(restarted) > 0 && waitPair(ctx, dir, t.protectWait) == nil {
+			return "restarted " + strings.Join(restarted, " and ")
 		}
 	}
 	n.note("still not protected (%s): the lab is rebuilt", pairStates(dir, n))

@@ -90,7 +90,9 @@ func HangArbiterFor(pid int, dir, work string) (heal func() error, err error) {
 		// A daemon that is gone took its mount namespace with it.
 		var err error
 		if syscall.Kill(pid, 0) == nil {
-			err = nsenterMount(pid, "umount", dir)
+			// Lazily: the daemon's readers stuck on the FIFO keep the
+			// mount busy until they wake, below.
+			err = nsenterMount(pid, "umount", "--lazy", dir)
 		}
 		// Readers stuck on a FIFO wake with EOF once a writer comes and
 		// goes (they read an empty, undecodable claim, past their

@@ -256,6 +256,7 @@ func NewSchedule(rng *rand.Rand, index int, ft time.Duration) Schedule {
 	s := Schedule{Index: index, FailureTimeout: ft}
 	n := 1 + rng.IntN(3)
 	downHost, haveDown := Role(0), false
+	killed := false // a crash or kill took downHost down: pausing it does nothing
 	// Bounded: a draw that would take the other host down is drawn again.
 	for attempt := 0; len(s.Faults) < n && attempt < 100; attempt++ {
 		f := newFault(rng, ft)
@@ -271,6 +272,14 @@ func NewSchedule(rng *rand.Rand, index int, ft time.Duration) Schedule {
 			case role != downHost:
 				continue // it hits the standby, and the primary is down already
 			}
+			if killed && (f.Kind == FaultDaemonPause || f.Kind == FaultGuestPause) {
+				continue // nothing left to pause before the host's restart
+			}
+			killed = killed || f.Kind == FaultHostCrash || f.Kind == FaultDaemonKill
+		} else if haveDown && f.Kind.Targeted() {
+			// The other host is the one left to hit: cut off from the
+			// arbiter or paused while it should take over.
+			f.Target = 1 - downHost
 		}
 		s.Faults = append(s.Faults, f)
 	}
