@@ -51,6 +51,13 @@ func timingFor(engine string) chaosTiming {
 		protectWait: 20 * time.Second, schedule: 2 * time.Minute, checkTimeout: time.Minute}
 }
 
+// vmLost is the recovery of a schedule after which no host had the VM
+// (none served, and restarting those with no copy did not help): the lab
+// is rebuilt, and the VM's acknowledged state is gone. Within a single
+// failure at a time, which is all a schedule asks of the pair, that is a
+// safety violation, even if no read of the history could show it.
+const vmLost = "VM lost, lab rebuilt"
+
 // scheduleResult is what one schedule did and what the checks found.
 type scheduleResult struct {
 	schedule lab.Schedule
@@ -70,7 +77,7 @@ type scheduleResult struct {
 // violation reports whether the schedule broke a safety property.
 func (r scheduleResult) violation() bool {
 	return (r.checked && (r.check.Verdict == porcupine.Illegal || r.check.CounterViolations > 0)) ||
-		len(r.dual) > 0 || len(r.findings) > 0
+		len(r.dual) > 0 || len(r.findings) > 0 || r.recovery == vmLost
 }
 
 func (r scheduleResult) verdict() string {
@@ -161,7 +168,7 @@ func chaosBench(ctx context.Context, w io.Writer, o chaosOptions) error {
 		if r.violation() || r.err != nil {
 			reportViolation(w, o, r)
 		}
-		if r.recovery == "lab rebuilt" || r.err != nil {
+		if r.recovery == vmLost || r.err != nil {
 			// The next schedule starts from a fresh lab.
 			labDown(o.dir)
 			labFT = 0
@@ -208,7 +215,12 @@ func runSchedule(ctx context.Context, o chaosOptions, t chaosTiming, s lab.Sched
 			r.notes = append(r.notes, "capture: "+cerr.Error())
 		}
 		r.dual = lab.DualActiveInstants(releases, lab.DualActiveWindow)
-		progress("judging %d operations, %d frames of the VM seen on the LAN", h.Len(), stats.Frames)
+		byHost := map[string]int{}
+		for _, rel := range releases {
+			byHost[rel.Host]++
+		}
+		progress("judging %d operations; frames of the VM on the LAN by the host that released them: %s %d, %s %d (%d dropped by the capture)",
+			h.Len(), lab.NSPrimary, byHost[lab.NSPrimary], lab.NSSecondary, byHost[lab.NSSecondary], stats.Dropped)
 		r.check = lab.CheckHistory(h, faultAt, t.checkTimeout)
 		r.checked = true
 		// The history's own verdict is what the table shows; a
@@ -241,7 +253,7 @@ func runSchedule(ctx context.Context, o chaosOptions, t chaosTiming, s lab.Sched
 		n.note("heal: %v", err)
 	}
 	r.recovery = recoverPair(ctx, o.dir, o.engine, t, n, progress)
-	if r.recovery != "lab rebuilt" {
+	if r.recovery != vmLost {
 		if err := load.WaitAcked(load.Acked()+t.afterAcks, 30*time.Second); err != nil {
 			n.note("after recovery: %v", err)
 		}
@@ -314,8 +326,8 @@ func recoverPair(ctx context.Context, dir, engine string, t chaosTiming, n *neme
 			return "restarted " + strings.Join(restarted, " and ")
 		}
 	}
-	n.note("still not protected (%s): the lab is rebuilt", pairStates(dir, n))
-	return "lab rebuilt"
+	n.note("VM LOST: still not protected (%s): the lab is rebuilt", pairStates(dir, n))
+	return vmLost
 }
 
 func pairStates(dir string, n *nemesis) string {
