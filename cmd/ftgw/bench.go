@@ -34,6 +34,7 @@ func benchCommand(ctx context.Context, args []string) error {
 	guestEngine := fs.String("guest", engineSynthetic, "with --chaos: the lab's VM, synthetic or qemu")
 	guestDir := fs.String("guest-dir", "build/guest", "with --chaos --guest qemu: where `make guest` put the image")
 	out := fs.String("out", "/tmp/ftgw-chaos", "with --chaos: where the visualizations of failed histories go")
+	faultKinds := fs.String("faults", "", "with --chaos: draw only these faults (comma-separated kinds, e.g. daemon-pause,link-flap)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -41,7 +42,11 @@ func benchCommand(ctx context.Context, args []string) error {
 		return serveEcho(ctx, *echo)
 	}
 	if *chaos > 0 {
-		opts := chaosOptions{dir: *dir, engine: *guestEngine, guestDir: *guestDir, schedules: *chaos, seed: *seed, out: *out,
+		kinds, err := lab.ParseFaultKinds(*faultKinds)
+		if err != nil {
+			return fmt.Errorf("--faults: %w", err)
+		}
+		opts := chaosOptions{kinds: kinds, dir: *dir, engine: *guestEngine, guestDir: *guestDir, schedules: *chaos, seed: *seed, out: *out,
 			failureTimeouts: chaosTimeouts(*guestEngine, *failureTimeout, flagSet(fs, "failure-timeout"))}
 		if !flagSet(fs, "budget") {
 			*budget = time.Duration(*chaos)*timingFor(*guestEngine).schedule + 10*time.Minute

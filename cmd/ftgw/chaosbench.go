@@ -30,6 +30,8 @@ type chaosOptions struct {
 	failureTimeouts []time.Duration
 	// out is where visualizations of failed histories go.
 	out string
+	// kinds limits the faults drawn (none: every kind).
+	kinds []lab.FaultKind
 }
 
 // chaosTiming bounds one engine's schedules.
@@ -126,7 +128,7 @@ func chaosBench(ctx context.Context, w io.Writer, o chaosOptions) error {
 	schedules := make([]lab.Schedule, o.schedules)
 	for i := range schedules {
 		ft := o.failureTimeouts[i*len(o.failureTimeouts)/o.schedules]
-		schedules[i] = lab.NewSchedule(lab.ScheduleRand(o.seed, i), i, ft)
+		schedules[i] = lab.NewScheduleOf(lab.ScheduleRand(o.seed, i), i, ft, o.kinds)
 	}
 	deadline, _ := ctx.Deadline()
 	fmt.Fprintf(w, "ftgw bench --chaos %d --seed %d (guest %s, failure timeouts %v, budget until %s): "+

@@ -37,7 +37,6 @@ type nemesis struct {
 	notes    []string
 	findings []string // what must not happen, short of a checker's verdict
 	restarts map[string]*sync.Mutex
-	impostor *exec.Cmd
 }
 
 func newNemesis(dir, engine string, ft time.Duration, primary, secondary string, progress func(string, ...any)) *nemesis {
@@ -406,21 +405,45 @@ func (n *nemesis) interruptReprotect(ctx context.Context, f lab.Fault) error {
 	return err
 }
 
-// duplicateName replaces the standby's daemon by one with the primary's
-// name, its own certificate and its own peer: as a host whose config was
-// copied from the other's (or whose hostname is the same) would run. It
-// must be refused, by its own config check or by the peer and the
-// arbiter, and take nothing from the VM. The real daemon comes back at
-// heal.
+// duplicateName replaces the standby's daemon by one named like the
+// primary, in two ways an operator could get there: its config copied
+// from the primary's host (or both hosts with one hostname), so its peer
+// is its own name; then its own certificate and peer, only the name the
+// primary's. Each must be refused, by its own config check or by the peer
+// and the arbiter, and take nothing from the VM. The second runs until the
+// heal, when the real daemon comes back.
 func (n *nemesis) duplicateName(ctx context.Context) error {
 	if err := n.crashHost(n.secondary); err != nil {
 		return err
 	}
+	n.addHeal(func() error { return n.restartIfDead(ctx, n.secondary) })
 	cfg, err := loadConfig(filepath.Join(hostDir(n.dir, n.secondary), "ftgw.yaml"))
 	if err != nil {
 		return err
 	}
 	cfg.Name = n.primary
+	copied := cfg
+	swapped := cfg
+	swapped.Peer.Name = n.secondary
+	for i, c := range []struct {
+		how string
+		cfg Config
+	}{
+		{"peer " + copied.Peer.Name + " (a copied config)", copied},
+		{"peer " + swapped.Peer.Name + " (its own certificate's name)", swapped},
+	} {
+		last := i == 1
+		if err := n.runImpostor(ctx, c.how, c.cfg, last); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// runImpostor runs cfg in the standby's namespace and judges it once it
+// has had the time to join or to take the VM; unless it stays (until the
+// heal), it is killed then.
+func (n *nemesis) runImpostor(ctx context.Context, how string, cfg Config, stay bool) error {
 	cfg.StateDir = hostDir(n.dir, n.secondary) + "-impostor"
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return err
@@ -451,35 +474,40 @@ func (n *nemesis) duplicateName(ctx context.Context) error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	n.mu.Lock()
-	n.impostor = cmd
-	n.mu.Unlock()
-	n.addHeal(func() error {
-		cmd.Process.Kill()
-		<-exited
-		return n.restartIfDead(ctx, n.secondary)
-	})
-	// Judge it once it has had the time to join, or to take the VM.
+	var stopOnce sync.Once
+	stop := func() error {
+		stopOnce.Do(func() {
+			cmd.Process.Kill()
+			<-exited
+		})
+		return nil
+	}
+	what := fmt.Sprintf("duplicate name %s on %s, %s", cfg.Name, n.secondary, how)
 	watch := 3*n.ft + 2*time.Second
 	select {
 	case err := <-exited:
-		exited <- err // for the heal
-		n.note("duplicate name %s on %s: refused, the daemon exited (%v): %s", n.primary, n.secondary, err, lastLine(logPath))
+		exited <- err
+		n.note("%s: refused, the daemon exited (%v): %s", what, err, lastLine(logPath))
 		return nil
 	case <-time.After(watch):
 	case <-ctx.Done():
+		stop()
 		return ctx.Err()
 	}
 	s, err := statusAt(controlPath(cfg.StateDir))
 	switch {
 	case err != nil:
-		n.note("duplicate name %s on %s: running, no status (%v): %s", n.primary, n.secondary, err, lastLine(logPath))
+		n.note("%s: running, no status (%v): %s", what, err, lastLine(logPath))
 	case s.Role == "active" || s.State == protect.Standby.String():
-		n.finding("duplicate name %s on %s: accepted, it is %s (%s) at epoch %d", n.primary, n.secondary, s.State, s.Role, s.Epoch)
+		n.finding("%s: accepted, it is %s (%s) at epoch %d", what, s.State, s.Role, s.Epoch)
 	default:
-		n.note("duplicate name %s on %s: kept out, it is %s after %s", n.primary, n.secondary, s.State, watch)
+		n.note("%s: kept out, it is %s after %s: %s", what, s.State, watch, lastLine(logPath))
 	}
-	return nil
+	if stay {
+		n.addHeal(stop)
+		return nil
+	}
+	return stop()
 }
 
 func lastLine(path string) string {

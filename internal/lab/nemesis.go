@@ -3,6 +3,7 @@ package lab
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"time"
 )
@@ -71,6 +72,23 @@ var faultKindNames = [numFaultKinds]string{
 	"link-cut", "link-flap", "asym-partition", "arbiter-partition", "arbiter-stop",
 	"arbiter-slow", "arbiter-restart", "switchover-interrupted", "reprotect-interrupted",
 	"duplicate-name",
+}
+
+// ParseFaultKinds reads a comma-separated list of kinds by name.
+func ParseFaultKinds(list string) ([]FaultKind, error) {
+	var kinds []FaultKind
+	for _, name := range strings.Split(list, ",") {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		i := slices.Index(faultKindNames[:], name)
+		if i < 0 {
+			return nil, fmt.Errorf("no fault %q: want some of %s", name, strings.Join(faultKindNames[:], ", "))
+		}
+		kinds = append(kinds, FaultKind(i))
+	}
+	return kinds, nil
 }
 
 func (k FaultKind) String() string {
@@ -253,13 +271,21 @@ func ScheduleRand(seed uint64, index int) *rand.Rand {
 // timeout is ft. Every kind is equally likely; the faults that can take a
 // host down all hit the same host (see Fault.TakesHostDown).
 func NewSchedule(rng *rand.Rand, index int, ft time.Duration) Schedule {
+	return NewScheduleOf(rng, index, ft, FaultKinds())
+}
+
+// NewScheduleOf is NewSchedule drawing only from kinds (none: every kind).
+func NewScheduleOf(rng *rand.Rand, index int, ft time.Duration, kinds []FaultKind) Schedule {
+	if len(kinds) == 0 {
+		kinds = FaultKinds()
+	}
 	s := Schedule{Index: index, FailureTimeout: ft}
 	n := 1 + rng.IntN(3)
 	downHost, haveDown := Role(0), false
 	killed := false // a crash or kill took downHost down: pausing it does nothing
 	// Bounded: a draw that would take the other host down is drawn again.
 	for attempt := 0; len(s.Faults) < n && attempt < 100; attempt++ {
-		f := newFault(rng, ft)
+		f := newFault(rng, ft, kinds[rng.IntN(len(kinds))])
 		if len(s.Faults) > 0 {
 			f.After = between(rng, 0, 2*ft+200*time.Millisecond)
 		}
@@ -287,8 +313,8 @@ func NewSchedule(rng *rand.Rand, index int, ft time.Duration) Schedule {
 	return s
 }
 
-func newFault(rng *rand.Rand, ft time.Duration) Fault {
-	f := Fault{Kind: FaultKind(rng.IntN(int(numFaultKinds))), Target: Role(rng.IntN(2))}
+func newFault(rng *rand.Rand, ft time.Duration, kind FaultKind) Fault {
+	f := Fault{Kind: kind, Target: Role(rng.IntN(2))}
 	// At least a floor: 50ms timeouts would make "long" outages too short
 	// to see the pair react.
 	longOutage := between(rng, max(ft, 100*time.Millisecond), max(5*ft, 500*time.Millisecond))

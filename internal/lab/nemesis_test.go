@@ -123,3 +123,20 @@ func TestFaultString(t *testing.T) {
 		}
 	}
 }
+
+func TestScheduleOfKinds(t *testing.T) {
+	kinds, err := ParseFaultKinds("duplicate-name, link-flap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		for _, f := range NewScheduleOf(ScheduleRand(3, i), i, time.Second, kinds).Faults {
+			if f.Kind != FaultDuplicateName && f.Kind != FaultLinkFlap {
+				t.Fatalf("schedule of duplicate-name and link-flap has %s", f)
+			}
+		}
+	}
+	if _, err := ParseFaultKinds("host-crash,meteor"); err == nil {
+		t.Error("an unknown fault parses")
+	}
+}
