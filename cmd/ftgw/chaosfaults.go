@@ -406,12 +406,13 @@ func (n *nemesis) interruptReprotect(ctx context.Context, f lab.Fault) error {
 }
 
 // duplicateName replaces the standby's daemon by one named like the
-// primary, in two ways an operator could get there: its config copied
+// primary, in the ways an operator could get there: its config copied
 // from the primary's host (or both hosts with one hostname), so its peer
-// is its own name; then its own certificate and peer, only the name the
-// primary's. Each must be refused, by its own config check or by the peer
-// and the arbiter, and take nothing from the VM. The second runs until the
-// heal, when the real daemon comes back.
+// is its own name; its own certificate and peer, only the name the
+// primary's; the primary's name and certificate (its /etc/ftgw copied)
+// with this host's addresses. Each must be refused, by its own config
+// check or by the peer and the arbiter, and take nothing from the VM. The
+// last runs until the heal, when the real daemon comes back.
 func (n *nemesis) duplicateName(ctx context.Context) error {
 	if err := n.crashHost(n.secondary); err != nil {
 		return err
@@ -425,14 +426,24 @@ func (n *nemesis) duplicateName(ctx context.Context) error {
 	copied := cfg
 	swapped := cfg
 	swapped.Peer.Name = n.secondary
-	for i, c := range []struct {
+	primaryCfg, err := loadConfig(filepath.Join(hostDir(n.dir, n.primary), "ftgw.yaml"))
+	if err != nil {
+		return err
+	}
+	// The primary's whole identity copied over, its addresses this
+	// host's: the certificate the primary's peer check must refuse.
+	cloned := swapped
+	cloned.Peer.Cert, cloned.Peer.Key = primaryCfg.Peer.Cert, primaryCfg.Peer.Key
+	impostors := []struct {
 		how string
 		cfg Config
 	}{
 		{"peer " + copied.Peer.Name + " (a copied config)", copied},
-		{"peer " + swapped.Peer.Name + " (its own certificate's name)", swapped},
-	} {
-		last := i == 1
+		{"peer " + swapped.Peer.Name + " (its own certificate)", swapped},
+		{"peer " + cloned.Peer.Name + " (the primary's certificate)", cloned},
+	}
+	for i, c := range impostors {
+		last := i == len(impostors)-1
 		if err := n.runImpostor(ctx, c.how, c.cfg, last); err != nil {
 			return err
 		}
