@@ -60,6 +60,10 @@ func timingFor(engine string) chaosTiming {
 // safety violation, even if no read of the history could show it.
 const vmLost = "VM lost, lab rebuilt"
 
+// budgetSpent: the schedule's time ran out while it waited for the pair;
+// the next one starts from a fresh lab.
+const budgetSpent = "budget spent"
+
 // scheduleResult is what one schedule did and what the checks found.
 type scheduleResult struct {
 	schedule lab.Schedule
@@ -170,7 +174,7 @@ func chaosBench(ctx context.Context, w io.Writer, o chaosOptions) error {
 		if r.violation() || r.err != nil {
 			reportViolation(w, o, r)
 		}
-		if r.recovery == vmLost || r.err != nil {
+		if r.recovery == vmLost || r.recovery == budgetSpent || r.err != nil {
 			// The next schedule starts from a fresh lab.
 			labDown(o.dir)
 			labFT = 0
@@ -255,7 +259,7 @@ func runSchedule(ctx context.Context, o chaosOptions, t chaosTiming, s lab.Sched
 		n.note("heal: %v", err)
 	}
 	r.recovery = recoverPair(ctx, o.dir, o.engine, t, n, progress)
-	if r.recovery != vmLost {
+	if r.recovery != vmLost && r.recovery != budgetSpent {
 		if err := load.WaitAcked(load.Acked()+t.afterAcks, 30*time.Second); err != nil {
 			n.note("after recovery: %v", err)
 		}
@@ -290,6 +294,10 @@ func recoverPair(ctx context.Context, dir, engine string, t chaosTiming, n *neme
 	if waitPair(ctx, dir, t.protectWait) == nil {
 		progress("protected again %s after the heal", time.Since(waited).Round(time.Millisecond))
 		return ""
+	}
+	if ctx.Err() != nil {
+		n.note("the schedule's budget ran out before the pair was protected again: %s", pairStates(dir, n))
+		return budgetSpent
 	}
 	states := pairStates(dir, n)
 	n.note("RECOVERY FAILURE: not protected %s after the heal: %s", t.protectWait, states)
