@@ -3,7 +3,7 @@
 # is missing. Go itself must be on PATH (>= the version in go.mod).
 set -eu
 
-packages="clang llvm libbpf-dev iproute2 ethtool iputils-ping etcd-server gcc qemu-system-x86 qemu-utils"
+packages="clang llvm libbpf-dev iproute2 ethtool iputils-ping etcd-server gcc qemu-system-x86 qemu-utils nftables"
 missing=""
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

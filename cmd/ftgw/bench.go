@@ -29,12 +29,31 @@ func benchCommand(ctx context.Context, args []string) error {
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")
 	failovers := fs.Int("failover", 0, "instead: run this many random failovers under a write load, each on a fresh lab, and check no acknowledged write is lost")
 	seed := fs.Uint64("seed", uint64(time.Now().UnixNano()), "with --failover: the random seed")
-	failureTimeout := fs.Duration("failure-timeout", 50*time.Millisecond, "with --failover: the lab's failure timeout")
+	failureTimeout := fs.Duration("failure-timeout", 50*time.Millisecond, "with --failover: the lab's failure timeout; with --chaos: the only one (default: half the schedules at 50ms, half at 1s; 1s with --guest qemu)")
+	chaos := fs.Int("chaos", 0, "instead: run this many random fault schedules under a concurrent load, each history checked for linearizability and dual-active instants")
+	guestEngine := fs.String("guest", engineSynthetic, "with --chaos: the lab's VM, synthetic or qemu")
+	guestDir := fs.String("guest-dir", "build/guest", "with --chaos --guest qemu: where `make guest` put the image")
+	out := fs.String("out", "/tmp/ftgw-chaos", "with --chaos: where the visualizations of failed histories go")
+	faultKinds := fs.String("faults", "", "with --chaos: draw only these faults (comma-separated kinds, e.g. daemon-pause,link-flap)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *echo != "" {
 		return serveEcho(ctx, *echo)
+	}
+	if *chaos > 0 {
+		kinds, err := lab.ParseFaultKinds(*faultKinds)
+		if err != nil {
+			return fmt.Errorf("--faults: %w", err)
+		}
+		opts := chaosOptions{kinds: kinds, dir: *dir, engine: *guestEngine, guestDir: *guestDir, schedules: *chaos, seed: *seed, out: *out,
+			failureTimeouts: chaosTimeouts(*guestEngine, *failureTimeout, flagSet(fs, "failure-timeout"))}
+		if !flagSet(fs, "budget") {
+			*budget = time.Duration(*chaos)*timingFor(*guestEngine).schedule + 10*time.Minute
+		}
+		ctx, cancel := context.WithTimeout(ctx, *budget)
+		defer cancel()
+		return chaosBench(ctx, os.Stdout, opts)
 	}
 	if *failovers > 0 {
 		ctx, cancel := context.WithTimeout(ctx, *budget)

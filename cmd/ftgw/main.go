@@ -31,6 +31,7 @@ Usage:
   ftgw lab up|down|status|...          the two-host lab on this machine
   ftgw bench [flags]                   measure the lab: commit latency and rates
   ftgw bench --failover N              N random failovers under load, checked
+  ftgw bench --chaos N [--seed S] [--guest qemu]  N random fault schedules, every history checked
 
 The daemon's control socket (default /run/ftgw/control.sock) is root's only.
 Run "ftgw COMMAND -h" for a command's flags.

@@ -1,7 +1,9 @@
 package lab
 
 import (
+	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -433,5 +435,83 @@ func TestHistoryLoadConfig(t *testing.T) {
 				t.Errorf("defaults %+v, want 4 clients, 5 keys, write fraction 0.5", cfg)
 			}
 		})
+	}
+}
+
+func TestAnomalies(t *testing.T) {
+	ops := []Op{
+		put(0, "k0", "c0-0", 1, 0, 10),
+		put(0, "k0", "c0-1", 2, 20, 30),
+		get(1, "k0", "c0-0", 40, 50), // overwritten before it began
+		get(2, "k0", "c0-1", 40, 50),
+		put(0, "k1", "c0-2", 3, 60, 70),
+		getNotFound(1, "k1", 80, 90), // lost
+		get(2, "k2", "ghost", 80, 90),
+		get(1, "k0", "c3-9", 100, 110),
+		put(3, "k0", "c3-9", 4, 120, 130), // read before it was sent
+	}
+	got := Anomalies(ops, 10)
+	want := []string{"overwritten before", "read a value nobody wrote", "read nothing", "sent only at"}
+	if len(got) != len(want) {
+		t.Fatalf("anomalies %q, want %d", got, len(want))
+	}
+	for _, w := range want {
+		found := false
+		for _, g := range got {
+			found = found || strings.Contains(g, w)
+		}
+		if !found {
+			t.Errorf("no anomaly %q in %q", w, got)
+		}
+	}
+	if n := len(Anomalies(ops, 2)); n != 2 {
+		t.Errorf("limit 2: %d anomalies", n)
+	}
+}
+
+// A long outage leaves hundreds of PUTs without an answer. Those that no
+// read saw cannot change the verdict, and must not make the search blow
+// up; one a read saw still counts.
+func TestManyIndeterminatePutsDecided(t *testing.T) {
+	var ops []Op
+	clock := 0
+	for i := range 3000 {
+		key := fmt.Sprintf("k%d", i%3)
+		value := fmt.Sprintf("c%d-%d", i%4, i)
+		switch {
+		case i%10 == 3:
+			ops = append(ops, timedOut(put(i%4, key, value, 0, clock, clock+1)))
+		case i%2 == 0:
+			ops = append(ops, put(i%4, key, value, uint64(i+1), clock, clock+1))
+		}
+		clock += 2
+	}
+	// A read of the last timed-out PUT of k0, after it.
+	var seen Op
+	for _, op := range ops {
+		if op.Key == "k0" && op.Outcome == OutcomeIndeterminate {
+			seen = op
+		}
+	}
+	ops = append(ops, get(1, "k0", seen.Value, clock+1, clock+2))
+	res := CheckHistory(historyOf(ops...), time.Time{}, 10*time.Second)
+	if res.Verdict != porcupine.Ok {
+		t.Fatalf("verdict %s, want ok: %s", res.Verdict, res)
+	}
+	// The read put the timed-out PUT after every acknowledged one: a
+	// later read of an earlier value is stale.
+	var after Op
+	for _, op := range ops {
+		if op.Key == "k0" && op.Kind == OpPut && op.Outcome == OutcomeOK && op.Invoke.After(seen.Return) {
+			after = op
+			break
+		}
+	}
+	if after.Value == "" {
+		t.Skip("no acknowledged PUT after the read one")
+	}
+	stale := append(slices.Clone(ops), get(3, "k0", after.Value, clock+3, clock+4))
+	if res := CheckHistory(historyOf(stale...), time.Time{}, 10*time.Second); res.Verdict != porcupine.Illegal {
+		t.Errorf("a value read after a later read of its overwrite: verdict %s, want illegal", res.Verdict)
 	}
 }
