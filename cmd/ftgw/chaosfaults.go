@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/pkg/arbiter"
 	"github.com/ftgw/ftgw/pkg/protect"
 )
 
@@ -37,6 +38,15 @@ type nemesis struct {
 	notes    []string
 	findings []string // what must not happen, short of a checker's verdict
 	restarts map[string]*sync.Mutex
+	// claimedThenHit: a switchover's standby had claimed the VM when a
+	// fault hit it (vmLostUnprotected).
+	claimedThenHit bool
+}
+
+func (n *nemesis) hitAfterClaim() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.claimedThenHit
 }
 
 func newNemesis(dir, engine string, ft time.Duration, primary, secondary string, progress func(string, ...any)) *nemesis {
@@ -378,10 +388,33 @@ func (n *nemesis) interruptSwitchover(f lab.Fault) error {
 	select {
 	case reply := <-replied:
 		n.note("switchover: %s hit %s after it answered: %s", n.secondary, f.Delay.Round(time.Millisecond), reply)
+		// Had the standby claimed the VM by then? Then it was the VM's
+		// only copy when it was hit.
+		var answer switchoverReply
+		if json.Unmarshal([]byte(reply), &answer) == nil && answer.Epoch > 0 {
+			if c, cerr := labArbiterClaim(n.dir); cerr == nil && c.Epoch > answer.Epoch && c.Owner == n.secondary {
+				n.note("switchover: %s had claimed the VM (epoch %d) before it was hit: it served alone, a second failure would lose the VM", n.secondary, c.Epoch)
+				n.mu.Lock()
+				n.claimedThenHit = true
+				n.mu.Unlock()
+			}
+		}
 	case <-time.After(100 * time.Millisecond):
 		n.note("switchover: %s hit before it answered", n.secondary)
 	}
 	return err
+}
+
+// labArbiterClaim reads the lab's arbiter for its VM.
+func labArbiterClaim(dir string) (arbiter.Claim, error) {
+	a, err := arbiter.Open("file:" + filepath.Join(dir, "arbiter"))
+	if err != nil {
+		return arbiter.Claim{}, err
+	}
+	defer a.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return a.Current(ctx, lab.VMName)
 }
 
 // interruptReprotect restarts the standby's daemon, so the primary
