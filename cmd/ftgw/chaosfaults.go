@@ -38,6 +38,9 @@ type nemesis struct {
 	notes    []string
 	findings []string // what must not happen, short of a checker's verdict
 	restarts map[string]*sync.Mutex
+	// killed: hosts whose daemon the nemesis itself took down (any other
+	// exit is worth a note).
+	killed map[string]bool
 	// claimedThenHit: a switchover's standby had claimed the VM when a
 	// fault hit it (vmLostUnprotected).
 	claimedThenHit bool
@@ -54,6 +57,7 @@ func newNemesis(dir, engine string, ft time.Duration, primary, secondary string,
 		dir: dir, engine: engine, ft: ft, primary: primary, secondary: secondary, progress: progress,
 		healNow:  make(chan struct{}),
 		restarts: map[string]*sync.Mutex{primary: {}, secondary: {}},
+		killed:   map[string]bool{},
 	}
 }
 
@@ -128,8 +132,15 @@ func waitGone(pid int, timeout time.Duration) bool {
 	return true
 }
 
+func (n *nemesis) markKilled(ns string) {
+	n.mu.Lock()
+	n.killed[ns] = true
+	n.mu.Unlock()
+}
+
 // killDaemonNow SIGKILLs the daemon in ns and waits until it is gone.
 func (n *nemesis) killDaemonNow(ns string) error {
+	n.markKilled(ns)
 	pid, err := n.daemonPid(ns)
 	if err != nil {
 		return err
@@ -145,6 +156,7 @@ func (n *nemesis) killDaemonNow(ns string) error {
 }
 
 func (n *nemesis) crashHost(ns string) error {
+	n.markKilled(ns)
 	pid, _ := n.daemonPid(ns)
 	if err := lab.Crash(ns); err != nil {
 		return err
@@ -277,9 +289,57 @@ func (n *nemesis) hangArbiter(hosts []string, d time.Duration) error {
 	return nil
 }
 
+// quickStatus asks a daemon for its status with a short deadline: a
+// paused one does not answer.
+func (n *nemesis) quickStatus(ns string) (Status, bool) {
+	var s Status
+	client := controlClient(controlPath(hostDir(n.dir, ns)))
+	client.Timeout = 300 * time.Millisecond
+	resp, err := client.Get("http://ftgw/status")
+	if err != nil {
+		return s, false
+	}
+	defer resp.Body.Close()
+	return s, json.NewDecoder(resp.Body).Decode(&s) == nil
+}
+
+// liveTarget is the host a fault that takes a host down may hit now. The
+// schedule drew planned while the pair was protected; earlier faults may
+// have left one host serving alone since (a cut link's winner, a
+// paused primary's successor), and taking that one down as well would be a
+// second failure, which loses the VM by design: then the fault hits the
+// other host.
+func (n *nemesis) liveTarget(planned string) string {
+	statuses := map[string]Status{}
+	for _, ns := range []string{n.primary, n.secondary} {
+		if s, ok := n.quickStatus(ns); ok {
+			statuses[ns] = s
+		}
+	}
+	pri, sec := statuses[n.primary].State, statuses[n.secondary].State
+	protected, standby := protect.Protected.String(), protect.Standby.String()
+	if (pri == protected && sec == standby) || (pri == standby && sec == protected) {
+		return planned // either host may go
+	}
+	var serving []string
+	for ns, s := range statuses {
+		if s.Role == "active" {
+			serving = append(serving, ns)
+		}
+	}
+	if len(serving) == 1 && serving[0] == planned {
+		n.note("%s serves alone: the fault hits %s instead", planned, n.other(planned))
+		return n.other(planned)
+	}
+	return planned
+}
+
 // inject starts f; the faults that last end on their own (or at heal).
 func (n *nemesis) inject(ctx context.Context, f lab.Fault) error {
 	target := n.host(f.Target)
+	if f.TakesHostDown() {
+		target = n.liveTarget(target)
+	}
 	switch f.Kind {
 	case lab.FaultHostCrash, lab.FaultDaemonKill:
 		var err error
@@ -571,7 +631,10 @@ func (n *nemesis) heal(ctx context.Context) error {
 		errs = append(errs, heals[i]())
 	}
 	for _, ns := range []string{n.primary, n.secondary} {
-		if pid, err := n.daemonPid(ns); err == nil && !alive(pid) {
+		n.mu.Lock()
+		killed := n.killed[ns]
+		n.mu.Unlock()
+		if pid, err := n.daemonPid(ns); err == nil && !alive(pid) && !killed {
 			n.note("%s: its daemon had exited: %s", ns, lastLine(filepath.Join(hostDir(n.dir, ns), "ftgw.log")))
 		}
 		errs = append(errs, n.restartIfDead(ctx, ns))

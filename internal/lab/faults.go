@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -18,24 +19,25 @@ import (
 // Faults that the nemesis injects into the lab beyond Crash and
 // SetReplLink. Each returns its heal, which may be called more than once.
 
-// chaosTable is the nftables table a partition creates in a host's
-// namespace; deleting it heals the partition.
-const chaosTable = "ftgw_chaos"
+// partitions numbers the nftables tables partitions create, one each (two
+// partitions of one host overlap: each heal deletes only its own).
+var partitions atomic.Int64
 
 // DropReplFrom drops, in ns, every packet it sends on the replication
 // link: a one-way partition (the peer's packets still arrive).
 func DropReplFrom(ns string) (heal func() error, err error) {
+	table := fmt.Sprintf("ftgw_chaos_%d", partitions.Add(1))
 	rules := fmt.Sprintf(`table inet %s {
 	chain out {
 		type filter hook output priority 0; policy accept;
 		oifname %q counter drop
 	}
 }
-`, chaosTable, ReplLink)
+`, table, ReplLink)
 	if err := nft(ns, rules, "-f", "-"); err != nil {
 		return nil, fmt.Errorf("one-way partition from %s: %w", ns, err)
 	}
-	return once(func() error { return nft(ns, "", "delete", "table", "inet", chaosTable) }), nil
+	return once(func() error { return nft(ns, "", "delete", "table", "inet", table) }), nil
 }
 
 func nft(ns, stdin string, args ...string) error {
@@ -89,7 +91,8 @@ func HangArbiterFor(pid int, dir, work string) (heal func() error, err error) {
 	return once(func() error {
 		// A daemon that is gone took its mount namespace with it.
 		var err error
-		if syscall.Kill(pid, 0) == nil {
+		// (A zombie has no namespaces left either.)
+		if _, serr := os.Stat(fmt.Sprintf("/proc/%d/ns/mnt", pid)); serr == nil {
 			// Lazily: the daemon's readers stuck on the FIFO keep the
 			// mount busy until they wake, below.
 			err = nsenterMount(pid, "umount", "--lazy", dir)

@@ -108,6 +108,17 @@ func (k FaultKind) Targeted() bool {
 	return true
 }
 
+// Compound reports whether the kind is a sequence on a protected pair (a
+// switchover, a re-protection, a replaced standby) that a fault then
+// interrupts: it only starts a schedule, when the pair is protected.
+func (k FaultKind) Compound() bool {
+	switch k {
+	case FaultSwitchoverInterrupted, FaultReprotectInterrupted, FaultDuplicateName:
+		return true
+	}
+	return false
+}
+
 // Role is a host as the schedule found it: the protected primary, or its
 // standby.
 type Role uint8
@@ -268,8 +279,9 @@ func ScheduleRand(seed uint64, index int) *rand.Rand {
 }
 
 // NewSchedule draws a schedule of 1 to 3 faults for a pair whose failure
-// timeout is ft. Every kind is equally likely; the faults that can take a
-// host down all hit the same host (see Fault.TakesHostDown).
+// timeout is ft. Every kind is equally likely, a compound one only first;
+// the faults that can take a host down all hit the same host (see
+// Fault.TakesHostDown; the nemesis also checks the pair as it stands).
 func NewSchedule(rng *rand.Rand, index int, ft time.Duration) Schedule {
 	return NewScheduleOf(rng, index, ft, FaultKinds())
 }
@@ -286,6 +298,9 @@ func NewScheduleOf(rng *rand.Rand, index int, ft time.Duration, kinds []FaultKin
 	// Bounded: a draw that would take the other host down is drawn again.
 	for attempt := 0; len(s.Faults) < n && attempt < 100; attempt++ {
 		f := newFault(rng, ft, kinds[rng.IntN(len(kinds))])
+		if f.Kind.Compound() && len(s.Faults) > 0 {
+			continue
+		}
 		if len(s.Faults) > 0 {
 			f.After = between(rng, 0, 2*ft+200*time.Millisecond)
 		}

@@ -78,7 +78,10 @@ func TestScheduleTakesOneHostDown(t *testing.T) {
 		for i := range 100 {
 			s := NewSchedule(ScheduleRand(seed, i), i, 50*time.Millisecond)
 			var down []Role
-			for _, f := range s.Faults {
+			for j, f := range s.Faults {
+				if f.Kind.Compound() && j > 0 {
+					t.Errorf("seed %d schedule %d: %s is not first: %s", seed, i, f, s)
+				}
 				if r, ok := f.HostDown(); ok {
 					down = append(down, r)
 				}
