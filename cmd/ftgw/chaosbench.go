@@ -60,13 +60,13 @@ func timingFor(engine string) chaosTiming {
 // safety violation, even if no read of the history could show it.
 const vmLost = "VM lost, lab rebuilt"
 
-// vmLostUnprotected is a VM lost to a second failure: a switchover's
-// standby had claimed the VM, and served it alone, when the fault hit it,
-// before the old primary was rebuilt as its standby. A pair of two hosts
-// survives one failure at a time, as VMware FT does; this one hit the only
-// copy. It is reported, and counted apart from the single-failure
-// violations.
-const vmLostUnprotected = "VM lost: its new primary was hit while unprotected, lab rebuilt"
+// vmLostUnprotected is a VM lost to a second failure: a fault took down
+// the host that had claimed the VM during the schedule (it won a failover
+// or a switchover) before the other was rebuilt as its standby, so it held
+// the only copy (nemesis.checkOnlyCopy). A pair of two hosts survives one
+// failure at a time, as VMware FT does. It is reported, and counted apart
+// from the single-failure violations.
+const vmLostUnprotected = "VM lost: its only copy was hit, lab rebuilt"
 
 // budgetSpent: the schedule's time ran out while it waited for the pair;
 // the next one starts from a fresh lab.
@@ -272,7 +272,7 @@ func runSchedule(ctx context.Context, o chaosOptions, t chaosTiming, s lab.Sched
 		n.note("heal: %v", err)
 	}
 	r.recovery = recoverPair(ctx, o.dir, o.engine, t, n, progress)
-	if r.recovery == vmLost && n.hitAfterClaim() {
+	if r.recovery == vmLost && n.hitTheOnlyCopy() {
 		r.recovery = vmLostUnprotected
 	}
 	if !r.lostVM() && r.recovery != budgetSpent {
@@ -495,7 +495,7 @@ func printChaosTable(w io.Writer, results []scheduleResult) error {
 	fmt.Fprintf(w, "\n%d schedules: %d violating safety, %d recovery failures, %d that could not run, %d histories the checker could not decide in time\n",
 		len(results), violations, recoveries, errs, unknown)
 	if secondFailures > 0 {
-		fmt.Fprintf(w, "%d VMs lost to a second failure: a switchover's new primary was hit after it claimed the VM, while it served alone (two hosts survive one failure at a time); reported, not counted above\n", secondFailures)
+		fmt.Fprintf(w, "%d VMs lost to a second failure: the host hit had claimed the VM and had no standby yet, so it held the only copy (two hosts survive one failure at a time); reported, not counted above\n", secondFailures)
 	}
 	var problems []string
 	if violations > 0 {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -41,24 +42,54 @@ type nemesis struct {
 	// killed: hosts whose daemon the nemesis itself took down (any other
 	// exit is worth a note).
 	killed map[string]bool
-	// claimedThenHit: a switchover's standby had claimed the VM when a
-	// fault hit it (vmLostUnprotected).
-	claimedThenHit bool
+	// startEpoch is the arbiter's epoch when the schedule began;
+	// hitOnlyCopy: a fault took down a host that had claimed the VM since
+	// and had no standby yet (vmLostUnprotected).
+	startEpoch  uint64
+	hitOnlyCopy bool
 }
 
-func (n *nemesis) hitAfterClaim() bool {
+// hitTheOnlyCopy reports whether a fault took down the VM's only copy.
+func (n *nemesis) hitTheOnlyCopy() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return n.claimedThenHit
+	return n.hitOnlyCopy
+}
+
+// checkOnlyCopy, right after a fault took host hit down, asks whether hit
+// was the VM's only copy: the arbiter names it at an epoch it claimed
+// during the schedule (a failover or a switchover it won), and the other
+// host is no standby of that epoch (it lost, was cut off, or handed over
+// and waits to be rebuilt). A second failure then loses the VM, in any
+// pair of two hosts; the schedule says so.
+func (n *nemesis) checkOnlyCopy(hit string) {
+	c, err := labArbiterClaim(n.dir)
+	if err != nil || c.Owner != hit || c.Epoch <= n.startEpoch {
+		return
+	}
+	other := n.other(hit)
+	if s, err := daemonStatus(n.dir, other); err == nil && s.State == protect.Standby.String() && s.Epoch >= c.Epoch {
+		return
+	}
+	n.note("%s was the VM's only copy when it was hit: it had claimed epoch %d and %s was no standby of it yet", hit, c.Epoch, other)
+	n.mu.Lock()
+	n.hitOnlyCopy = true
+	n.mu.Unlock()
 }
 
 func newNemesis(dir, engine string, ft time.Duration, primary, secondary string, progress func(string, ...any)) *nemesis {
-	return &nemesis{
+	n := &nemesis{
 		dir: dir, engine: engine, ft: ft, primary: primary, secondary: secondary, progress: progress,
 		healNow:  make(chan struct{}),
 		restarts: map[string]*sync.Mutex{primary: {}, secondary: {}},
 		killed:   map[string]bool{},
+		// Unread, no host counts as the only copy (checkOnlyCopy).
+		startEpoch: math.MaxUint64,
 	}
+	if c, err := labArbiterClaim(dir); err == nil {
+		n.startEpoch = c.Epoch
+	}
+	return n
 }
 
 func (n *nemesis) host(r lab.Role) string {
@@ -152,6 +183,7 @@ func (n *nemesis) killDaemonNow(ns string) error {
 	if !waitGone(pid, 5*time.Second) {
 		return fmt.Errorf("daemon %d in %s still there 5s after SIGKILL", pid, ns)
 	}
+	n.checkOnlyCopy(ns)
 	return nil
 }
 
@@ -164,6 +196,7 @@ func (n *nemesis) crashHost(ns string) error {
 	if pid > 0 && !waitGone(pid, 5*time.Second) {
 		return fmt.Errorf("daemon %d in %s still there 5s after the crash", pid, ns)
 	}
+	n.checkOnlyCopy(ns)
 	return nil
 }
 
@@ -448,17 +481,6 @@ func (n *nemesis) interruptSwitchover(f lab.Fault) error {
 	select {
 	case reply := <-replied:
 		n.note("switchover: %s hit %s after it answered: %s", n.secondary, f.Delay.Round(time.Millisecond), reply)
-		// Had the standby claimed the VM by then? Then it was the VM's
-		// only copy when it was hit.
-		var answer switchoverReply
-		if json.Unmarshal([]byte(reply), &answer) == nil && answer.Epoch > 0 {
-			if c, cerr := labArbiterClaim(n.dir); cerr == nil && c.Epoch > answer.Epoch && c.Owner == n.secondary {
-				n.note("switchover: %s had claimed the VM (epoch %d) before it was hit: it served alone, a second failure would lose the VM", n.secondary, c.Epoch)
-				n.mu.Lock()
-				n.claimedThenHit = true
-				n.mu.Unlock()
-			}
-		}
 	case <-time.After(100 * time.Millisecond):
 		n.note("switchover: %s hit before it answered", n.secondary)
 	}
