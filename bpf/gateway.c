@@ -10,6 +10,9 @@
  *   guest_egress     XDP on the VM's tap: stamps each output with the log head;
  *                    sends it straight out when nothing is pending, else holds
  *                    it in the AF_XDP hold queue until the secondary acks.
+ *   uplink_egress    TC egress on the uplink: the kernel's own check of the
+ *                    VM's frames the hold queue releases, at the moment they
+ *                    leave (see there).
  *   xdp_pass         for veth peers that must have a program for redirects
  *                    into them to be delivered (a veth quirk, lab only).
  *
@@ -17,6 +20,7 @@
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
 #include <bpf_helpers.h>
 #include <bpf_endian.h>
 
@@ -426,6 +430,34 @@ int guest_egress(struct xdp_md *ctx)
 	__sync_fetch_and_add(&st->held_in, 1);
 	count(COUNTER_TX_HELD, len);
 	return bpf_redirect_map(&hold_xsks, 0, XDP_DROP);
+}
+
+/* The hold queue releases frames through a packet socket on the uplink, and
+ * checks the lease before it does. That check cannot be the last word: a
+ * daemon stopped (SIGSTOP, a stall) after it and before the send would send
+ * when it resumes, past the lease, beside a secondary that took over. The
+ * send goes through this program inside the same system call, which a
+ * signal cannot split: the VM's frames leave only while the host serves and
+ * holds the lease, or serves alone. guest_egress's redirects do not pass
+ * here; they are checked there. */
+SEC("tc")
+int uplink_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	struct owner_record *own = current_owner();
+	if (!own || own->role == ROLE_NONE || !mac_equal(eth->h_source, own->vm_mac))
+		return TC_ACT_OK;
+	struct log_state *st = log_state();
+	if (st && (own->role == ROLE_ACTIVE || own->role == ROLE_DRAINING) &&
+	    ((own->flags & OWNER_F_PASSTHROUGH) || bpf_ktime_get_ns() < READ_ONCE(st->lease_until)))
+		return TC_ACT_OK;
+	count(COUNTER_TX_RELEASE_REFUSED, skb->len);
+	return TC_ACT_SHOT;
 }
 
 SEC("xdp")

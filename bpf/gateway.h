@@ -107,5 +107,7 @@ enum counter {
 	COUNTER_TX_SUPPRESSED,     /* output dropped: this host is not active */
 	COUNTER_TX_MALFORMED,      /* output dropped: shorter than an Ethernet header */
 	COUNTER_TX_META_FAILED,    /* output dropped: no room for the hold metadata */
+	COUNTER_TX_RELEASE_REFUSED, /* a released output dropped at the uplink (uplink_egress):
+				     * past the lease, or the host no longer serves */
 	COUNTER__LEN,
 };

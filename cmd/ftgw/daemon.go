@@ -375,9 +375,13 @@ func (d *daemon) newPrimary(addr string, startHead uint64, snapshot func(ctx con
 // sentAt plus the failure timeout (both hosts must have the same one). A
 // host paused or cut off for longer releases nothing until it hears from
 // its secondary again, or learns it was fenced.
+//
+// The clock is read before the heartbeat's age: a pause between the two
+// then ages the heartbeat and shortens the lease, never lengthens it.
 func (d *daemon) renewLease(sentAt time.Time) {
-	if left := time.Until(sentAt.Add(d.cfg.FailureTimeout)); left > 0 {
-		d.gate.Lease(datapath.MonotonicNs() + uint64(left))
+	now := datapath.MonotonicNs()
+	if left := d.cfg.FailureTimeout - time.Since(sentAt); left > 0 {
+		d.gate.Lease(now + uint64(left))
 	}
 }
 

@@ -272,6 +272,9 @@ func (d *daemon) fence(epoch uint64) {
 	if err := d.publish(vip.RoleStandby, epoch); err != nil {
 		d.log.Error("fence", "err", err)
 	}
+	if d.gate != nil {
+		d.gate.Discard()
+	}
 	d.shipping.Store(false)
 	d.fire(protect.Fenced)
 	d.channelStop()

@@ -115,6 +115,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- constHistogram(c.commitLatency, st.Latency, vm, "held")
 		gauge(c.held, float64(st.Held))
 		counter(c.dropped, st.Lost, "hold_socket")
+		counter(c.dropped, st.Discarded, "stale_copy")
 	}
 	gauge(c.head, float64(d.dp.Head()))
 	gauge(c.acked, float64(d.dp.Acked()))

@@ -9,39 +9,41 @@ import (
 // Counter names, used as metric labels. The order follows enum counter in
 // bpf/gateway.h; TestCounterNames keeps them in step.
 var counterNames = [...]string{
-	gatewayCounterCOUNTER_RX_LOGGED:         "rx_logged",
-	gatewayCounterCOUNTER_RX_ENGINE_LOGS:    "rx_engine_logs",
-	gatewayCounterCOUNTER_RX_LOG_FULL:       "rx_log_full",
-	gatewayCounterCOUNTER_RX_TOO_LONG:       "rx_too_long",
-	gatewayCounterCOUNTER_RX_STANDBY:        "rx_standby",
-	gatewayCounterCOUNTER_RX_MALFORMED:      "rx_malformed",
-	gatewayCounterCOUNTER_RX_GUEST_BEHIND:   "rx_guest_behind",
-	gatewayCounterCOUNTER_TX_FAST:           "tx_fast",
-	gatewayCounterCOUNTER_TX_HELD:           "tx_held",
-	gatewayCounterCOUNTER_TX_HOLD_FULL:      "tx_hold_full",
-	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET: "tx_no_hold_socket",
-	gatewayCounterCOUNTER_TX_SUPPRESSED:     "tx_suppressed",
-	gatewayCounterCOUNTER_TX_MALFORMED:      "tx_malformed",
-	gatewayCounterCOUNTER_TX_META_FAILED:    "tx_meta_failed",
+	gatewayCounterCOUNTER_RX_LOGGED:          "rx_logged",
+	gatewayCounterCOUNTER_RX_ENGINE_LOGS:     "rx_engine_logs",
+	gatewayCounterCOUNTER_RX_LOG_FULL:        "rx_log_full",
+	gatewayCounterCOUNTER_RX_TOO_LONG:        "rx_too_long",
+	gatewayCounterCOUNTER_RX_STANDBY:         "rx_standby",
+	gatewayCounterCOUNTER_RX_MALFORMED:       "rx_malformed",
+	gatewayCounterCOUNTER_RX_GUEST_BEHIND:    "rx_guest_behind",
+	gatewayCounterCOUNTER_TX_FAST:            "tx_fast",
+	gatewayCounterCOUNTER_TX_HELD:            "tx_held",
+	gatewayCounterCOUNTER_TX_HOLD_FULL:       "tx_hold_full",
+	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET:  "tx_no_hold_socket",
+	gatewayCounterCOUNTER_TX_SUPPRESSED:      "tx_suppressed",
+	gatewayCounterCOUNTER_TX_MALFORMED:       "tx_malformed",
+	gatewayCounterCOUNTER_TX_META_FAILED:     "tx_meta_failed",
+	gatewayCounterCOUNTER_TX_RELEASE_REFUSED: "tx_release_refused",
 }
 
 // Counter values.
 const (
-	CounterRxLogged       = gatewayCounterCOUNTER_RX_LOGGED
-	CounterRxEngineLogs   = gatewayCounterCOUNTER_RX_ENGINE_LOGS
-	CounterRxLogFull      = gatewayCounterCOUNTER_RX_LOG_FULL
-	CounterRxTooLong      = gatewayCounterCOUNTER_RX_TOO_LONG
-	CounterRxStandby      = gatewayCounterCOUNTER_RX_STANDBY
-	CounterRxMalformed    = gatewayCounterCOUNTER_RX_MALFORMED
-	CounterRxGuestBehind  = gatewayCounterCOUNTER_RX_GUEST_BEHIND
-	CounterTxFast         = gatewayCounterCOUNTER_TX_FAST
-	CounterTxHeld         = gatewayCounterCOUNTER_TX_HELD
-	CounterTxHoldFull     = gatewayCounterCOUNTER_TX_HOLD_FULL
-	CounterTxNoHoldSocket = gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET
-	CounterTxSuppressed   = gatewayCounterCOUNTER_TX_SUPPRESSED
-	CounterTxMalformed    = gatewayCounterCOUNTER_TX_MALFORMED
-	CounterTxMetaFailed   = gatewayCounterCOUNTER_TX_META_FAILED
-	NumCounters           = int(gatewayCounterCOUNTER__LEN)
+	CounterRxLogged         = gatewayCounterCOUNTER_RX_LOGGED
+	CounterRxEngineLogs     = gatewayCounterCOUNTER_RX_ENGINE_LOGS
+	CounterRxLogFull        = gatewayCounterCOUNTER_RX_LOG_FULL
+	CounterRxTooLong        = gatewayCounterCOUNTER_RX_TOO_LONG
+	CounterRxStandby        = gatewayCounterCOUNTER_RX_STANDBY
+	CounterRxMalformed      = gatewayCounterCOUNTER_RX_MALFORMED
+	CounterRxGuestBehind    = gatewayCounterCOUNTER_RX_GUEST_BEHIND
+	CounterTxFast           = gatewayCounterCOUNTER_TX_FAST
+	CounterTxHeld           = gatewayCounterCOUNTER_TX_HELD
+	CounterTxHoldFull       = gatewayCounterCOUNTER_TX_HOLD_FULL
+	CounterTxNoHoldSocket   = gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET
+	CounterTxSuppressed     = gatewayCounterCOUNTER_TX_SUPPRESSED
+	CounterTxMalformed      = gatewayCounterCOUNTER_TX_MALFORMED
+	CounterTxMetaFailed     = gatewayCounterCOUNTER_TX_META_FAILED
+	CounterTxReleaseRefused = gatewayCounterCOUNTER_TX_RELEASE_REFUSED
+	NumCounters             = int(gatewayCounterCOUNTER__LEN)
 )
 
 func (c Counter) String() string {

@@ -189,6 +189,11 @@ func (d *Datapath) Attach(uplink, tap *net.Interface) error {
 		}
 		d.links = append(d.links, l)
 	}
+	l, err := link.AttachTCX(link.TCXOptions{Program: d.objs.UplinkEgress, Attach: ebpf.AttachTCXEgress, Interface: uplink.Index})
+	if err != nil {
+		return fmt.Errorf("attach tc egress to %s: %w", uplink.Name, err)
+	}
+	d.links = append(d.links, l)
 	return nil
 }
 

@@ -25,21 +25,22 @@ type gatewayBpfCpumapVal struct {
 type gatewayCounter uint32
 
 const (
-	gatewayCounterCOUNTER_RX_LOGGED         gatewayCounter = 0
-	gatewayCounterCOUNTER_RX_ENGINE_LOGS    gatewayCounter = 1
-	gatewayCounterCOUNTER_RX_LOG_FULL       gatewayCounter = 2
-	gatewayCounterCOUNTER_RX_TOO_LONG       gatewayCounter = 3
-	gatewayCounterCOUNTER_RX_STANDBY        gatewayCounter = 4
-	gatewayCounterCOUNTER_RX_MALFORMED      gatewayCounter = 5
-	gatewayCounterCOUNTER_RX_GUEST_BEHIND   gatewayCounter = 6
-	gatewayCounterCOUNTER_TX_FAST           gatewayCounter = 7
-	gatewayCounterCOUNTER_TX_HELD           gatewayCounter = 8
-	gatewayCounterCOUNTER_TX_HOLD_FULL      gatewayCounter = 9
-	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET gatewayCounter = 10
-	gatewayCounterCOUNTER_TX_SUPPRESSED     gatewayCounter = 11
-	gatewayCounterCOUNTER_TX_MALFORMED      gatewayCounter = 12
-	gatewayCounterCOUNTER_TX_META_FAILED    gatewayCounter = 13
-	gatewayCounterCOUNTER__LEN              gatewayCounter = 14
+	gatewayCounterCOUNTER_RX_LOGGED          gatewayCounter = 0
+	gatewayCounterCOUNTER_RX_ENGINE_LOGS     gatewayCounter = 1
+	gatewayCounterCOUNTER_RX_LOG_FULL        gatewayCounter = 2
+	gatewayCounterCOUNTER_RX_TOO_LONG        gatewayCounter = 3
+	gatewayCounterCOUNTER_RX_STANDBY         gatewayCounter = 4
+	gatewayCounterCOUNTER_RX_MALFORMED       gatewayCounter = 5
+	gatewayCounterCOUNTER_RX_GUEST_BEHIND    gatewayCounter = 6
+	gatewayCounterCOUNTER_TX_FAST            gatewayCounter = 7
+	gatewayCounterCOUNTER_TX_HELD            gatewayCounter = 8
+	gatewayCounterCOUNTER_TX_HOLD_FULL       gatewayCounter = 9
+	gatewayCounterCOUNTER_TX_NO_HOLD_SOCKET  gatewayCounter = 10
+	gatewayCounterCOUNTER_TX_SUPPRESSED      gatewayCounter = 11
+	gatewayCounterCOUNTER_TX_MALFORMED       gatewayCounter = 12
+	gatewayCounterCOUNTER_TX_META_FAILED     gatewayCounter = 13
+	gatewayCounterCOUNTER_TX_RELEASE_REFUSED gatewayCounter = 14
+	gatewayCounterCOUNTER__LEN               gatewayCounter = 15
 )
 
 type gatewayCounterValue struct {
@@ -127,6 +128,7 @@ const (
 	gatewayMapToUplink        = "to_uplink"
 	gatewayProgGuestEgress    = "guest_egress"
 	gatewayProgSerializeInput = "serialize_input"
+	gatewayProgUplinkEgress   = "uplink_egress"
 	gatewayProgUplinkIngress  = "uplink_ingress"
 	gatewayProgXdpPass        = "xdp_pass"
 	gatewayVarGuestBudget     = "guest_budget"
@@ -178,6 +180,7 @@ type gatewaySpecs struct {
 type gatewayProgramSpecs struct {
 	GuestEgress    *ebpf.ProgramSpec `ebpf:"guest_egress"`
 	SerializeInput *ebpf.ProgramSpec `ebpf:"serialize_input"`
+	UplinkEgress   *ebpf.ProgramSpec `ebpf:"uplink_egress"`
 	UplinkIngress  *ebpf.ProgramSpec `ebpf:"uplink_ingress"`
 	XdpPass        *ebpf.ProgramSpec `ebpf:"xdp_pass"`
 }
@@ -272,6 +275,7 @@ type gatewayVariables struct {
 type gatewayPrograms struct {
 	GuestEgress    *ebpf.Program `ebpf:"guest_egress"`
 	SerializeInput *ebpf.Program `ebpf:"serialize_input"`
+	UplinkEgress   *ebpf.Program `ebpf:"uplink_egress"`
 	UplinkIngress  *ebpf.Program `ebpf:"uplink_ingress"`
 	XdpPass        *ebpf.Program `ebpf:"xdp_pass"`
 }
@@ -280,6 +284,7 @@ func (p *gatewayPrograms) Close() error {
 	return _GatewayClose(
 		p.GuestEgress,
 		p.SerializeInput,
+		p.UplinkEgress,
 		p.UplinkIngress,
 		p.XdpPass,
 	)

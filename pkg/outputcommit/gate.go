@@ -51,6 +51,11 @@ func (g *Gate) Lease(untilNs uint64) {
 	g.hold.SetLease(untilNs)
 }
 
+// Discard drops every output still held for the VM, unsent: this host's
+// copy stopped serving because another host holds a newer epoch, and what
+// the stale copy produced must never leave, acknowledged or not.
+func (g *Gate) Discard() { g.hold.Discard() }
+
 // Acked is the position up to which the log is safe.
 func (g *Gate) Acked() uint64 {
 	g.mu.Lock()

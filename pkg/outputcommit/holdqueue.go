@@ -1,8 +1,8 @@
 // Package outputcommit enforces the Output Rule for one VM: the guest's
 // frames that guest_egress could not send at once wait in the hold queue, an
 // AF_XDP socket on the VM's tap, until the secondary's ack reaches the log
-// position they were stamped with; then they leave, in order, through an
-// AF_XDP socket on the uplink.
+// position they were stamped with; then they leave, in order, through a
+// packet socket on the uplink.
 package outputcommit
 
 import (
@@ -42,9 +42,10 @@ type heldFrame struct {
 
 // HoldQueue holds the guest's frames until their stamps are acknowledged.
 type HoldQueue struct {
-	dp     *datapath.Datapath
-	rx, tx *xsk.Socket
-	log    *slog.Logger
+	dp  *datapath.Datapath
+	rx  *xsk.Socket
+	out *releaseSocket
+	log *slog.Logger
 
 	// acked is the log position acknowledged; an ack stores it and wakes
 	// the releaser (acks).
@@ -52,15 +53,17 @@ type HoldQueue struct {
 	acks  chan struct{}
 	// leaseUntil (MonotonicNs): acknowledged frames leave only before it,
 	// unless in passthrough (SetLease).
-	leaseUntil atomic.Uint64
+	leaseUntil  atomic.Uint64
+	passthrough atomic.Bool
 
 	mu          sync.Mutex
 	held        []heldFrame // in arrival order; the frames stay in rx's UMEM
-	passthrough bool
+	sendBufs    [][]byte
 	latency     datapath.LatencyHistogram
-	lostInQueue uint64 // frames the kernel could not put on the hold socket
+	lostInQueue uint64 // frames the kernel could not put on the hold socket or send
 	xskLost     uint64 // rx_dropped + rx_ring_full last seen
 	released    uint64
+	discarded   uint64 // held frames of a copy that stopped serving (Discard)
 }
 
 // ringSize is the smallest power of two of at least n.
@@ -101,17 +104,9 @@ func Open(dp *datapath.Datapath, cfg Config) (_ *HoldQueue, err error) {
 	}
 	q.rx.Fill(q.rx.GetDescs(q.rx.NumFreeFillSlots()))
 
-	q.tx, err = xsk.NewSocket(cfg.Uplink.Index, 0, &xsk.SocketOptions{
-		NumFrames:              1024,
-		FrameSize:              4096,
-		FillRingNumDescs:       64,
-		CompletionRingNumDescs: 512,
-		TxRingNumDescs:         512,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("open release socket on %s: %w", cfg.Uplink.Name, err)
+	if q.out, err = openReleaseSocket(cfg.Uplink); err != nil {
+		return nil, err
 	}
-
 	if err := dp.HoldSockets().Put(uint32(0), uint32(q.rx.FD())); err != nil {
 		return nil, fmt.Errorf("plug hold socket into the data path: %w", err)
 	}
@@ -128,10 +123,15 @@ func (q *HoldQueue) Close() error {
 		}
 		errs = append(errs, q.rx.Close())
 	}
-	if q.tx != nil {
-		errs = append(errs, q.tx.Close())
+	if q.out != nil {
+		errs = append(errs, q.out.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// mayRelease: acknowledged frames may leave now.
+func (q *HoldQueue) mayRelease() bool {
+	return q.passthrough.Load() || monotonicNs() < q.leaseUntil.Load()
 }
 
 // Run takes frames off the hold socket until ctx is done, and releases
@@ -236,65 +236,101 @@ func (q *HoldQueue) releaseOnAck(ctx context.Context) {
 func (q *HoldQueue) SetPassthrough(on bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.passthrough = on
+	q.passthrough.Store(on)
 	q.releaseLocked()
 }
 
 func (q *HoldQueue) releaseLocked() {
-	if !q.passthrough && monotonicNs() >= q.leaseUntil.Load() {
+	if !q.mayRelease() {
 		return // until the lease is renewed (SetLease wakes the releaser)
 	}
 	n := 0
 	acked := q.acked.Load()
-	for n < len(q.held) && (q.passthrough || q.held[n].stamp <= acked) {
+	passthrough := q.passthrough.Load()
+	for n < len(q.held) && (passthrough || q.held[n].stamp <= acked) {
 		n++
 	}
 	if n == 0 {
 		return
 	}
-	release := q.held[:n]
-	for len(release) > 0 {
-		chunk := release[:min(len(release), 256)]
-		q.transmit(chunk)
-		release = release[len(chunk):]
+	taken := 0
+	for taken < n {
+		chunk := q.held[taken:min(n, taken+256)]
+		sent := q.transmit(chunk)
+		taken += sent
+		if sent < len(chunk) {
+			break // the lease ran out meanwhile: the rest stays held
+		}
 	}
-	q.held = append(q.held[:0], q.held[n:]...)
+	q.held = append(q.held[:0], q.held[taken:]...)
 }
 
-// transmit copies frames from the hold socket's UMEM to the release socket's
-// and sends them. Only when they are on the wire does the data path learn
-// they are gone: from then on it may send new frames straight out, and they
-// must not overtake these.
-func (q *HoldQueue) transmit(frames []heldFrame) {
-	q.tx.Complete()
-	out := q.tx.GetDescs(len(frames))
-	recycled := make([]xsk.Desc, 0, len(frames))
-	for i := range out {
-		src := q.rx.GetFrame(frames[i].desc)
-		out[i].Len = uint32(copy(q.tx.GetFrame(xsk.Desc{Addr: out[i].Addr, Len: uint32(len(src))}), src))
+// transmit sends frames, in order, straight from the hold socket's UMEM,
+// and reports how many it is done with. It stops early when the lease runs
+// out. The kernel checks the lease again in the send itself
+// (uplink_egress): a frame refused there stays held, as if this check had
+// failed. Only when frames are on the wire does the data path learn they
+// are gone: from then on it may send new frames straight out, and they must
+// not overtake these.
+func (q *HoldQueue) transmit(frames []heldFrame) int {
+	bufs := q.sendBufs[:0]
+	for _, f := range frames {
+		bufs = append(bufs, q.rx.GetFrame(f.desc))
 	}
-	sent := q.tx.Transmit(out)
-	// Transmit kicks until the ring drains but gives up after a while; the
-	// frames must be on the wire before AddReleased lets the fast path go.
-	for tries := 0; q.tx.NumTxPending() > 0 && tries < 100; tries++ {
-		if err := q.tx.FlushTx(); err != nil {
-			q.log.Debug("flush release socket", "err", err)
+	q.sendBufs = bufs
+	done, stalled := 0, 0
+	for done < len(frames) && q.mayRelease() {
+		n, err := q.out.send(bufs[done:])
+		if n == 0 {
+			if !q.mayRelease() {
+				break // uplink_egress refused it: past the lease
+			}
+			if stalled++; stalled < 100 && (errors.Is(err, unix.EINTR) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.ENOBUFS)) {
+				continue
+			}
+			// The kernel will not take this frame: drop it rather than
+			// stall every frame behind it.
+			q.lostInQueue++
+			q.log.Warn("release socket refused a frame", "len", len(bufs[done]), "err", err)
+			n = 1
+		} else {
+			now := monotonicNs()
+			for _, f := range frames[done : done+n] {
+				q.latency.Observe(now - f.arrivalNs)
+			}
 		}
+		done += n
+		stalled = 0
 	}
-	now := monotonicNs()
-	for i := range frames {
-		if i < sent {
-			q.latency.Observe(now - frames[i].arrivalNs)
-		}
-		recycled = append(recycled, frames[i].desc)
-	}
-	if lost := len(frames) - sent; lost > 0 {
-		q.lostInQueue += uint64(lost)
-		q.log.Warn("release socket refused frames", "frames", lost)
+	recycled := make([]xsk.Desc, 0, done)
+	for _, f := range frames[:done] {
+		recycled = append(recycled, f.desc)
 	}
 	q.rx.Recycle(recycled)
-	q.released += uint64(len(frames))
-	q.dp.AddReleased(uint64(len(frames)))
+	q.released += uint64(done)
+	q.dp.AddReleased(uint64(done))
+	return done
+}
+
+// Discard drops every frame held, unsent: the copy that produced them
+// stopped serving (another host holds a newer epoch), so they may never
+// leave, whatever was acknowledged.
+func (q *HoldQueue) Discard() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.takeLocked()
+	n := uint64(len(q.held))
+	recycled := make([]xsk.Desc, 0, len(q.held))
+	for _, f := range q.held {
+		recycled = append(recycled, f.desc)
+	}
+	q.rx.Recycle(recycled)
+	q.held = q.held[:0]
+	if n > 0 {
+		q.discarded += n
+		q.dp.AddReleased(n)
+		q.log.Info("discarded the outputs of a copy that no longer serves", "frames", n)
+	}
 }
 
 // reconcileLost accounts for frames guest_egress counted as held that the
@@ -324,15 +360,18 @@ type Stats struct {
 	// Lost counts frames counted as held that never made it out: refused
 	// by the kernel on the way into the hold socket or out of the release
 	// socket.
-	Lost    uint64
-	Latency datapath.LatencyHistogram
+	Lost uint64
+	// Discarded counts frames dropped unsent because the copy that
+	// produced them stopped serving (Discard).
+	Discarded uint64
+	Latency   datapath.LatencyHistogram
 }
 
 // Stats returns a snapshot.
 func (q *HoldQueue) Stats() Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Stats{Held: len(q.held), Acked: q.acked.Load(), Released: q.released, Lost: q.lostInQueue, Latency: q.latency}
+	return Stats{Held: len(q.held), Acked: q.acked.Load(), Released: q.released, Lost: q.lostInQueue, Discarded: q.discarded, Latency: q.latency}
 }
 
 func monotonicNs() uint64 { return datapath.MonotonicNs() }

@@ -42,6 +42,32 @@ type host struct {
 
 func newHost(t *testing.T, capacity int) *host {
 	t.Helper()
+	h := newDataPath(t, capacity)
+	uplink, _ := net.InterfaceByName("up0")
+	tapIf, _ := net.InterfaceByName("tap0")
+	hold, err := outputcommit.Open(h.dp, outputcommit.Config{Tap: tapIf, Uplink: uplink, Capacity: capacity})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A secondary that keeps answering, unless a test says otherwise.
+	h.dp.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
+	hold.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { hold.Run(ctx) })
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		hold.Close()
+	})
+	h.hold = hold
+	return h
+}
+
+// newDataPath is a host without a hold queue: the data path attached to
+// up0 and tap0, the owner record published (active, epoch 1), and the LAN.
+func newDataPath(t *testing.T, capacity int) *host {
+	t.Helper()
 	testutil.InNewNetns(t)
 	// Keep the kernel's own IPv6 chatter off the wire we watch.
 	if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644); err != nil {
@@ -98,22 +124,6 @@ func newHost(t *testing.T, capacity int) *host {
 		t.Fatal(err)
 	}
 
-	hold, err := outputcommit.Open(dp, outputcommit.Config{Tap: tapIf, Uplink: uplink, Capacity: capacity})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A secondary that keeps answering, unless a test says otherwise.
-	dp.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
-	hold.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { hold.Run(ctx) })
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-		hold.Close()
-	})
-
 	guest, err := tap.Open("tap0")
 	if err != nil {
 		t.Fatal(err)
@@ -124,7 +134,7 @@ func newHost(t *testing.T, capacity int) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lan.Close() })
-	return &host{dp: dp, owner: owner, hold: hold, guest: guest, lan: lan, peer: peer}
+	return &host{dp: dp, owner: owner, guest: guest, lan: lan, peer: peer}
 }
 
 func frame(dst, src net.HardwareAddr, tag byte) []byte {
@@ -354,4 +364,98 @@ func TestNothingLeavesPastTheLease(t *testing.T) {
 	h.waitHeld(t, 0)
 	third := h.output(t, 3) // the lease holds again: straight out
 	expectFrames(t, h.onWire(t, 300*time.Millisecond), third)
+}
+
+// The kernel has the last word on a release (uplink_egress): a send of the
+// VM's frame past the lease is refused inside the system call, so a daemon
+// stopped between its own check and the send sends nothing when it resumes.
+// The socket here makes no check of its own, as if that check had passed
+// just before the lease ran out. The host's own frames are not the VM's:
+// they pass.
+func TestTheKernelRefusesAReleasePastTheLease(t *testing.T) {
+	h := newDataPath(t, 16)
+	uplink, _ := net.InterfaceByName("up0")
+	raw, err := packet.Listen(uplink, packet.Raw, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	send := func(src net.HardwareAddr, tag byte) ([]byte, error) {
+		out := frame(peerMAC, src, tag)
+		_, err := raw.WriteTo(out, &packet.Addr{HardwareAddr: peerMAC})
+		return out, err
+	}
+	refused := func() uint64 { return counter(t, h.dp, datapath.CounterTxReleaseRefused) }
+
+	h.dp.SetLease(datapath.MonotonicNs() - 1)
+	if _, err := send(vmMAC, 1); err == nil {
+		t.Error("a send past the lease was not refused")
+	}
+	hostMAC := net.HardwareAddr{0x02, 0xf7, 0, 0, 0, 0x01}
+	if _, err := send(hostMAC, 9); err != nil {
+		t.Fatalf("the host's own frame past the lease: %v", err)
+	}
+	if got := h.onWire(t, 200*time.Millisecond); len(got) != 0 {
+		t.Fatalf("%d of the VM's frames left past the lease", len(got))
+	}
+	if n := refused(); n != 1 {
+		t.Errorf("tx_release_refused %d, want 1", n)
+	}
+
+	// A fenced host (standby) may not release even under a lease.
+	h.dp.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
+	if err := h.owner.Publish(vip.Record{Epoch: 2, Role: vip.RoleStandby, IP: netip.MustParseAddr("192.0.2.10"), MAC: vmMAC}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := send(vmMAC, 2); err == nil {
+		t.Error("a send while standby was not refused")
+	}
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+
+	// Serving under a lease, or alone: out.
+	if err := h.owner.Publish(vip.Record{Epoch: 3, Role: vip.RoleActive, IP: netip.MustParseAddr("192.0.2.10"), MAC: vmMAC}); err != nil {
+		t.Fatal(err)
+	}
+	leased, err := send(vmMAC, 3)
+	if err != nil {
+		t.Fatalf("send under the lease: %v", err)
+	}
+	h.dp.SetLease(datapath.MonotonicNs() - 1)
+	if err := h.owner.Publish(vip.Record{Epoch: 4, Role: vip.RoleActive, Passthrough: true, IP: netip.MustParseAddr("192.0.2.10"), MAC: vmMAC}); err != nil {
+		t.Fatal(err)
+	}
+	alone, err := send(vmMAC, 4)
+	if err != nil {
+		t.Fatalf("send while serving alone: %v", err)
+	}
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), leased, alone)
+	if n := refused(); n != 2 {
+		t.Errorf("tx_release_refused %d, want 2", n)
+	}
+}
+
+// A fenced host discards what it held and what a refused kick left on the
+// release ring: its copy no longer serves, so none of it may ever leave,
+// even once the host serves again.
+func TestDiscardDropsEverythingAStaleCopyProduced(t *testing.T) {
+	h := newHost(t, 16)
+	gate := outputcommit.NewGate(h.dp, h.hold, h.owner)
+	h.input(t, 1)
+	h.output(t, 1) // stamped 1: held
+	h.waitHeld(t, 1)
+	gate.Lease(datapath.MonotonicNs() - 1)
+	gate.Ack(1) // acknowledged, but past the lease
+	expectFrames(t, h.onWire(t, 200*time.Millisecond))
+
+	gate.Discard()
+	h.waitHeld(t, 0)
+	if st := h.hold.Stats(); st.Discarded != 1 {
+		t.Errorf("discarded %d, want 1", st.Discarded)
+	}
+	if p := h.dp.Pending(); p != 0 {
+		t.Errorf("data path still counts %d pending", p)
+	}
+	gate.Lease(datapath.MonotonicNs() + uint64(time.Hour))
+	next := h.output(t, 2) // acked stamp, nothing pending: straight out
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), next)
 }
