@@ -15,6 +15,8 @@
  *                    leave (see there).
  *   xdp_pass         for veth peers that must have a program for redirects
  *                    into them to be delivered (a veth quirk, lab only).
+ *   count_blast      on the bench's client: counts the guest's BLAST frames
+ *                    and drops them there (bench only).
  *
  * See docs/ARCHITECTURE.md for the whole picture. */
 
@@ -464,4 +466,33 @@ SEC("xdp")
 int xdp_pass(struct xdp_md *ctx)
 {
 	return XDP_PASS;
+}
+
+/* Bench only: the guest's BLAST frames (EtherType 0x88b5) that reached the
+ * client. Counting them by type, not by the interface's received packets,
+ * keeps a stray ARP from hiding a lost frame; dropping them at once keeps
+ * the client's own stack from being what limits the rate measured. */
+#define BLAST_ETHERTYPE 0x88b5
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} blast_received SEC(".maps");
+
+SEC("xdp")
+int count_blast(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 zero = 0;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(BLAST_ETHERTYPE))
+		return XDP_PASS;
+	__u64 *n = bpf_map_lookup_elem(&blast_received, &zero);
+	if (n)
+		(*n)++;
+	return XDP_DROP;
 }

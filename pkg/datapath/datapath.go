@@ -345,3 +345,51 @@ func (d *Datapath) Programs() map[string]*ebpf.Program {
 		gatewayProgXdpPass:        d.objs.XdpPass,
 	}
 }
+
+// BlastCounter counts the guest's BLAST frames where the bench's client
+// receives them, and drops them there (count_blast).
+type BlastCounter struct {
+	objs struct {
+		Prog     *ebpf.Program `ebpf:"count_blast"`
+		Received *ebpf.Map     `ebpf:"blast_received"`
+	}
+	link link.Link
+}
+
+// AttachBlastCounter attaches count_blast to ifindex, in the calling
+// thread's network namespace.
+func AttachBlastCounter(ifindex int) (*BlastCounter, error) {
+	spec, err := loadGateway()
+	if err != nil {
+		return nil, fmt.Errorf("load gateway spec: %w", err)
+	}
+	c := &BlastCounter{}
+	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+		return nil, fmt.Errorf("load count_blast: %w", err)
+	}
+	c.link, err = link.AttachXDP(link.XDPOptions{Program: c.objs.Prog, Interface: ifindex})
+	if err != nil {
+		c.objs.Prog.Close()
+		c.objs.Received.Close()
+		return nil, fmt.Errorf("attach count_blast: %w", err)
+	}
+	return c, nil
+}
+
+// Received is how many BLAST frames have arrived, summed over CPUs.
+func (c *BlastCounter) Received() (uint64, error) {
+	var perCPU []uint64
+	if err := c.objs.Received.Lookup(uint32(0), &perCPU); err != nil {
+		return 0, fmt.Errorf("read blast counter: %w", err)
+	}
+	var n uint64
+	for _, v := range perCPU {
+		n += v
+	}
+	return n, nil
+}
+
+// Close detaches and unloads the counter.
+func (c *BlastCounter) Close() error {
+	return errors.Join(c.link.Close(), c.objs.Prog.Close(), c.objs.Received.Close())
+}

@@ -115,6 +115,7 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	gatewayMapBlastReceived   = "blast_received"
 	gatewayMapCounters        = "counters"
 	gatewayMapDaemonTypes     = "daemon_types"
 	gatewayMapFastLatency     = "fast_latency"
@@ -126,6 +127,7 @@ const (
 	gatewayMapState           = "state"
 	gatewayMapToGuest         = "to_guest"
 	gatewayMapToUplink        = "to_uplink"
+	gatewayProgCountBlast     = "count_blast"
 	gatewayProgGuestEgress    = "guest_egress"
 	gatewayProgSerializeInput = "serialize_input"
 	gatewayProgUplinkEgress   = "uplink_egress"
@@ -178,6 +180,7 @@ type gatewaySpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type gatewayProgramSpecs struct {
+	CountBlast     *ebpf.ProgramSpec `ebpf:"count_blast"`
 	GuestEgress    *ebpf.ProgramSpec `ebpf:"guest_egress"`
 	SerializeInput *ebpf.ProgramSpec `ebpf:"serialize_input"`
 	UplinkEgress   *ebpf.ProgramSpec `ebpf:"uplink_egress"`
@@ -189,6 +192,7 @@ type gatewayProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type gatewayMapSpecs struct {
+	BlastReceived *ebpf.MapSpec `ebpf:"blast_received"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
 	DaemonTypes   *ebpf.MapSpec `ebpf:"daemon_types"`
 	FastLatency   *ebpf.MapSpec `ebpf:"fast_latency"`
@@ -231,6 +235,7 @@ func (o *gatewayObjects) Close() error {
 //
 // It can be passed to loadGatewayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type gatewayMaps struct {
+	BlastReceived *ebpf.Map `ebpf:"blast_received"`
 	Counters      *ebpf.Map `ebpf:"counters"`
 	DaemonTypes   *ebpf.Map `ebpf:"daemon_types"`
 	FastLatency   *ebpf.Map `ebpf:"fast_latency"`
@@ -246,6 +251,7 @@ type gatewayMaps struct {
 
 func (m *gatewayMaps) Close() error {
 	return _GatewayClose(
+		m.BlastReceived,
 		m.Counters,
 		m.DaemonTypes,
 		m.FastLatency,
@@ -273,6 +279,7 @@ type gatewayVariables struct {
 //
 // It can be passed to loadGatewayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type gatewayPrograms struct {
+	CountBlast     *ebpf.Program `ebpf:"count_blast"`
 	GuestEgress    *ebpf.Program `ebpf:"guest_egress"`
 	SerializeInput *ebpf.Program `ebpf:"serialize_input"`
 	UplinkEgress   *ebpf.Program `ebpf:"uplink_egress"`
@@ -282,6 +289,7 @@ type gatewayPrograms struct {
 
 func (p *gatewayPrograms) Close() error {
 	return _GatewayClose(
+		p.CountBlast,
 		p.GuestEgress,
 		p.SerializeInput,
 		p.UplinkEgress,

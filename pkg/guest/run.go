@@ -266,10 +266,11 @@ func QueryState(controlPath string) (State, error) {
 	return st, nil
 }
 
-// Blast makes the guest send count frames of size bytes to dst as fast as
-// it can, and returns how long the writes took and how many failed.
-func Blast(controlPath string, count int, dst net.HardwareAddr, size int, timeout time.Duration) (time.Duration, int, error) {
-	line, err := controlCommand(controlPath, BlastCommand(count, dst, size), timeout)
+// Blast makes the guest send count frames of size bytes to dst, at rate
+// frames per second or, with 0, as fast as it can, and returns how long the
+// writes took and how many failed.
+func Blast(controlPath string, count int, dst net.HardwareAddr, size int, rate float64, timeout time.Duration) (time.Duration, int, error) {
+	line, err := controlCommand(controlPath, BlastCommand(count, dst, size, rate), timeout)
 	if err != nil {
 		return 0, 0, err
 	}

@@ -1,0 +1,294 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/internal/netnsutil"
+	"github.com/ftgw/ftgw/pkg/datapath"
+	"github.com/ftgw/ftgw/pkg/guest"
+)
+
+// The zero-loss throughput of each guest output path, the way RFC 2544
+// measures a device: the highest offered rate at which the path loses at
+// most maxLoss of the frames, found by a binary search over the rate, for
+// small and full-size frames. The guest offers the frames (BLAST, paced);
+// count_blast counts, on the client's uplink, those that arrive.
+
+const (
+	maxLoss = 0.0001 // 0.01 %
+	// The search stops when the bounds are this close, or after
+	// maxTrials trials.
+	searchResolution = 0.02
+	maxTrials        = 9
+)
+
+// Frame sizes without the FCS: 64 and 1518 bytes on the wire, a 1500-byte
+// IP MTU.
+var rateFrameSizes = []int{60, 1514}
+
+var outputPaths = []struct{ mode, name string }{
+	{"passthrough", "plain XDP forwarding"},
+	{"hold-all", "hold-and-release"},
+}
+
+// trialResult is one trial: what was offered, delivered and lost.
+type trialResult struct {
+	rate            float64 // offered, frames/s (0: as fast as the guest writes)
+	offeredRate     float64 // what the guest achieved: frames sent / write time
+	sent, delivered uint64
+	daemonCPU, busy time.Duration // the primary daemon's CPU; the whole machine's busy time
+	elapsed         time.Duration
+}
+
+func (t trialResult) lost() uint64 {
+	if t.delivered >= t.sent {
+		return 0
+	}
+	return t.sent - t.delivered
+}
+
+func (t trialResult) lossRatio() float64 {
+	if t.sent == 0 {
+		return 1
+	}
+	return float64(t.lost()) / float64(t.sent)
+}
+
+type rateTrials struct {
+	dir       string
+	counter   *datapath.BlastCounter
+	clientMAC net.HardwareAddr
+	daemonPid int
+	frames    int
+}
+
+// zeroLossRates searches each path's zero-loss rate at each frame size and
+// prints them side by side, with the loss at full blast and the daemon's
+// CPU per million frames at the zero-loss rate.
+func zeroLossRates(ctx context.Context, w io.Writer, dir string, frames int) error {
+	rt := &rateTrials{dir: dir, frames: frames}
+	var err error
+	if rt.daemonPid, err = readPid(filepath.Join(hostDir(dir, lab.NSPrimary), "ftgw.pid")); err != nil {
+		return fmt.Errorf("the primary daemon's pid: %w", err)
+	}
+	err = netnsutil.Do(lab.NSClient, func() error {
+		l, err := netlink.LinkByName(lab.Uplink)
+		if err != nil {
+			return err
+		}
+		rt.clientMAC = l.Attrs().HardwareAddr
+		rt.counter, err = datapath.AttachBlastCounter(l.Attrs().Index)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("count frames on the client: %w", err)
+	}
+	defer rt.counter.Close()
+
+	fmt.Fprintf(w, "\nzero-loss throughput (RFC 2544: the highest offered rate losing <= %.2f%%, %d frames per trial, binary search)\n", 100*maxLoss, frames)
+	type row struct {
+		path     string
+		size     int // on the wire, with the FCS
+		zeroLoss trialResult
+		found    bool
+		full     trialResult
+	}
+	var rows []row
+	best := map[string]float64{}
+	for _, size := range rateFrameSizes {
+		for _, p := range outputPaths {
+			if err := setOutputMode(dir, lab.NSPrimary, p.mode); err != nil {
+				return err
+			}
+			full, zero, found, trials, err := searchZeroLoss(ctx, func(rate float64) (trialResult, error) {
+				return rt.trial(ctx, size, rate)
+			})
+			if err != nil {
+				return fmt.Errorf("%s, %d-byte frames: %w", p.name, size+4, err)
+			}
+			fmt.Fprintf(w, "  %-22s %4d B: %2d trials, zero-loss %s\n", p.name, size+4, trials, rateString(zero, found, size))
+			rows = append(rows, row{p.name, size + 4, zero, found, full})
+			if found {
+				best[fmt.Sprint(p.mode, size)] = zero.offeredRate
+			}
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "\nguest output path\tframe\tzero-loss rate\tMbit/s\tdaemon CPU s per M frames\tmachine busy\tfull blast: offered/s\tsent\tdelivered\tlost\t")
+	for _, r := range rows {
+		zl, mbit, cpu, busy := "none found", "-", "-", "-"
+		if r.found {
+			z := r.zeroLoss
+			zl = fmt.Sprintf("%.0f/s", z.offeredRate)
+			mbit = fmt.Sprintf("%.0f", z.offeredRate*float64(r.size)*8/1e6)
+			cpu = fmt.Sprintf("%.2f", z.daemonCPU.Seconds()/(float64(z.delivered)/1e6))
+			busy = fmt.Sprintf("%.0f%% of 2 CPUs", 100*z.busy.Seconds()/(2*z.elapsed.Seconds()))
+		}
+		f := r.full
+		fmt.Fprintf(tw, "%s\t%d B\t%s\t%s\t%s\t%s\t%.0f\t%d\t%d\t%d (%.2f%%)\t\n", r.path, r.size, zl, mbit, cpu, busy,
+			f.offeredRate, f.sent, f.delivered, f.lost(), 100*f.lossRatio())
+	}
+	tw.Flush()
+	for _, size := range rateFrameSizes {
+		plain, held := best[fmt.Sprint("passthrough", size)], best[fmt.Sprint("hold-all", size)]
+		if plain > 0 {
+			fmt.Fprintf(w, "hold-and-release / plain XDP forwarding, zero-loss, %d B: %.0f%% (target >= 90%%)\n", size+4, 100*held/plain)
+		} else {
+			fmt.Fprintf(w, "hold-and-release / plain XDP forwarding, zero-loss, %d B: no zero-loss rate for plain forwarding\n", size+4)
+		}
+	}
+	return ctx.Err()
+}
+
+// searchZeroLoss finds the highest rate at which trial loses at most
+// maxLoss: first a trial at full blast (rate 0), whose achieved rate bounds
+// the search; then a binary search below it. zero is the best trial that
+// passed.
+func searchZeroLoss(ctx context.Context, trial func(rate float64) (trialResult, error)) (full, zero trialResult, found bool, trials int, err error) {
+	full, err = trial(0)
+	trials++
+	if err != nil {
+		return
+	}
+	if full.lossRatio() <= maxLoss {
+		return full, full, true, trials, nil
+	}
+	lo, hi := 0.0, full.offeredRate
+	for trials < maxTrials && ctx.Err() == nil && (lo == 0 || (hi-lo)/hi > searchResolution) {
+		mid := (lo + hi) / 2
+		var t trialResult
+		t, err = trial(mid)
+		trials++
+		if err != nil {
+			return
+		}
+		if t.lossRatio() <= maxLoss {
+			lo, zero, found = mid, t, true
+		} else {
+			hi = mid
+		}
+	}
+	return full, zero, found, trials, ctx.Err()
+}
+
+// trial has the guest offer rt.frames frames at rate (0: full blast) and
+// counts what reached the client.
+func (rt *rateTrials) trial(ctx context.Context, size int, rate float64) (trialResult, error) {
+	var res trialResult
+	// Let what the previous trial left in flight arrive, or be lost, first.
+	if err := waitLogDrained(ctx, rt.dir); err != nil {
+		return res, err
+	}
+	before, err := rt.counter.Received()
+	if err != nil {
+		return res, err
+	}
+	cpuBefore, err := processCPU(rt.daemonPid)
+	if err != nil {
+		return res, err
+	}
+	busyBefore, err := machineBusy()
+	if err != nil {
+		return res, err
+	}
+	start := time.Now()
+	writes, failed, err := guest.Blast(guestControl(rt.dir, lab.NSPrimary), rt.frames, rt.clientMAC, size, rate, time.Minute)
+	if err != nil {
+		return res, err
+	}
+	res.sent = uint64(rt.frames - failed)
+	if writes > 0 {
+		res.offeredRate = float64(res.sent) / writes.Seconds()
+	}
+	// The last frame has arrived when the count stops moving.
+	last, lastChange := before, time.Now()
+	for time.Since(lastChange) < 100*time.Millisecond && ctx.Err() == nil {
+		n, err := rt.counter.Received()
+		if err != nil {
+			return res, err
+		}
+		if n != last {
+			last, lastChange = n, time.Now()
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	res.delivered = last - before
+	res.elapsed = lastChange.Sub(start)
+	cpuAfter, err := processCPU(rt.daemonPid)
+	if err != nil {
+		return res, err
+	}
+	busyAfter, err := machineBusy()
+	if err != nil {
+		return res, err
+	}
+	res.daemonCPU, res.busy = cpuAfter-cpuBefore, busyAfter-busyBefore
+	return res, nil
+}
+
+func rateString(t trialResult, found bool, size int) string {
+	if !found {
+		return "none found"
+	}
+	return fmt.Sprintf("%.0f frames/s (%.0f Mbit/s), %d sent, %d delivered, %d lost", t.offeredRate, t.offeredRate*float64(size+4)*8/1e6, t.sent, t.delivered, t.lost())
+}
+
+// clockTick is USER_HZ, the unit of /proc's CPU times (100 on Linux).
+const clockTick = 10 * time.Millisecond
+
+// processCPU is the user and system time pid has used.
+func processCPU(pid int) (time.Duration, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, in parentheses, may hold spaces: fields count from
+	// after it. utime and stime are fields 14 and 15.
+	f := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: too short", pid)
+	}
+	utime, err1 := strconv.ParseUint(f[11], 10, 64)
+	stime, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: bad cpu times", pid)
+	}
+	return time.Duration(utime+stime) * clockTick, nil
+}
+
+// machineBusy is the time all CPUs have spent not idle (nor waiting on I/O).
+func machineBusy() (time.Duration, error) {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var busy uint64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		busy += n
+	}
+	return time.Duration(busy) * clockTick, nil
+}
