@@ -46,7 +46,6 @@ var outputPaths = []struct{ mode, name string }{
 
 // trialResult is one trial: what was offered, delivered and lost.
 type trialResult struct {
-	rate            float64 // offered, frames/s (0: as fast as the guest writes)
 	offeredRate     float64 // what the guest achieved: frames sent / write time
 	sent, delivered uint64
 	daemonCPU, busy time.Duration // the primary daemon's CPU; the whole machine's busy time
