@@ -4,7 +4,7 @@ GO ?= go
 FTGW := bin/ftgw
 GENERATED := pkg/datapath/gateway_bpfel.go pkg/datapath/gateway_bpfel.o
 
-.PHONY: all setup build guest generate check-generated vet test demo lab-down clean
+.PHONY: all setup build install guest generate check-generated vet test demo lab-down clean
 
 all: build
 
@@ -15,6 +15,19 @@ setup:
 build:
 	$(GO) build -buildvcs=auto -o $(FTGW) ./cmd/ftgw
 	$(CC) -O2 -Wall -Wextra -shared -fPIC -o bin/ftgw-rr.so preload/ftgw-rr.c -ldl
+
+# The daemon, its systemd unit and an example config (never over a config
+# already there). DESTDIR stages the tree for a package.
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 $(FTGW) $(DESTDIR)$(PREFIX)/bin/ftgw
+	install -D -m 0755 bin/ftgw-rr.so $(DESTDIR)$(PREFIX)/bin/ftgw-rr.so
+	install -d $(DESTDIR)/etc/systemd/system
+	sed 's#/usr/local#$(PREFIX)#g' deploy/ftgw.service > $(DESTDIR)/etc/systemd/system/ftgw.service
+	chmod 0644 $(DESTDIR)/etc/systemd/system/ftgw.service
+	install -D -m 0644 deploy/ftgw.yaml $(DESTDIR)/etc/ftgw/ftgw.yaml.example
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/ftgw/README.md
+	@echo "installed; next: cp /etc/ftgw/ftgw.yaml.example /etc/ftgw/ftgw.yaml, edit it, systemctl enable --now ftgw"
 
 # The Linux guest image: Debian's cloud kernel and an initramfs whose /init is
 # cmd/ftgw-init, in build/guest/. Up-to-date steps are skipped.
