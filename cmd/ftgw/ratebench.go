@@ -210,11 +210,7 @@ func (rt *rateTrials) trial(ctx context.Context, size int, rate float64) (trialR
 	if err != nil {
 		return res, err
 	}
-	cpuBefore, err := processCPU(rt.daemonPid)
-	if err != nil {
-		return res, err
-	}
-	busyBefore, err := machineBusy()
+	cpuBefore, err := sampleCPU(rt.daemonPid)
 	if err != nil {
 		return res, err
 	}
@@ -241,16 +237,24 @@ func (rt *rateTrials) trial(ctx context.Context, size int, rate float64) (trialR
 	}
 	res.delivered = last - before
 	res.elapsed = lastChange.Sub(start)
-	cpuAfter, err := processCPU(rt.daemonPid)
+	cpuAfter, err := sampleCPU(rt.daemonPid)
 	if err != nil {
 		return res, err
 	}
-	busyAfter, err := machineBusy()
-	if err != nil {
-		return res, err
-	}
-	res.daemonCPU, res.busy = cpuAfter-cpuBefore, busyAfter-busyBefore
+	res.daemonCPU, res.busy = cpuAfter.daemon-cpuBefore.daemon, cpuAfter.machine-cpuBefore.machine
 	return res, nil
+}
+
+// cpuSample is the CPU time used so far by the daemon and by the machine.
+type cpuSample struct{ daemon, machine time.Duration }
+
+func sampleCPU(pid int) (cpuSample, error) {
+	daemon, err := processCPU(pid)
+	if err != nil {
+		return cpuSample{}, err
+	}
+	machine, err := machineBusy()
+	return cpuSample{daemon, machine}, err
 }
 
 func rateString(t trialResult, found bool, size int) string {
