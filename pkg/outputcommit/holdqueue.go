@@ -302,14 +302,19 @@ func (q *HoldQueue) transmit(frames []heldFrame) int {
 		done += n
 		stalled = 0
 	}
-	recycled := make([]xsk.Desc, 0, done)
-	for _, f := range frames[:done] {
-		recycled = append(recycled, f.desc)
-	}
-	q.rx.Recycle(recycled)
+	q.recycle(frames[:done])
 	q.released += uint64(done)
 	q.dp.AddReleased(uint64(done))
 	return done
+}
+
+// recycle gives the frames' UMEM space back to the hold socket.
+func (q *HoldQueue) recycle(frames []heldFrame) {
+	descs := make([]xsk.Desc, 0, len(frames))
+	for _, f := range frames {
+		descs = append(descs, f.desc)
+	}
+	q.rx.Recycle(descs)
 }
 
 // Discard drops every frame held, unsent: the copy that produced them
@@ -320,11 +325,7 @@ func (q *HoldQueue) Discard() {
 	defer q.mu.Unlock()
 	q.takeLocked()
 	n := uint64(len(q.held))
-	recycled := make([]xsk.Desc, 0, len(q.held))
-	for _, f := range q.held {
-		recycled = append(recycled, f.desc)
-	}
-	q.rx.Recycle(recycled)
+	q.recycle(q.held)
 	q.held = q.held[:0]
 	if n > 0 {
 		q.discarded += n
