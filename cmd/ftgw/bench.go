@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
 	"text/tabwriter"
 	"time"
 
@@ -23,6 +25,7 @@ func benchCommand(ctx context.Context, args []string) error {
 	rounds := fs.Int("rounds", 5, "rounds alternating the output modes, against drift")
 	frames := fs.Int("frames", 20000, "frames per trial of the zero-loss rate search (at least 10000: the loss allowed is 0.01%)")
 	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run")
+	rates := fs.Bool("rates", true, "also search the zero-loss throughput (false: the latency comparison only)")
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")
 	failovers := fs.Int("failover", 0, "instead: run this many random failovers under a write load, each on a fresh lab, and check no acknowledged write is lost")
 	seed := fs.Uint64("seed", uint64(time.Now().UnixNano()), "with --failover: the random seed")
@@ -62,9 +65,14 @@ func benchCommand(ctx context.Context, args []string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, *budget)
 	defer cancel()
+	if !*rates {
+		*frames = 0
+	}
 	return bench(ctx, os.Stdout, *dir, *requests, *rounds, *frames)
 }
 
+// bench compares latency with output commit on and off, then, unless frames
+// is 0, the zero-loss throughput of the two output paths.
 func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frames int) (err error) {
 	for _, host := range lab.Hosts[:2] {
 		if _, err := daemonStatus(dir, host.NS); err != nil {
@@ -81,6 +89,13 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 	defer c.Close()
 	if _, failed := kvRun(ctx, c, 200, "warmup-", 30*time.Second); failed > 0 {
 		return fmt.Errorf("warm-up: %d of 200 requests failed", failed)
+	}
+
+	var pids [2]int
+	for i, host := range lab.Hosts[:2] {
+		if pids[i], err = readPid(filepath.Join(hostDir(dir, host.NS), "ftgw.pid")); err != nil {
+			return fmt.Errorf("%s's daemon pid: %w", host.NS, err)
+		}
 	}
 
 	fmt.Fprintf(w, "ftgw bench: %d requests per mode in %d alternating rounds, %d frames per rate trial\n\n", requests, rounds, frames)
@@ -103,14 +118,19 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 	// the requests whose added latency it is compared with.
 	var on, off, rtt []time.Duration
 	var failedOn, failedOff int
+	var cpu [2]modeCPU // commit, passthrough
 	for r := 0; r < rounds && ctx.Err() == nil; r++ {
-		for _, mode := range []string{"commit", "passthrough"} {
+		for m, mode := range []string{"commit", "passthrough"} {
 			if err := setOutputMode(dir, lab.NSPrimary, mode); err != nil {
 				return err
 			}
 			// Passthrough replies do not wait for the log, so a round of
 			// them can leave log shipping behind; let it catch up first.
 			if err := waitLogDrained(ctx, dir); err != nil {
+				return err
+			}
+			before, err := sampleModeCPU(pids)
+			if err != nil {
 				return err
 			}
 			for i := 0; i < requests/rounds && ctx.Err() == nil; i++ {
@@ -126,6 +146,11 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 				}
 				rtt = append(rtt, d)
 			}
+			after, err := sampleModeCPU(pids)
+			if err != nil {
+				return err
+			}
+			cpu[m].add(before, after, requests/rounds)
 		}
 	}
 	ps := []float64{50, 99, 99.9}
@@ -141,10 +166,61 @@ func bench(ctx context.Context, w io.Writer, dir string, requests, rounds, frame
 	fmt.Fprintf(tw, "target: 1.5 x paced RTT + 20µs\t\t\t%s\t%s\t%s\t\n",
 		micros(pRTT[0]*3/2+20*time.Microsecond), micros(pRTT[1]*3/2+20*time.Microsecond), micros(pRTT[2]*3/2+20*time.Microsecond))
 	tw.Flush()
+	fmt.Fprintln(w, "\nCPU during the rounds above, per request (each request is followed by one link ping):")
+	for m, name := range []string{"output commit on", "output commit off (passthrough)"} {
+		fmt.Fprintf(w, "  %-32s %s\n", name, cpu[m])
+	}
 	if err := printBreakdown(w); err != nil {
 		return err
 	}
+	if frames == 0 {
+		return nil
+	}
 	return zeroLossRates(ctx, w, dir, frames)
+}
+
+// modeCPU adds up the CPU the two daemons and the machine used during the
+// rounds of one output mode.
+type modeCPU struct {
+	primary, secondary, machine, wall time.Duration
+	requests                          int
+}
+
+type modeSample struct {
+	daemons [2]time.Duration
+	machine time.Duration
+	at      time.Time
+}
+
+func sampleModeCPU(pids [2]int) (modeSample, error) {
+	s := modeSample{at: time.Now()}
+	for i, pid := range pids {
+		var err error
+		if s.daemons[i], err = processCPU(pid); err != nil {
+			return s, err
+		}
+	}
+	var err error
+	s.machine, err = machineBusy()
+	return s, err
+}
+
+func (c *modeCPU) add(before, after modeSample, requests int) {
+	c.primary += after.daemons[0] - before.daemons[0]
+	c.secondary += after.daemons[1] - before.daemons[1]
+	c.machine += after.machine - before.machine
+	c.wall += after.at.Sub(before.at)
+	c.requests += requests
+}
+
+func (c modeCPU) String() string {
+	if c.requests == 0 || c.wall <= 0 {
+		return "not measured"
+	}
+	per := func(d time.Duration) string { return micros(d / time.Duration(c.requests)) }
+	return fmt.Sprintf("primary daemon %s, secondary daemon %s (%.0f%% and %.0f%% of a CPU); machine busy %.0f%% of %d CPUs",
+		per(c.primary), per(c.secondary), 100*c.primary.Seconds()/c.wall.Seconds(), 100*c.secondary.Seconds()/c.wall.Seconds(),
+		100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU()), runtime.NumCPU())
 }
 
 // linkPinger measures the replication link itself: TCP ping-pong between
