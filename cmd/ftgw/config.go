@@ -64,6 +64,8 @@ type Config struct {
 	HoldCapacity int `yaml:"hold_capacity"`
 	// SerializerCPU is the CPU that orders every input frame.
 	SerializerCPU int `yaml:"serializer_cpu"`
+	// PinLogReader runs the reader of the log ring on SerializerCPU.
+	PinLogReader bool `yaml:"pin_log_reader"`
 	// LogRingBytes sizes the kernel ring that carries the log to the daemon.
 	LogRingBytes int `yaml:"log_ring_bytes"`
 	// StateDir holds the guest's control socket.
@@ -164,6 +166,7 @@ func defaultConfig() Config {
 		AnnounceInterval: 20 * time.Millisecond,
 		HoldCapacity:     4096,
 		SerializerCPU:    0,
+		PinLogReader:     true,
 		LogRingBytes:     8 << 20,
 		StateDir:         "/run/ftgw",
 	}

@@ -5,16 +5,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/guest"
@@ -50,6 +53,9 @@ type syntheticVM struct {
 // input).
 func (e *syntheticVM) run(ctx context.Context) error {
 	d := e.d
+	if d.cfg.PinLogReader {
+		pinToCPU(d.cfg.SerializerCPU, d.log)
+	}
 	return d.dp.ReadLog(ctx, func(entry datapath.LogEntry) error {
 		// Uncontended but for a re-protection, which starts shipping
 		// between two frames.
@@ -72,6 +78,27 @@ func (e *syntheticVM) run(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// pinToCPU keeps the calling goroutine, alone, on its thread and that
+// thread on cpu, for the goroutine's life (the thread exits with it).
+//
+// For the log reader on the serializer's CPU: the serializer wakes the
+// reader when it logs a frame, and a reader that may run elsewhere is
+// usually woken on the other, idle, CPU, which costs an interrupt and the
+// CPU's wakeup on the path of every held reply (tens of µs on a VM, where
+// a halted vCPU wakes through the hypervisor). Kept on the serializer's
+// CPU it runs as soon as the serializer is done with the frame
+// (docs/ARCHITECTURE.md, "Timing", has the figures). It then shares that
+// CPU with the serializer: a host whose input outgrows one CPU should set
+// pin_log_reader: false.
+func pinToCPU(cpu int, log *slog.Logger) {
+	runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		log.Warn("could not pin the log reader; it runs on any CPU", "cpu", cpu, "err", err)
+	}
 }
 
 func (e *syntheticVM) boot(ctx context.Context, record bool) error { return e.start("") }
