@@ -286,6 +286,30 @@ func TestLaterFramesQueueBehindHeldOnes(t *testing.T) {
 	expectFrames(t, h.onWire(t, 300*time.Millisecond), held, behind)
 }
 
+// An ack can reach the hold queue before the frame it covers reaches the
+// hold socket (guest_egress read the older ack): the frame then lands on an
+// empty queue, acknowledged, and no ack is coming to take it. Run, which is
+// not woken by frames at an empty queue, must still send it.
+func TestAnAcknowledgedFrameAtAnEmptyQueueLeavesWithoutAnotherAck(t *testing.T) {
+	h := newHost(t, 16)
+	h.input(t, 1)
+	first := h.output(t, 1)
+	h.waitHeld(t, 1)
+	// The queue's view only: guest_egress still sees 0, as if the ack
+	// were on its way to the data path.
+	h.hold.ReleaseUpTo(1)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), first)
+	h.waitHeld(t, 0) // the releaser is done with that ack
+
+	heldBefore := counter(t, h.dp, datapath.CounterTxHeld)
+	late := h.output(t, 1)
+	expectFrames(t, h.onWire(t, 300*time.Millisecond), late)
+	if n := counter(t, h.dp, datapath.CounterTxHeld) - heldBefore; n != 1 {
+		t.Errorf("tx_held moved by %d, want 1: the frame did not go through the hold queue", n)
+	}
+	h.waitHeld(t, 0)
+}
+
 func TestFullHoldQueueDropsAndCounts(t *testing.T) {
 	h := newHost(t, 2)
 	h.input(t, 1)
