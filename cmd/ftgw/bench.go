@@ -23,7 +23,7 @@ func benchCommand(ctx context.Context, args []string) error {
 	dir := fs.String("dir", defaultLabDir, "the lab's directory")
 	requests := fs.Int("requests", 5000, "requests per output mode for the latency comparison")
 	rounds := fs.Int("rounds", 5, "rounds alternating the output modes, against drift")
-	frames := fs.Int("frames", 20000, "frames per trial of the zero-loss rate search (at least 10000: the loss allowed is 0.01%)")
+	frames := fs.Int("frames", 200000, "frames per trial of the zero-loss rate search (at least 10000: the loss allowed is 0.01%; the hold queue's capacity should be a small part of it, or it hides a slow release)")
 	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run")
 	rates := fs.Bool("rates", true, "also search the zero-loss throughput (false: the latency comparison only)")
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")

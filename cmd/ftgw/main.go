@@ -119,6 +119,7 @@ func guestCommand(ctx context.Context, args []string) error {
 	control := fs.String("control", "", "unix socket answering STATE (optional)")
 	restore := fs.String("restore", "", "start from this snapshot (a JSON STATE) instead of empty")
 	stateFD := fs.Int("log-state-fd", -1, "internal: the data path's log state, inherited from the daemon, to publish how far the guest has taken its input")
+	holdCapacity := fs.Uint64("hold-capacity", 0, "internal: with --log-state-fd, the hold queue's capacity: BLAST waits for the queue rather than overflow it")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -153,6 +154,9 @@ func guestCommand(ctx context.Context, args []string) error {
 		}
 		defer counter.Close()
 		cfg.OnTaken = counter.Taken
+		if *holdCapacity > 0 {
+			cfg.Backpressure = &guest.Backpressure{Backlog: counter.HoldBacklog, Capacity: *holdCapacity}
+		}
 	}
 	return guest.Run(ctx, cfg, newLogger(false))
 }

@@ -113,6 +113,7 @@ func (e *syntheticVM) start(restore string) error {
 	}
 	defer state.Close() // the guest holds its own copy
 	g.state = state
+	g.holdCapacity = d.cfg.HoldCapacity
 	if err := g.Start(); err != nil {
 		return fmt.Errorf("start vm %s: %w", d.vm.Name, err)
 	}
@@ -327,6 +328,8 @@ type guestProcess struct {
 	control string
 	restore string   // a snapshot to start from, or ""
 	state   *os.File // the data path's log state, for pacing (--log-state-fd)
+	// holdCapacity is the hold queue's, for the guest's backpressure.
+	holdCapacity int
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -349,6 +352,9 @@ func (g *guestProcess) Start() error {
 	}
 	if g.state != nil {
 		args = append(args, "--log-state-fd", "3") // the first of ExtraFiles
+		if g.holdCapacity > 0 {
+			args = append(args, "--hold-capacity", fmt.Sprint(g.holdCapacity))
+		}
 	}
 	// A dead guest's socket would pass for this one's.
 	if err := os.Remove(g.control); err != nil && !errors.Is(err, os.ErrNotExist) {

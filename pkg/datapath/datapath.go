@@ -294,6 +294,14 @@ func OpenGuestCounter(f *os.File) (*GuestCounter, error) {
 // Taken publishes the count of frames the guest has taken in.
 func (c *GuestCounter) Taken(n uint64) { atomic.StoreUint64(&c.state.GuestTaken, n) }
 
+// HoldBacklog is the number of the guest's outputs in the hold queue, as
+// guest_egress counts them against its capacity: a guest that waits while
+// it is near the capacity loses nothing to hold_full.
+func (c *GuestCounter) HoldBacklog() uint64 {
+	released := atomic.LoadUint64(&c.state.Released)
+	return atomic.LoadUint64(&c.state.HeldIn) - released
+}
+
 func (c *GuestCounter) Close() error { return unix.Munmap(c.mem) }
 
 // Pending is the number of frames in the hold queue as the programs see it.

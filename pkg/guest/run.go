@@ -33,6 +33,9 @@ type Config struct {
 	// far, counted as State.Frames counts them (from the restored count),
 	// after each read: the data path paces the guest's input on it.
 	OnTaken func(frames uint64)
+	// Backpressure, if set, makes BLAST wait for the gateway's hold queue
+	// instead of overflowing it.
+	Backpressure *Backpressure
 }
 
 // Run acts as the VM behind cfg.Tap until ctx is done, then returns nil.
@@ -141,7 +144,8 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		case reply := <-stateReqs:
 			reply <- g.State()
 		case b := <-blastReqs:
-			b.reply <- blast(t, cfg.MAC, b)
+			res := blast(t, cfg.MAC, b, cfg.Backpressure)
+			b.reply <- fmt.Sprintf("OK %d %d %d", res.Writes.Nanoseconds(), res.Failed, res.Waited.Nanoseconds())
 		}
 	}
 }
@@ -266,20 +270,28 @@ func QueryState(controlPath string) (State, error) {
 	return st, nil
 }
 
+// BlastResult is what a BLAST did.
+type BlastResult struct {
+	Writes time.Duration // from the first write to the last
+	Failed int           // writes the tap refused
+	// Waited is the part of Writes the guest spent waiting for the
+	// gateway's hold queue to drain (Backpressure).
+	Waited time.Duration
+}
+
 // Blast makes the guest send count frames of size bytes to dst, at rate
-// frames per second or, with 0, as fast as it can, and returns how long the
-// writes took and how many failed.
-func Blast(controlPath string, count int, dst net.HardwareAddr, size int, rate float64, timeout time.Duration) (time.Duration, int, error) {
+// frames per second or, with 0, as fast as it can.
+func Blast(controlPath string, count int, dst net.HardwareAddr, size int, rate float64, timeout time.Duration) (BlastResult, error) {
 	line, err := controlCommand(controlPath, BlastCommand(count, dst, size, rate), timeout)
 	if err != nil {
-		return 0, 0, err
+		return BlastResult{}, err
 	}
-	var ns int64
+	var writes, waited int64
 	var failed int
-	if _, err := fmt.Sscanf(line, "OK %d %d", &ns, &failed); err != nil {
-		return 0, 0, fmt.Errorf("decode blast reply %q: %w", line, err)
+	if _, err := fmt.Sscanf(line, "OK %d %d %d", &writes, &failed, &waited); err != nil {
+		return BlastResult{}, fmt.Errorf("decode blast reply %q: %w", line, err)
 	}
-	return time.Duration(ns), failed, nil
+	return BlastResult{Writes: time.Duration(writes), Failed: failed, Waited: time.Duration(waited)}, nil
 }
 
 // controlCommand sends one command line and returns the reply line.
