@@ -2,9 +2,9 @@
 
 GO ?= go
 FTGW := bin/ftgw
-GENERATED := pkg/datapath/gateway_bpfel.go pkg/datapath/gateway_bpfel.o
+GENERATED := pkg/datapath/gateway_bpfel.go pkg/datapath/gateway_bpfel.o deploy/grafana/ftgw-dashboard.json
 
-.PHONY: all setup build install guest generate check-generated vet test demo lab-down clean
+.PHONY: all setup build install guest generate dashboard check-generated vet test demo lab-down clean
 
 all: build
 
@@ -39,10 +39,16 @@ guest:
 generate:
 	$(GO) generate ./...
 
-# Fails if the committed BPF objects differ from what the sources build.
+# The Grafana dashboard, from deploy/grafana/dashboard.go (make generate
+# rebuilds it too).
+dashboard:
+	$(GO) generate ./deploy/grafana
+
+# Fails if the committed BPF objects or dashboard differ from what the
+# sources build.
 check-generated: generate
 	@git diff --exit-code -- $(GENERATED) || \
-		{ echo "generated BPF objects are stale: run 'make generate' and commit them" >&2; exit 1; }
+		{ echo "generated files are stale: run 'make generate' and commit them" >&2; exit 1; }
 
 vet:
 	$(GO) vet ./...

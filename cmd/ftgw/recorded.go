@@ -200,9 +200,15 @@ func (e *recordedVM) status(s *Status) {
 	}
 }
 
+// replayMaxLag is qemu.max_lag as a metric, so that an alert compares
+// the replay lag with each VM's own bound instead of a copy of it.
+var replayMaxLag = prometheus.NewDesc("ftgw_replay_max_lag_seconds",
+	"Real VMs: qemu.max_lag, the replay lag beyond which the primary pauses its VM.", []string{"vm"}, nil)
+
 func (e *recordedVM) collect(c *collector, ch chan<- prometheus.Metric) {
 	vm := e.d.vm.Name
 	ch <- prometheus.MustNewConstMetric(c.replayLag, prometheus.GaugeValue, time.Duration(e.replayLag.Load()).Seconds(), vm)
+	ch <- prometheus.MustNewConstMetric(replayMaxLag, prometheus.GaugeValue, e.d.vm.QEMU.MaxLag.Seconds(), vm)
 	ch <- prometheus.MustNewConstMetric(c.throttles, prometheus.CounterValue, float64(e.throttles.Load()), vm)
 	ch <- prometheus.MustNewConstMetric(c.throttled, prometheus.CounterValue, e.lagClock.frozenFor().Seconds(), vm)
 }
