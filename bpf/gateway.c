@@ -1,13 +1,14 @@
 //go:build ignore
 
-/* The output-commit data path of one protected VM.
+/* The output-commit data path of the VMs a host protects.
  *
- *   uplink_ingress   XDP on the host's uplink: frames for the VM go to the
+ *   uplink_ingress   XDP on the host's uplink: frames for a VM go to the
  *                    serializer; everything else goes to the host stack.
  *   serialize_input  XDP on one CPU of a CPUMAP: gives each input frame its
- *                    log position, mirrors it into the log ring and delivers
- *                    it to the VM's tap, in that order, one frame at a time.
- *   guest_egress     XDP on the VM's tap: stamps each output with the log head;
+ *                    VM's next log position, mirrors it into that VM's log
+ *                    ring and delivers it to the VM's tap, in that order, one
+ *                    frame at a time.
+ *   guest_egress     XDP on each VM's tap: stamps each output with the log head;
  *                    sends it straight out when nothing is pending, else holds
  *                    it in the AF_XDP hold queue until the secondary acks.
  *   uplink_egress    TC egress on the uplink: the kernel's own check of the
@@ -37,6 +38,32 @@ volatile const __u64 hold_capacity = 1024;
  * less than its tap's queue, which drops what does not fit. */
 volatile const __u64 guest_budget = 2048;
 
+/* Every VM a host protects has a slot, 0 to MAX_VMS-1, chosen by the daemon;
+ * each per-VM map below is indexed by it. The three index maps find a
+ * frame's slot: by the tap it came from, by the destination (or source) MAC,
+ * or, for ARP, by the IP asked for. A frame that no index names is not a
+ * VM's and goes to the host stack untouched. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u32); /* the tap's ifindex */
+	__type(value, __u32);
+} vm_by_tap SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u64); /* the MAC in the first six bytes, zero-padded */
+	__type(value, __u32);
+} vm_by_mac SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u32); /* network byte order */
+	__type(value, __u32);
+} vm_by_ip SEC(".maps");
+
 /* The shape of the inner map. Declared as a map of its own too, because
  * clang emits the BTF of owner_record only for top-level map definitions;
  * the daemon never uses this instance. */
@@ -47,29 +74,46 @@ struct owner_slot {
 	__type(value, struct owner_record);
 } owner_template SEC(".maps");
 
-/* Owned by pkg/vip: slot 0 holds a one-record inner map, replaced whole. */
+/* Owned by pkg/vip: a VM's slot holds a one-record inner map, replaced whole. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
-	__uint(max_entries, 1);
+	__uint(max_entries, MAX_VMS);
 	__type(key, __u32);
 	__array(values, struct owner_slot);
 } owner SEC(".maps");
 
-/* Memory-mapped by the daemon; see struct log_state for who writes what. */
-struct {
+/* A VM's log positions: a map of its own, so that the daemon, the guest and
+ * QEMU's preloaded library each memory-map exactly one VM's state at offset
+ * 0. See struct log_state for who writes what. */
+struct state_slot {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct log_state);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u32);
+	__array(values, struct state_slot);
 } state SEC(".maps");
 
-/* The replication log on its way to the daemon, which ships it to the
- * secondary. Its size is set by the daemon before load. */
-struct {
+/* Each VM's replication log on its way to the daemon, which ships it to the
+ * secondary: one ring per VM, so one VM's burst never fills another's. The
+ * size is set by the daemon before load. */
+struct log_ring_slot {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20);
-} log_ring SEC(".maps");
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u32);
+	__array(values, struct log_ring_slot);
+} log_rings SEC(".maps");
 
 /* One entry, at serializer_cpu, running serialize_input. The loader clamps
  * the size to the number of possible CPUs. */
@@ -80,9 +124,10 @@ struct {
 	__type(value, struct bpf_cpumap_val);
 } serializer SEC(".maps");
 
+/* Each VM's tap, by slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_DEVMAP);
-	__uint(max_entries, 1);
+	__uint(max_entries, MAX_VMS);
 	__type(key, __u32);
 	__type(value, __u32);
 } to_guest SEC(".maps");
@@ -94,33 +139,38 @@ struct {
 	__type(value, __u32);
 } to_uplink SEC(".maps");
 
+/* Each VM's hold queue socket, bound to its tap, by slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, 1);
+	__uint(max_entries, MAX_VMS);
 	__type(key, __u32);
 	__type(value, __u32);
 } hold_xsks SEC(".maps");
 
+/* Counter c of the VM in slot s is at s * COUNTER__LEN + c. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, COUNTER__LEN);
-	__type(key, enum counter);
+	__uint(max_entries, MAX_VMS * COUNTER__LEN);
+	__type(key, __u32);
 	__type(value, struct counter_value);
 } counters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, MAX_VMS);
 	__type(key, __u32);
 	__type(value, struct latency_hist);
 } fast_latency SEC(".maps");
 
 /* Never used at run time. clang emits BTF only for the types of map
- * definitions and functions, and these two are written by the kernel side and
- * read only by the daemon; bpf2go -type needs them in the object. */
+ * definitions and functions, and these are written by the kernel side and
+ * read only by the daemon (or live in inner maps); bpf2go -type needs them
+ * in the object. */
 struct daemon_types {
 	struct log_record log_record;
 	struct hold_meta hold_meta;
+	struct log_state log_state;
+	enum counter counter;
 };
 
 struct {
@@ -133,9 +183,9 @@ struct {
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 
-static __always_inline void count(enum counter c, __u64 bytes)
+static __always_inline void count(__u32 slot, enum counter c, __u64 bytes)
 {
-	__u32 key = c;
+	__u32 key = slot * COUNTER__LEN + c;
 	struct counter_value *v = bpf_map_lookup_elem(&counters, &key);
 
 	if (v) {
@@ -144,23 +194,34 @@ static __always_inline void count(enum counter c, __u64 bytes)
 	}
 }
 
-static __always_inline struct log_state *log_state(void)
+static __always_inline struct log_state *log_state(__u32 slot)
 {
 	__u32 zero = 0;
+	void *inner = bpf_map_lookup_elem(&state, &slot);
 
-	return bpf_map_lookup_elem(&state, &zero);
+	if (!inner)
+		return NULL;
+	return bpf_map_lookup_elem(inner, &zero);
 }
 
 /* The record stays valid for the whole run of the program even if the
  * daemon swaps in a new one meanwhile (the inner map is freed after RCU). */
-static __always_inline struct owner_record *current_owner(void)
+static __always_inline struct owner_record *current_owner(__u32 slot)
 {
 	__u32 zero = 0;
-	void *slot = bpf_map_lookup_elem(&owner, &zero);
+	void *inner = bpf_map_lookup_elem(&owner, &slot);
 
-	if (!slot)
+	if (!inner)
 		return NULL;
-	return bpf_map_lookup_elem(slot, &zero);
+	return bpf_map_lookup_elem(inner, &zero);
+}
+
+static __always_inline __u64 mac_key(const __u8 *mac)
+{
+	__u64 key = 0;
+
+	__builtin_memcpy(&key, mac, ETH_ALEN);
+	return key;
 }
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
@@ -184,26 +245,36 @@ struct arp_ipv4 {
 	__u8 tpa[4];
 };
 
-/* Frames to the VM's MAC, and ARP requests asking for its IP (they are
- * broadcast, and the VM must see them to be found). */
-static __always_inline int frame_for_vm(struct ethhdr *eth, void *data_end,
-					const struct owner_record *own)
+/* The slot of the VM a frame from the uplink is for: frames to its MAC, and
+ * ARP requests asking for its IP (they are broadcast, and the VM must see
+ * them to be found). The index only finds the slot; the VM's owner record,
+ * which the daemon publishes after the index, has the last word. */
+static __always_inline int vm_for_frame(struct ethhdr *eth, void *data_end, __u32 *slot,
+					struct owner_record **own)
 {
-	if (mac_equal(eth->h_dest, own->vm_mac))
-		return 1;
-	if (eth->h_proto != bpf_htons(ETH_P_ARP))
-		return 0;
+	__u64 mac = mac_key(eth->h_dest);
+	__u32 *found = bpf_map_lookup_elem(&vm_by_mac, &mac);
+	__u32 target = 0;
 
-	struct arp_ipv4 *arp = (void *)(eth + 1);
-	if ((void *)(arp + 1) > data_end)
+	if (!found) {
+		if (eth->h_proto != bpf_htons(ETH_P_ARP))
+			return 0;
+		struct arp_ipv4 *arp = (void *)(eth + 1);
+		if ((void *)(arp + 1) > data_end)
+			return 0;
+		if (arp->ar_hrd != bpf_htons(ARPHRD_ETHER) || arp->ar_pro != bpf_htons(ETH_P_IP) ||
+		    arp->ar_hln != ETH_ALEN || arp->ar_pln != 4)
+			return 0;
+		__builtin_memcpy(&target, arp->tpa, sizeof(target));
+		found = bpf_map_lookup_elem(&vm_by_ip, &target);
+		if (!found)
+			return 0;
+	}
+	*slot = *found;
+	*own = current_owner(*slot);
+	if (!*own || (*own)->role == ROLE_NONE)
 		return 0;
-	if (arp->ar_hrd != bpf_htons(ARPHRD_ETHER) || arp->ar_pro != bpf_htons(ETH_P_IP) ||
-	    arp->ar_hln != ETH_ALEN || arp->ar_pln != 4)
-		return 0;
-
-	__u32 target;
-	__builtin_memcpy(&target, arp->tpa, sizeof(target));
-	return target == own->vm_ip;
+	return mac_equal(eth->h_dest, (*own)->vm_mac) || target == (*own)->vm_ip;
 }
 
 SEC("xdp")
@@ -213,22 +284,21 @@ int uplink_ingress(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
 	struct ethhdr *eth = data;
+	struct owner_record *own;
+	__u32 slot;
 
-	if ((void *)(eth + 1) > data_end) {
-		count(COUNTER_RX_MALFORMED, len);
+	/* Too short to be anyone's: the host stack counts it. */
+	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
-	}
-
-	struct owner_record *own = current_owner();
-	if (!own || own->role == ROLE_NONE || !frame_for_vm(eth, data_end, own))
+	if (!vm_for_frame(eth, data_end, &slot, &own))
 		return XDP_PASS;
 
 	if (own->role != ROLE_ACTIVE) {
-		count(COUNTER_RX_STANDBY, len);
+		count(slot, COUNTER_RX_STANDBY, len);
 		return XDP_DROP;
 	}
 	if (len > MAX_FRAME) {
-		count(COUNTER_RX_TOO_LONG, len);
+		count(slot, COUNTER_RX_TOO_LONG, len);
 		return XDP_DROP;
 	}
 
@@ -240,21 +310,21 @@ int uplink_ingress(struct xdp_md *ctx)
 
 /* The ring's reservations must be of constant size, so a frame takes the
  * smallest of a few slot sizes that fits it. */
-static __always_inline int log_into(struct xdp_md *ctx, struct log_state *st,
-				    __u64 len, const __u32 slot)
+static __always_inline int log_into(struct xdp_md *ctx, __u32 vm, void *ring,
+				    struct log_state *st, __u64 len, const __u32 size)
 {
-	struct log_record *rec = bpf_ringbuf_reserve(&log_ring, sizeof(*rec) + slot, 0);
+	struct log_record *rec = bpf_ringbuf_reserve(ring, sizeof(*rec) + size, 0);
 
 	if (!rec) {
-		count(COUNTER_RX_LOG_FULL, len);
+		count(vm, COUNTER_RX_LOG_FULL, len);
 		return -1;
 	}
 	/* Restate the bound where the verifier can see it next to the copy. */
 	asm volatile("" : "+r"(len));
-	if (len < 1 || len > slot ||
+	if (len < 1 || len > size ||
 	    bpf_xdp_load_bytes(ctx, 0, (void *)(rec + 1), len)) {
 		bpf_ringbuf_discard(rec, 0);
-		count(COUNTER_RX_MALFORMED, len);
+		count(vm, COUNTER_RX_MALFORMED, len);
 		return -1;
 	}
 
@@ -270,25 +340,31 @@ static __always_inline int log_into(struct xdp_md *ctx, struct log_state *st,
 	return 0;
 }
 
-static __always_inline int log_frame(struct xdp_md *ctx, struct log_state *st, __u64 len)
+static __always_inline int log_frame(struct xdp_md *ctx, __u32 vm, struct log_state *st, __u64 len)
 {
+	void *ring = bpf_map_lookup_elem(&log_rings, &vm);
+
+	if (!ring) {
+		count(vm, COUNTER_RX_LOG_FULL, len);
+		return -1;
+	}
 	if (len <= 128)
-		return log_into(ctx, st, len, 128);
+		return log_into(ctx, vm, ring, st, len, 128);
 	if (len <= 256)
-		return log_into(ctx, st, len, 256);
+		return log_into(ctx, vm, ring, st, len, 256);
 	if (len <= 512)
-		return log_into(ctx, st, len, 512);
+		return log_into(ctx, vm, ring, st, len, 512);
 	if (len <= 1024)
-		return log_into(ctx, st, len, 1024);
+		return log_into(ctx, vm, ring, st, len, 1024);
 	if (len <= 1536)
-		return log_into(ctx, st, len, 1536);
+		return log_into(ctx, vm, ring, st, len, 1536);
 	if (len <= 2048)
-		return log_into(ctx, st, len, 2048);
+		return log_into(ctx, vm, ring, st, len, 2048);
 	if (len <= 4096)
-		return log_into(ctx, st, len, 4096);
+		return log_into(ctx, vm, ring, st, len, 4096);
 	if (len <= MAX_FRAME)
-		return log_into(ctx, st, len, MAX_FRAME);
-	count(COUNTER_RX_TOO_LONG, len);
+		return log_into(ctx, vm, ring, st, len, MAX_FRAME);
+	count(vm, COUNTER_RX_TOO_LONG, len);
 	return -1;
 }
 
@@ -298,26 +374,28 @@ int serialize_input(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
+	struct ethhdr *eth = data;
+	struct owner_record *own;
+	__u32 slot;
 
-	/* The role may have changed since uplink_ingress looked. */
-	struct owner_record *own = current_owner();
-	if (!own || own->role != ROLE_ACTIVE) {
-		count(COUNTER_RX_STANDBY, len);
+	/* uplink_ingress found the VM; the frame itself is all a CPUMAP passes
+	 * on, so find it again. */
+	if ((void *)(eth + 1) > data_end || !vm_for_frame(eth, data_end, &slot, &own))
 		return XDP_DROP;
-	}
-	if (len < sizeof(struct ethhdr)) {
-		count(COUNTER_RX_MALFORMED, len);
+	/* The role may have changed since uplink_ingress looked. */
+	if (own->role != ROLE_ACTIVE) {
+		count(slot, COUNTER_RX_STANDBY, len);
 		return XDP_DROP;
 	}
 
 	/* QEMU records the frame in its replay log when the guest takes it;
 	 * the order of delivery is still this CPU's. */
 	if (own->flags & OWNER_F_ENGINE_LOGS) {
-		count(COUNTER_RX_ENGINE_LOGS, len);
-		return bpf_redirect_map(&to_guest, 0, XDP_DROP);
+		count(slot, COUNTER_RX_ENGINE_LOGS, len);
+		return bpf_redirect_map(&to_guest, slot, XDP_DROP);
 	}
 
-	struct log_state *st = log_state();
+	struct log_state *st = log_state(slot);
 	if (!st)
 		return XDP_ABORTED;
 
@@ -327,22 +405,21 @@ int serialize_input(struct xdp_md *ctx)
 	 * what would go further is dropped unlogged, as the network drops. */
 	if ((own->flags & OWNER_F_GUEST_PACED) &&
 	    READ_ONCE(st->head) - (READ_ONCE(st->guest_taken) - READ_ONCE(st->input_base)) >= guest_budget) {
-		count(COUNTER_RX_GUEST_BEHIND, len);
+		count(slot, COUNTER_RX_GUEST_BEHIND, len);
 		return XDP_DROP;
 	}
 
 	/* A frame the log does not hold must never reach the guest. */
-	if (log_frame(ctx, st, len))
+	if (log_frame(ctx, slot, st, len))
 		return XDP_DROP;
 
-	count(COUNTER_RX_LOGGED, len);
-	return bpf_redirect_map(&to_guest, 0, XDP_DROP);
+	count(slot, COUNTER_RX_LOGGED, len);
+	return bpf_redirect_map(&to_guest, slot, XDP_DROP);
 }
 
-static __always_inline void observe_fast_latency(__u64 ns)
+static __always_inline void observe_fast_latency(__u32 slot, __u64 ns)
 {
-	__u32 zero = 0;
-	struct latency_hist *h = bpf_map_lookup_elem(&fast_latency, &zero);
+	struct latency_hist *h = bpf_map_lookup_elem(&fast_latency, &slot);
 
 	if (!h)
 		return;
@@ -371,21 +448,28 @@ int guest_egress(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *found = bpf_map_lookup_elem(&vm_by_tap, &ifindex);
+
+	/* A tap no VM was given to: nothing of it may leave. */
+	if (!found)
+		return XDP_DROP;
+	__u32 slot = *found;
 
 	if (data + sizeof(struct ethhdr) > data_end) {
-		count(COUNTER_TX_MALFORMED, len);
+		count(slot, COUNTER_TX_MALFORMED, len);
 		return XDP_DROP;
 	}
 
 	/* Output leaves only from the active host (or one draining its last
 	 * outputs before a planned handover). */
-	struct owner_record *own = current_owner();
+	struct owner_record *own = current_owner(slot);
 	if (!own || (own->role != ROLE_ACTIVE && own->role != ROLE_DRAINING)) {
-		count(COUNTER_TX_SUPPRESSED, len);
+		count(slot, COUNTER_TX_SUPPRESSED, len);
 		return XDP_DROP;
 	}
 
-	struct log_state *st = log_state();
+	struct log_state *st = log_state(slot);
 	if (!st)
 		return XDP_ABORTED;
 
@@ -401,37 +485,36 @@ int guest_egress(struct xdp_md *ctx)
 	if (pending == 0 && !(own->flags & OWNER_F_HOLD_ALL) &&
 	    ((own->flags & OWNER_F_PASSTHROUGH) ||
 	     (stamp <= READ_ONCE(st->acked) && arrival < READ_ONCE(st->lease_until)))) {
-		count(COUNTER_TX_FAST, len);
-		observe_fast_latency(bpf_ktime_get_ns() - arrival);
+		count(slot, COUNTER_TX_FAST, len);
+		observe_fast_latency(slot, bpf_ktime_get_ns() - arrival);
 		return bpf_redirect_map(&to_uplink, 0, XDP_DROP);
 	}
 
 	if (pending >= hold_capacity) {
-		count(COUNTER_TX_HOLD_FULL, len);
+		count(slot, COUNTER_TX_HOLD_FULL, len);
 		return XDP_DROP;
 	}
-	__u32 zero = 0;
-	if (!bpf_map_lookup_elem(&hold_xsks, &zero)) {
-		count(COUNTER_TX_NO_HOLD_SOCKET, len);
+	if (!bpf_map_lookup_elem(&hold_xsks, &slot)) {
+		count(slot, COUNTER_TX_NO_HOLD_SOCKET, len);
 		return XDP_DROP;
 	}
 	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hold_meta))) {
-		count(COUNTER_TX_META_FAILED, len);
+		count(slot, COUNTER_TX_META_FAILED, len);
 		return XDP_DROP;
 	}
 
 	struct hold_meta *meta = (void *)(long)ctx->data_meta;
 	data = (void *)(long)ctx->data;
 	if ((void *)(meta + 1) > data) {
-		count(COUNTER_TX_META_FAILED, len);
+		count(slot, COUNTER_TX_META_FAILED, len);
 		return XDP_DROP;
 	}
 	meta->stamp = stamp;
 	meta->arrival_ns = arrival;
 
 	__sync_fetch_and_add(&st->held_in, 1);
-	count(COUNTER_TX_HELD, len);
-	return bpf_redirect_map(&hold_xsks, 0, XDP_DROP);
+	count(slot, COUNTER_TX_HELD, len);
+	return bpf_redirect_map(&hold_xsks, slot, XDP_DROP);
 }
 
 /* The hold queue releases frames through a packet socket on the uplink, and
@@ -451,14 +534,19 @@ int uplink_egress(struct __sk_buff *skb)
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
-	struct owner_record *own = current_owner();
+	__u64 mac = mac_key(eth->h_source);
+	__u32 *found = bpf_map_lookup_elem(&vm_by_mac, &mac);
+	if (!found)
+		return TC_ACT_OK;
+	__u32 slot = *found;
+	struct owner_record *own = current_owner(slot);
 	if (!own || own->role == ROLE_NONE || !mac_equal(eth->h_source, own->vm_mac))
 		return TC_ACT_OK;
-	struct log_state *st = log_state();
+	struct log_state *st = log_state(slot);
 	if (st && (own->role == ROLE_ACTIVE || own->role == ROLE_DRAINING) &&
 	    ((own->flags & OWNER_F_PASSTHROUGH) || bpf_ktime_get_ns() < READ_ONCE(st->lease_until)))
 		return TC_ACT_OK;
-	count(COUNTER_TX_RELEASE_REFUSED, skb->len);
+	count(slot, COUNTER_TX_RELEASE_REFUSED, skb->len);
 	return TC_ACT_SHOT;
 }
 

@@ -7,6 +7,9 @@
 /* The largest frame the log carries; the lockstep channel refuses larger ones too. */
 #define MAX_FRAME 9216
 
+/* The VMs one host protects at most: every per-VM map has this many slots. */
+#define MAX_VMS 256
+
 /* Fast-path commit latency buckets: bucket i counts latencies of fewer than
  * 2^i nanoseconds (the last bucket takes everything longer). */
 #define LATENCY_BUCKETS 32

@@ -161,7 +161,7 @@ func (d *daemon) setUp(ctx context.Context, verbose bool) error {
 		}
 		return errors.New(firstLine(err.Error()) + " (run with --verbose for the verifier log)")
 	}
-	if d.owner, err = vip.NewOwner(d.dp.OwnerMap()); err != nil {
+	if d.owner, err = vip.NewOwner(d.dp); err != nil {
 		return err
 	}
 	// Standby until this host knows it may serve: the VM's frames are

@@ -61,7 +61,7 @@ func (d *Datapath) Counters() ([NumCounters]Count, error) {
 	var out [NumCounters]Count
 	var perCPU []gatewayCounterValue
 	for c := range Counter(NumCounters) {
-		if err := d.objs.Counters.Lookup(c, &perCPU); err != nil {
+		if err := d.host.objs.Counters.Lookup(d.slot*uint32(NumCounters)+uint32(c), &perCPU); err != nil {
 			return out, fmt.Errorf("read counter %s: %w", c, err)
 		}
 		for _, v := range perCPU {
@@ -101,7 +101,7 @@ func MonotonicNs() uint64 {
 func (d *Datapath) FastLatency() (LatencyHistogram, error) {
 	var out LatencyHistogram
 	var perCPU []gatewayLatencyHist
-	if err := d.objs.FastLatency.Lookup(uint32(0), &perCPU); err != nil {
+	if err := d.host.objs.FastLatency.Lookup(d.slot, &perCPU); err != nil {
 		return out, fmt.Errorf("read fast latency: %w", err)
 	}
 	for _, h := range perCPU {

@@ -1,13 +1,15 @@
-// Package datapath loads the gateway's BPF programs (bpf/gateway.c) for one
-// protected VM, attaches them to the host's uplink and the VM's tap, and
-// exposes the state they share with the daemon: the log positions, the log
-// ring, the hold queue's socket map, the owner map and the counters.
+// Package datapath loads the gateway's BPF programs (bpf/gateway.c) once per
+// host, attaches them to the host's uplink and each protected VM's tap, and
+// exposes the state each VM shares with its daemon: the log positions, the
+// log ring, the hold queue's socket map, the owner map and the counters, all
+// in the VM's slot of the host's maps.
 package datapath
 
 import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync/atomic"
 	"unsafe"
@@ -104,13 +106,38 @@ func (c Config) validate() error {
 	return nil
 }
 
-// Datapath is the loaded programs and maps of one VM.
-type Datapath struct {
+// MaxVMs is how many VMs one host's data path protects at most (MAX_VMS in
+// gateway.h): every per-VM map has this many slots.
+const MaxVMs = 256
+
+// Host is the programs and maps a host loads once for every VM it protects.
+// Each VM has a slot in the per-VM maps (its Datapath, from AddVM); the
+// uplink's programs find a frame's VM through the index maps.
+type Host struct {
 	objs  gatewayObjects
-	state *gatewayLogState // memory-mapped: no syscalls on the ack path
-	mem   []byte
+	spec  *ebpf.CollectionSpec // for the per-VM inner maps
 	links []link.Link
 	cfg   Config
+}
+
+// Datapath is one VM's part of its host's data path: its slot in the
+// per-VM maps, its own log state and log ring, and its tap.
+type Datapath struct {
+	host  *Host
+	slot  uint32
+	state *gatewayLogState // memory-mapped: no syscalls on the ack path
+	mem   []byte
+	// The VM's inner maps, in the host's state and log_rings maps.
+	stateMap, ring *ebpf.Map
+	tap            *net.Interface
+	tapLink        link.Link
+	routes         []routeKey // the index entries Route wrote
+	ownsHost       bool       // Load made the host for this VM alone
+}
+
+type routeKey struct {
+	m   *ebpf.Map
+	key any
 }
 
 // Spec returns the collection spec with the load-time constants of cfg set.
@@ -128,12 +155,13 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 	if err := spec.Variables["guest_budget"].Set(uint64(cfg.GuestBudget)); err != nil {
 		return nil, fmt.Errorf("set guest_budget: %w", err)
 	}
-	spec.Maps[gatewayMapLogRing].MaxEntries = uint32(cfg.LogRingBytes)
+	spec.Maps[gatewayMapLogRings].InnerMap.MaxEntries = uint32(cfg.LogRingBytes)
 	return spec, nil
 }
 
-// Load loads the programs and maps into the kernel without attaching them.
-func Load(cfg Config, opts *ebpf.CollectionOptions) (_ *Datapath, err error) {
+// LoadHost loads the programs and maps into the kernel without attaching
+// them.
+func LoadHost(cfg Config, opts *ebpf.CollectionOptions) (_ *Host, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("datapath config: %w", err)
 	}
@@ -141,8 +169,8 @@ func Load(cfg Config, opts *ebpf.CollectionOptions) (_ *Datapath, err error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Datapath{cfg: cfg}
-	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+	h := &Host{cfg: cfg, spec: spec}
+	if err := spec.LoadAndAssign(&h.objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load gateway: %w (verifier log: %+v)", err, ve)
@@ -151,59 +179,153 @@ func Load(cfg Config, opts *ebpf.CollectionOptions) (_ *Datapath, err error) {
 	}
 	defer func() {
 		if err != nil {
+			h.Close()
+		}
+	}()
+	serializer := gatewayBpfCpumapVal{Qsize: uint32(cfg.SerializerQueue)}
+	serializer.BpfProg.Fd = int32(h.objs.SerializeInput.FD())
+	if err := h.objs.Serializer.Put(uint32(cfg.SerializerCPU), serializer); err != nil {
+		return nil, fmt.Errorf("start serializer on cpu %d: %w", cfg.SerializerCPU, err)
+	}
+	return h, nil
+}
+
+// AttachUplink attaches the uplink's programs and points the VMs' fast
+// path at it. Frames for a VM pass untouched until its owner record is
+// published.
+func (h *Host) AttachUplink(uplink *net.Interface) error {
+	if err := h.SetUplink(uplink); err != nil {
+		return err
+	}
+	l, err := link.AttachXDP(link.XDPOptions{Program: h.objs.UplinkIngress, Interface: uplink.Index})
+	if err != nil {
+		return fmt.Errorf("attach xdp to %s: %w", uplink.Name, err)
+	}
+	h.links = append(h.links, l)
+	l, err = link.AttachTCX(link.TCXOptions{Program: h.objs.UplinkEgress, Attach: ebpf.AttachTCXEgress, Interface: uplink.Index})
+	if err != nil {
+		return fmt.Errorf("attach tc egress to %s: %w", uplink.Name, err)
+	}
+	h.links = append(h.links, l)
+	return nil
+}
+
+// SetUplink points the VMs' fast path at uplink without attaching a
+// program to it.
+func (h *Host) SetUplink(uplink *net.Interface) error {
+	if err := h.objs.ToUplink.Put(uint32(0), uint32(uplink.Index)); err != nil {
+		return fmt.Errorf("set uplink device %s: %w", uplink.Name, err)
+	}
+	return nil
+}
+
+// AddVM gives the VM in slot its own log state and log ring. The slot must
+// be free: one VM per slot, 0 to MaxVMs-1.
+func (h *Host) AddVM(slot int) (_ *Datapath, err error) {
+	if slot < 0 || slot >= MaxVMs {
+		return nil, fmt.Errorf("vm slot %d: want 0 to %d", slot, MaxVMs-1)
+	}
+	d := &Datapath{host: h, slot: uint32(slot)}
+	defer func() {
+		if err != nil {
 			d.Close()
 		}
 	}()
-
-	d.mem, err = unix.Mmap(d.objs.State.FD(), 0, unix.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if d.stateMap, err = ebpf.NewMap(h.spec.Maps[gatewayMapState].InnerMap); err != nil {
+		return nil, fmt.Errorf("create log state of vm slot %d: %w", slot, err)
+	}
+	if d.ring, err = ebpf.NewMap(h.spec.Maps[gatewayMapLogRings].InnerMap); err != nil {
+		return nil, fmt.Errorf("create log ring of vm slot %d: %w", slot, err)
+	}
+	d.mem, err = unix.Mmap(d.stateMap.FD(), 0, unix.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("mmap log state: %w", err)
 	}
 	d.state = (*gatewayLogState)(unsafe.Pointer(&d.mem[0]))
-
-	serializer := gatewayBpfCpumapVal{Qsize: uint32(cfg.SerializerQueue)}
-	serializer.BpfProg.Fd = int32(d.objs.SerializeInput.FD())
-	if err := d.objs.Serializer.Put(uint32(cfg.SerializerCPU), serializer); err != nil {
-		return nil, fmt.Errorf("start serializer on cpu %d: %w", cfg.SerializerCPU, err)
+	if err := h.objs.State.Put(d.slot, d.stateMap); err != nil {
+		return nil, fmt.Errorf("vm slot %d: %w", slot, err)
+	}
+	if err := h.objs.LogRings.Put(d.slot, d.ring); err != nil {
+		return nil, fmt.Errorf("vm slot %d: %w", slot, err)
 	}
 	return d, nil
 }
 
-// Attach connects the VM's tap and the host's uplink and attaches the
-// programs to both. Frames for the VM pass untouched until an owner record
-// is published.
+// Close detaches and unloads everything. Close the VMs' Datapaths first.
+func (h *Host) Close() error {
+	var errs []error
+	for _, l := range h.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, h.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Load loads a host's data path for one VM, in slot 0: Close unloads both.
+func Load(cfg Config, opts *ebpf.CollectionOptions) (*Datapath, error) {
+	h, err := LoadHost(cfg, opts)
+	if err != nil {
+		return nil, err
+	}
+	d, err := h.AddVM(0)
+	if err != nil {
+		return nil, errors.Join(err, h.Close())
+	}
+	d.ownsHost = true
+	return d, nil
+}
+
+// Attach attaches the host's uplink programs and the VM's tap: for a
+// data path from Load.
 func (d *Datapath) Attach(uplink, tap *net.Interface) error {
-	if err := d.SetDevices(uplink, tap); err != nil {
+	if err := d.host.AttachUplink(uplink); err != nil {
 		return err
 	}
-	for _, a := range []struct {
-		prog  *ebpf.Program
-		iface *net.Interface
-	}{
-		{d.objs.GuestEgress, tap},
-		{d.objs.UplinkIngress, uplink},
-	} {
-		l, err := link.AttachXDP(link.XDPOptions{Program: a.prog, Interface: a.iface.Index})
-		if err != nil {
-			return fmt.Errorf("attach xdp to %s: %w", a.iface.Name, err)
-		}
-		d.links = append(d.links, l)
+	return d.AttachTap(tap)
+}
+
+// AttachTap makes tap the VM's: the serializer delivers its input there,
+// and guest_egress, attached to it, treats what the guest sends.
+func (d *Datapath) AttachTap(tap *net.Interface) error {
+	if err := d.SetTap(tap); err != nil {
+		return err
 	}
-	l, err := link.AttachTCX(link.TCXOptions{Program: d.objs.UplinkEgress, Attach: ebpf.AttachTCXEgress, Interface: uplink.Index})
+	l, err := link.AttachXDP(link.XDPOptions{Program: d.host.objs.GuestEgress, Interface: tap.Index})
 	if err != nil {
-		return fmt.Errorf("attach tc egress to %s: %w", uplink.Name, err)
+		return fmt.Errorf("attach xdp to %s: %w", tap.Name, err)
 	}
-	d.links = append(d.links, l)
+	d.tapLink = l
 	return nil
 }
 
-// SetDevices points the redirects at the uplink and the tap.
-func (d *Datapath) SetDevices(uplink, tap *net.Interface) error {
-	if err := d.objs.ToGuest.Put(uint32(0), uint32(tap.Index)); err != nil {
+// SetTap points the VM's slot at tap without attaching a program to it.
+func (d *Datapath) SetTap(tap *net.Interface) error {
+	if err := d.host.objs.ToGuest.Put(d.slot, uint32(tap.Index)); err != nil {
 		return fmt.Errorf("set guest device %s: %w", tap.Name, err)
 	}
-	if err := d.objs.ToUplink.Put(uint32(0), uint32(uplink.Index)); err != nil {
-		return fmt.Errorf("set uplink device %s: %w", uplink.Name, err)
+	if err := d.host.objs.VmByTap.Put(uint32(tap.Index), d.slot); err != nil {
+		return fmt.Errorf("index tap %s: %w", tap.Name, err)
+	}
+	d.tap = tap
+	return nil
+}
+
+// Route sends the uplink's frames for mac, and ARP requests for ip, to this
+// VM, and lets the VM's released frames from mac through uplink_egress's
+// check. The VM's owner record still decides what happens to them.
+func (d *Datapath) Route(ip netip.Addr, mac net.HardwareAddr) error {
+	if !ip.Is4() || len(mac) != 6 {
+		return fmt.Errorf("route vm slot %d: want an IPv4 address and a 6-byte MAC, have %s and %s", d.slot, ip, mac)
+	}
+	var macKey uint64
+	copy((*[8]byte)(unsafe.Pointer(&macKey))[:], mac)
+	ip4 := ip.As4()
+	ipKey := *(*uint32)(unsafe.Pointer(&ip4)) // network byte order, as the program reads it
+	for _, r := range []routeKey{{d.host.objs.VmByMac, macKey}, {d.host.objs.VmByIp, ipKey}} {
+		if err := r.m.Put(r.key, d.slot); err != nil {
+			return fmt.Errorf("route %s %s to vm slot %d: %w", ip, mac, d.slot, err)
+		}
+		d.routes = append(d.routes, r)
 	}
 	return nil
 }
@@ -223,18 +345,47 @@ func PassProgram() (*ebpf.Program, error) {
 	return prog, nil
 }
 
-// Close detaches and unloads everything.
+// Slot is the VM's slot in the host's per-VM maps.
+func (d *Datapath) Slot() uint32 { return d.slot }
+
+// Close takes the VM out of the host's maps and detaches its tap; a data
+// path from Load unloads the host too.
 func (d *Datapath) Close() error {
 	var errs []error
-	for _, l := range d.links {
-		errs = append(errs, l.Close())
+	if d.tapLink != nil {
+		errs = append(errs, d.tapLink.Close())
+	}
+	objs := &d.host.objs
+	if d.tap != nil {
+		errs = append(errs, ignoreNotExist(objs.VmByTap.Delete(uint32(d.tap.Index))), ignoreNotExist(objs.ToGuest.Delete(d.slot)))
+	}
+	for _, r := range d.routes {
+		errs = append(errs, ignoreNotExist(r.m.Delete(r.key)))
+	}
+	if d.stateMap != nil {
+		errs = append(errs, ignoreNotExist(objs.State.Delete(d.slot)), ignoreNotExist(objs.LogRings.Delete(d.slot)),
+			ignoreNotExist(objs.Owner.Delete(d.slot)))
 	}
 	if d.mem != nil {
 		errs = append(errs, unix.Munmap(d.mem))
 		d.mem, d.state = nil, nil
 	}
-	errs = append(errs, d.objs.Close())
+	for _, m := range []*ebpf.Map{d.stateMap, d.ring} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
+	}
+	if d.ownsHost {
+		errs = append(errs, d.host.Close())
+	}
 	return errors.Join(errs...)
+}
+
+func ignoreNotExist(err error) error {
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
 }
 
 // Head is the last log position: the serializer's, or the engine's under
@@ -249,7 +400,7 @@ func (d *Datapath) SetHead(pos uint64) { atomic.StoreUint64(&d.state.Head, pos) 
 // engine that writes the head itself (OwnerEngineLogs): QEMU's preloaded
 // library maps it. The caller closes it.
 func (d *Datapath) StateFile() (*os.File, error) {
-	fd, err := unix.FcntlInt(uintptr(d.objs.State.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	fd, err := unix.FcntlInt(uintptr(d.stateMap.FD()), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("dup log state map: %w", err)
 	}
@@ -318,41 +469,48 @@ func (d *Datapath) HeldIn() uint64 { return atomic.LoadUint64(&d.state.HeldIn) }
 // once Pending reaches zero the fast path may send the next frame at once.
 func (d *Datapath) AddReleased(n uint64) { atomic.AddUint64(&d.state.Released, n) }
 
-// OwnerMap is the outer map whose one slot holds the current owner record.
-func (d *Datapath) OwnerMap() *ebpf.Map { return d.objs.Owner }
+// OwnerMap is the outer map whose slot Slot() holds the VM's owner record.
+func (d *Datapath) OwnerMap() *ebpf.Map { return d.host.objs.Owner }
 
-// LogRing is the ring the serializer writes log records to.
-func (d *Datapath) LogRing() *ebpf.Map { return d.objs.LogRing }
+// LogRing is the ring the serializer writes the VM's log records to.
+func (d *Datapath) LogRing() *ebpf.Map { return d.ring }
 
-// HoldSockets is the XSKMAP whose entry 0 is the hold queue's socket.
-func (d *Datapath) HoldSockets() *ebpf.Map { return d.objs.HoldXsks }
+// HoldSockets is the XSKMAP whose entry Slot() is the VM's hold queue socket.
+func (d *Datapath) HoldSockets() *ebpf.Map { return d.host.objs.HoldXsks }
 
-// Maps returns the maps by name, for tests and tools.
-func (d *Datapath) Maps() map[string]*ebpf.Map {
+// Maps returns the host's maps by name, for tests and tools.
+func (h *Host) Maps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		gatewayMapOwner:         d.objs.Owner,
-		gatewayMapOwnerTemplate: d.objs.OwnerTemplate,
-		gatewayMapState:         d.objs.State,
-		gatewayMapLogRing:       d.objs.LogRing,
-		gatewayMapSerializer:    d.objs.Serializer,
-		gatewayMapToGuest:       d.objs.ToGuest,
-		gatewayMapToUplink:      d.objs.ToUplink,
-		gatewayMapHoldXsks:      d.objs.HoldXsks,
-		gatewayMapCounters:      d.objs.Counters,
-		gatewayMapFastLatency:   d.objs.FastLatency,
-		gatewayMapDaemonTypes:   d.objs.DaemonTypes,
+		gatewayMapOwner:         h.objs.Owner,
+		gatewayMapOwnerTemplate: h.objs.OwnerTemplate,
+		gatewayMapState:         h.objs.State,
+		gatewayMapLogRings:      h.objs.LogRings,
+		gatewayMapSerializer:    h.objs.Serializer,
+		gatewayMapToGuest:       h.objs.ToGuest,
+		gatewayMapToUplink:      h.objs.ToUplink,
+		gatewayMapHoldXsks:      h.objs.HoldXsks,
+		gatewayMapCounters:      h.objs.Counters,
+		gatewayMapFastLatency:   h.objs.FastLatency,
+		gatewayMapDaemonTypes:   h.objs.DaemonTypes,
+		gatewayMapVmByTap:       h.objs.VmByTap,
+		gatewayMapVmByMac:       h.objs.VmByMac,
+		gatewayMapVmByIp:        h.objs.VmByIp,
 	}
 }
 
-// Programs returns the programs by name, for tests and tools.
-func (d *Datapath) Programs() map[string]*ebpf.Program {
+// Programs returns the host's programs by name, for tests and tools.
+func (h *Host) Programs() map[string]*ebpf.Program {
 	return map[string]*ebpf.Program{
-		gatewayProgUplinkIngress:  d.objs.UplinkIngress,
-		gatewayProgSerializeInput: d.objs.SerializeInput,
-		gatewayProgGuestEgress:    d.objs.GuestEgress,
-		gatewayProgXdpPass:        d.objs.XdpPass,
+		gatewayProgUplinkIngress:  h.objs.UplinkIngress,
+		gatewayProgSerializeInput: h.objs.SerializeInput,
+		gatewayProgGuestEgress:    h.objs.GuestEgress,
+		gatewayProgUplinkEgress:   h.objs.UplinkEgress,
+		gatewayProgXdpPass:        h.objs.XdpPass,
 	}
 }
+
+// Host is the host data path the VM's slot is in.
+func (d *Datapath) Host() *Host { return d.host }
 
 // BlastCounter counts the guest's BLAST frames where the bench's client
 // receives them, and drops them there (count_blast).

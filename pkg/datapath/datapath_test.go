@@ -92,7 +92,7 @@ func load(t *testing.T, cfg datapath.Config) *lab {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.Close() })
-	owner, err := vip.NewOwner(d.OwnerMap())
+	owner, err := vip.NewOwner(d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,12 +115,31 @@ func (l *lab) counters(t *testing.T) [datapath.NumCounters]datapath.Count {
 	return c
 }
 
+// xdpMD is struct xdp_md, the context a test run may give an XDP program.
+type xdpMD struct {
+	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
+}
+
+// runOptions runs frame as if it arrived on lo, which stands in for the
+// VM's tap: guest_egress finds the VM by the tap a frame came from.
+func (l *lab) runOptions(t *testing.T, prog *ebpf.Program, frame []byte) *ebpf.RunOptions {
+	t.Helper()
+	if prog.Type() != ebpf.XDP {
+		return &ebpf.RunOptions{Data: frame}
+	}
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &ebpf.RunOptions{Data: frame, Context: xdpMD{DataEnd: uint32(len(frame)), IngressIfindex: uint32(lo.Index)}}
+}
+
 // run runs prog once on frame and checks the action and that exactly the
 // counters in want moved, each by one frame of the input's size.
 func (l *lab) run(t *testing.T, prog *ebpf.Program, frame []byte, action uint32, want ...datapath.Counter) {
 	t.Helper()
 	before := l.counters(t)
-	ret, err := prog.Run(&ebpf.RunOptions{Data: frame})
+	ret, err := prog.Run(l.runOptions(t, prog, frame))
 	if err != nil {
 		t.Fatalf("run: %v", err)
 	}
@@ -144,7 +163,7 @@ func (l *lab) run(t *testing.T, prog *ebpf.Program, frame []byte, action uint32,
 
 func TestUplinkIngress(t *testing.T) {
 	l := load(t, datapath.DefaultConfig)
-	prog := l.d.Programs()["uplink_ingress"]
+	prog := l.d.Host().Programs()["uplink_ingress"]
 
 	truncatedARP := arpRequest(vmIP)[:14+20]
 	arpNotEthernet := arpRequest(vmIP)
@@ -184,7 +203,7 @@ func TestUplinkIngress(t *testing.T) {
 
 func TestUplinkIngressWithoutOwnerPassesEverything(t *testing.T) {
 	l := load(t, datapath.DefaultConfig)
-	l.run(t, l.d.Programs()["uplink_ingress"], udpTo(vmMAC, 100), xdpPass)
+	l.run(t, l.d.Host().Programs()["uplink_ingress"], udpTo(vmMAC, 100), xdpPass)
 }
 
 // serializer loads the data path a second time with serialize_input as a
@@ -203,7 +222,7 @@ func serializer(t *testing.T, cfg datapath.Config) (*lab, *ebpf.Program) {
 	}
 	spec.Programs = map[string]*ebpf.ProgramSpec{"serialize_input": ps}
 	replacements := map[string]*ebpf.Map{}
-	for name, m := range l.d.Maps() {
+	for name, m := range l.d.Host().Maps() {
 		replacements[name] = m
 	}
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replacements}); err != nil {
@@ -217,7 +236,10 @@ func serializer(t *testing.T, cfg datapath.Config) (*lab, *ebpf.Program) {
 		t.Fatal(err)
 	}
 	// Redirects need a target device; lo stands in for the tap and uplink.
-	if err := l.d.SetDevices(lo, lo); err != nil {
+	if err := l.d.Host().SetUplink(lo); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.d.SetTap(lo); err != nil {
 		t.Fatal(err)
 	}
 	return l, objs.Prog
@@ -292,7 +314,7 @@ func TestSerializeInputLeavesEngineLoggedInputToTheEngine(t *testing.T) {
 	}
 
 	// The engine's head stamps the guest's output like the serializer's.
-	egress := l.d.Programs()["guest_egress"]
+	egress := l.d.Host().Programs()["guest_egress"]
 	l.d.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 	l.d.SetAcked(4095)
 	l.run(t, egress, udpTo(clientMAC, 100), xdpDrop, datapath.CounterTxNoHoldSocket)
@@ -363,7 +385,7 @@ func TestSerializeInputKeepsAPacedGuestWithinItsBudget(t *testing.T) {
 
 func TestGuestEgress(t *testing.T) {
 	l, _ := serializer(t, datapath.DefaultConfig)
-	prog := l.d.Programs()["guest_egress"]
+	prog := l.d.Host().Programs()["guest_egress"]
 	frame := udpTo(clientMAC, 100)
 	l.d.SetLease(datapath.MonotonicNs() + uint64(time.Hour))
 
@@ -460,7 +482,7 @@ func (l *lab) serializeOne(t *testing.T) uint64 {
 // or a dropped frame to MAC A (B's role, A's MAC).
 func TestOwnerRecordNeverTears(t *testing.T) {
 	l := load(t, datapath.DefaultConfig)
-	prog := l.d.Programs()["uplink_ingress"]
+	prog := l.d.Host().Programs()["uplink_ingress"]
 	macA, macB := vmMAC, otherMAC
 	recA := vip.Record{Epoch: 1, Role: vip.RoleActive, IP: netip.MustParseAddr("192.0.2.10"), MAC: macA}
 	recB := vip.Record{Epoch: 2, Role: vip.RoleStandby, IP: netip.MustParseAddr("192.0.2.11"), MAC: macB}

@@ -53,6 +53,9 @@ type gatewayDaemonTypes struct {
 	_         structs.HostLayout
 	LogRecord gatewayLogRecord
 	HoldMeta  gatewayHoldMeta
+	LogState  gatewayLogState
+	Counter   gatewayCounter
+	_         [4]byte
 }
 
 type gatewayHoldMeta struct {
@@ -120,13 +123,16 @@ const (
 	gatewayMapDaemonTypes     = "daemon_types"
 	gatewayMapFastLatency     = "fast_latency"
 	gatewayMapHoldXsks        = "hold_xsks"
-	gatewayMapLogRing         = "log_ring"
+	gatewayMapLogRings        = "log_rings"
 	gatewayMapOwner           = "owner"
 	gatewayMapOwnerTemplate   = "owner_template"
 	gatewayMapSerializer      = "serializer"
 	gatewayMapState           = "state"
 	gatewayMapToGuest         = "to_guest"
 	gatewayMapToUplink        = "to_uplink"
+	gatewayMapVmByIp          = "vm_by_ip"
+	gatewayMapVmByMac         = "vm_by_mac"
+	gatewayMapVmByTap         = "vm_by_tap"
 	gatewayProgCountBlast     = "count_blast"
 	gatewayProgGuestEgress    = "guest_egress"
 	gatewayProgSerializeInput = "serialize_input"
@@ -197,13 +203,16 @@ type gatewayMapSpecs struct {
 	DaemonTypes   *ebpf.MapSpec `ebpf:"daemon_types"`
 	FastLatency   *ebpf.MapSpec `ebpf:"fast_latency"`
 	HoldXsks      *ebpf.MapSpec `ebpf:"hold_xsks"`
-	LogRing       *ebpf.MapSpec `ebpf:"log_ring"`
+	LogRings      *ebpf.MapSpec `ebpf:"log_rings"`
 	Owner         *ebpf.MapSpec `ebpf:"owner"`
 	OwnerTemplate *ebpf.MapSpec `ebpf:"owner_template"`
 	Serializer    *ebpf.MapSpec `ebpf:"serializer"`
 	State         *ebpf.MapSpec `ebpf:"state"`
 	ToGuest       *ebpf.MapSpec `ebpf:"to_guest"`
 	ToUplink      *ebpf.MapSpec `ebpf:"to_uplink"`
+	VmByIp        *ebpf.MapSpec `ebpf:"vm_by_ip"`
+	VmByMac       *ebpf.MapSpec `ebpf:"vm_by_mac"`
+	VmByTap       *ebpf.MapSpec `ebpf:"vm_by_tap"`
 }
 
 // gatewayVariableSpecs contains global variables before they are loaded into the kernel.
@@ -240,13 +249,16 @@ type gatewayMaps struct {
 	DaemonTypes   *ebpf.Map `ebpf:"daemon_types"`
 	FastLatency   *ebpf.Map `ebpf:"fast_latency"`
 	HoldXsks      *ebpf.Map `ebpf:"hold_xsks"`
-	LogRing       *ebpf.Map `ebpf:"log_ring"`
+	LogRings      *ebpf.Map `ebpf:"log_rings"`
 	Owner         *ebpf.Map `ebpf:"owner"`
 	OwnerTemplate *ebpf.Map `ebpf:"owner_template"`
 	Serializer    *ebpf.Map `ebpf:"serializer"`
 	State         *ebpf.Map `ebpf:"state"`
 	ToGuest       *ebpf.Map `ebpf:"to_guest"`
 	ToUplink      *ebpf.Map `ebpf:"to_uplink"`
+	VmByIp        *ebpf.Map `ebpf:"vm_by_ip"`
+	VmByMac       *ebpf.Map `ebpf:"vm_by_mac"`
+	VmByTap       *ebpf.Map `ebpf:"vm_by_tap"`
 }
 
 func (m *gatewayMaps) Close() error {
@@ -256,13 +268,16 @@ func (m *gatewayMaps) Close() error {
 		m.DaemonTypes,
 		m.FastLatency,
 		m.HoldXsks,
-		m.LogRing,
+		m.LogRings,
 		m.Owner,
 		m.OwnerTemplate,
 		m.Serializer,
 		m.State,
 		m.ToGuest,
 		m.ToUplink,
+		m.VmByIp,
+		m.VmByMac,
+		m.VmByTap,
 	)
 }
 

@@ -24,7 +24,7 @@ type LogEntry struct {
 // until ctx is done or ship or flush fails. It calls flush whenever it has
 // emptied the ring, so that ship can batch a burst and flush send it.
 func (d *Datapath) ReadLog(ctx context.Context, ship func(LogEntry) error, flush func() error) error {
-	r, err := ringbuf.NewReader(d.objs.LogRing)
+	r, err := ringbuf.NewReader(d.ring)
 	if err != nil {
 		return fmt.Errorf("open log ring: %w", err)
 	}

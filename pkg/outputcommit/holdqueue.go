@@ -107,7 +107,7 @@ func Open(dp *datapath.Datapath, cfg Config) (_ *HoldQueue, err error) {
 	if q.out, err = openReleaseSocket(cfg.Uplink); err != nil {
 		return nil, err
 	}
-	if err := dp.HoldSockets().Put(uint32(0), uint32(q.rx.FD())); err != nil {
+	if err := dp.HoldSockets().Put(dp.Slot(), uint32(q.rx.FD())); err != nil {
 		return nil, fmt.Errorf("plug hold socket into the data path: %w", err)
 	}
 	return q, nil
@@ -118,7 +118,7 @@ func Open(dp *datapath.Datapath, cfg Config) (_ *HoldQueue, err error) {
 func (q *HoldQueue) Close() error {
 	var errs []error
 	if q.rx != nil {
-		if err := q.dp.HoldSockets().Delete(uint32(0)); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := q.dp.HoldSockets().Delete(q.dp.Slot()); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, err)
 		}
 		errs = append(errs, q.rx.Close())

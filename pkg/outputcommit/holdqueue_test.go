@@ -116,7 +116,7 @@ func newDataPath(t *testing.T, capacity int) *host {
 		t.Fatal(err)
 	}
 
-	owner, err := vip.NewOwner(dp.OwnerMap())
+	owner, err := vip.NewOwner(dp)
 	if err != nil {
 		t.Fatal(err)
 	}

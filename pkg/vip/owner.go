@@ -4,6 +4,7 @@
 package vip
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -93,15 +94,17 @@ func (r Record) encode() (datapath.OwnerRecord, error) {
 // one-entry inner map and swaps it into the outer map's slot, a single
 // pointer exchange; programs see the old record or the new one, whole.
 type Owner struct {
-	outer *ebpf.Map
+	dp    *datapath.Datapath
 	inner *ebpf.MapSpec
 
 	mu      sync.Mutex
 	current Record
+	routed  bool // the data path sends the frames of current's IP and MAC here
 }
 
-// NewOwner publishes through the outer ARRAY_OF_MAPS of a loaded data path.
-func NewOwner(outer *ebpf.Map) (*Owner, error) {
+// NewOwner publishes the records of the VM in dp's slot of its host's
+// outer ARRAY_OF_MAPS.
+func NewOwner(dp *datapath.Datapath) (*Owner, error) {
 	spec, err := datapath.Spec(datapath.DefaultConfig)
 	if err != nil {
 		return nil, err
@@ -110,7 +113,7 @@ func NewOwner(outer *ebpf.Map) (*Owner, error) {
 	if inner == nil {
 		return nil, errors.New("owner map spec has no inner map")
 	}
-	return &Owner{outer: outer, inner: inner.Copy()}, nil
+	return &Owner{dp: dp, inner: inner.Copy()}, nil
 }
 
 // Publish makes r the record every program sees from now on.
@@ -122,6 +125,14 @@ func (o *Owner) Publish(r Record) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 
+	// The index first, so the record is found the moment it is there. A VM
+	// keeps its IP and MAC; the index changes only with them.
+	if !o.routed || o.current.IP != r.IP || !bytes.Equal(o.current.MAC, r.MAC) {
+		if err := o.dp.Route(r.IP, r.MAC); err != nil {
+			return fmt.Errorf("publish owner record: %w", err)
+		}
+		o.routed = true
+	}
 	slot, err := ebpf.NewMap(o.inner)
 	if err != nil {
 		return fmt.Errorf("create owner record: %w", err)
@@ -132,7 +143,7 @@ func (o *Owner) Publish(r Record) error {
 		return fmt.Errorf("fill owner record: %w", err)
 	}
 	// The commit point: one map update swaps the whole record.
-	if err := o.outer.Put(uint32(0), slot); err != nil {
+	if err := o.dp.OwnerMap().Put(o.dp.Slot(), slot); err != nil {
 		return fmt.Errorf("swap owner record: %w", err)
 	}
 	o.current = r
