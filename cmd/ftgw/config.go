@@ -12,12 +12,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/ftgw/ftgw/pkg/arbiter"
+	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 )
 
@@ -35,9 +37,11 @@ type Config struct {
 	Role string `yaml:"role"`
 	// Uplink is the host's interface towards the VM's clients.
 	Uplink string `yaml:"uplink"`
-	// VMs this host protects. One per host in this version.
+	// VMs this host protects, up to 256. Both hosts list the same VMs in
+	// the same order: a VM's place in the list picks its log channel.
 	VMs []VMConfig `yaml:"vms"`
-	// Peer is the other host's log channel.
+	// Peer is the other host's log channel. VM i of VMs (from 0) uses the
+	// ports of Address and Listen plus i: one channel per VM.
 	Peer PeerConfig `yaml:"peer"`
 	// Metrics is the address of the Prometheus endpoint; default
 	// 127.0.0.1:9477, since anyone who reaches it sees the VM's traffic
@@ -264,8 +268,38 @@ func (c *Config) validate() error {
 	if c.SerializerCPU < 0 {
 		bad("serializer_cpu", "%d: must not be negative", c.SerializerCPU)
 	}
-	if len(c.VMs) != 1 {
-		bad("vms", "%d VMs: this version protects exactly one VM per host", len(c.VMs))
+	if len(c.VMs) < 1 || len(c.VMs) > datapath.MaxVMs {
+		bad("vms", "%d VMs: want 1 to %d", len(c.VMs), datapath.MaxVMs)
+	}
+	for _, f := range []struct{ field, addr string }{{"peer.address", c.Peer.Address}, {"peer.listen", c.Peer.Listen}} {
+		if _, port, err := net.SplitHostPort(f.addr); err == nil {
+			if p, err := strconv.Atoi(port); err != nil || p < 1 || p+len(c.VMs)-1 > 65535 {
+				bad(f.field, "port %q: want 1 to %d, so that each of the %d VMs has its log channel port (this one plus its place in vms)", port, 65535-max(len(c.VMs)-1, 0), len(c.VMs))
+			}
+		}
+	}
+	// Each VM needs its own of these: two VMs behind one MAC or IP would
+	// take each other's frames, two on one tap each other's outputs.
+	seen := map[string]int{}
+	unique := func(i int, field, value string) {
+		if value == "" {
+			return
+		}
+		key := field + "=" + strings.ToLower(value)
+		if j, dup := seen[key]; dup {
+			bad(fmt.Sprintf("vms[%d].%s", i, field), "%q: vms[%d] has it too; each VM needs its own", value, j)
+			return
+		}
+		seen[key] = i
+	}
+	for i := range c.VMs {
+		vm := &c.VMs[i]
+		unique(i, "name", vm.Name)
+		unique(i, "ip", vm.IP)
+		if mac, err := net.ParseMAC(vm.MAC); err == nil {
+			unique(i, "mac", mac.String())
+		}
+		unique(i, "tap", vm.Tap)
 	}
 	for i := range c.VMs {
 		vm := &c.VMs[i]

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -95,15 +96,39 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 	}
 }
 
-func TestLoadConfigRefusesSeveralVMs(t *testing.T) {
-	text := strings.Replace(goodPrimary, "peer:", `  - name: vm2
-    ip: 192.0.2.11
-    mac: "02:46:54:47:00:0b"
-    tap: tap1
-peer:`, 1)
-	_, err := loadConfig(writeConfig(t, text))
-	if err == nil || !strings.Contains(err.Error(), "vms: 2 VMs") {
-		t.Errorf("error %v, want the vms field refused", err)
+// A host protects several VMs, each with its own name, IP, MAC and tap and
+// a log channel port of its own.
+func TestLoadConfigSeveralVMs(t *testing.T) {
+	second := func(name, ip, mac, tap string) string {
+		return strings.Replace(goodPrimary, "peer:", fmt.Sprintf("  - name: %s\n    ip: %s\n    mac: %q\n    tap: %s\npeer:", name, ip, mac, tap), 1)
+	}
+	cfg, err := loadConfig(writeConfig(t, second("vm2", "192.0.2.11", "02:46:54:47:00:0b", "tap1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.VMs) != 2 {
+		t.Fatalf("%d VMs, want 2", len(cfg.VMs))
+	}
+	vm2 := vmConfig(cfg, 1)
+	if len(vm2.VMs) != 1 || vm2.VMs[0].Name != "vm2" {
+		t.Errorf("vm 1's config has VMs %+v, want vm2 alone", vm2.VMs)
+	}
+	for _, addr := range []struct{ base, got string }{{cfg.Peer.Address, vm2.Peer.Address}, {cfg.Peer.Listen, vm2.Peer.Listen}} {
+		if want := shiftPort(addr.base, 1); addr.got != want || want == addr.base {
+			t.Errorf("vm2's log channel address %s, want %s (the base port plus 1)", addr.got, want)
+		}
+	}
+
+	for _, tc := range []struct{ text, field string }{
+		{second("vm1", "192.0.2.11", "02:46:54:47:00:0b", "tap1"), "vms[1].name"},
+		{second("vm2", "192.0.2.10", "02:46:54:47:00:0b", "tap1"), "vms[1].ip"},
+		{second("vm2", "192.0.2.11", "02:46:54:47:00:0A", "tap1"), "vms[1].mac"},
+		{second("vm2", "192.0.2.11", "02:46:54:47:00:0b", "tap0"), "vms[1].tap"},
+	} {
+		_, err := loadConfig(writeConfig(t, tc.text))
+		if err == nil || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("error %v, want %s refused as a duplicate", err, tc.field)
+		}
 	}
 }
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,14 +9,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sync/errgroup"
 
@@ -30,10 +26,12 @@ import (
 )
 
 // daemon is one host's side of one protected VM. Where the host stands for
-// the VM is its lifecycle (life, pkg/protect); lifecycle.go moves it.
+// the VM is its lifecycle (life, pkg/protect); lifecycle.go moves it. A host
+// runs one for each VM it protects (host.go).
 type daemon struct {
-	cfg    Config
+	cfg    Config // the host's, with this VM's log channel ports (vmConfig)
 	vm     VMConfig
+	slot   int // the VM's slot in the host's data path
 	log    *slog.Logger
 	uplink *net.Interface
 	tap    *net.Interface
@@ -93,33 +91,6 @@ type logChannel struct {
 	done chan struct{}
 }
 
-// run serves cfg until ctx is done.
-func run(ctx context.Context, cfg Config, log *slog.Logger, verbose bool) (err error) {
-	d := &daemon{cfg: cfg, vm: cfg.VMs[0], log: log.With("vm", cfg.VMs[0].Name), failovers: map[string]uint64{}}
-	defer func() { err = errors.Join(err, d.close()) }()
-	d.life = protect.NewMachine(nil, func(from, to protect.State, ev protect.Event) {
-		d.log.Info("lifecycle", "from", from.String(), "event", ev.String(), "to", to.String())
-	})
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	g, ctx := errgroup.WithContext(ctx)
-	d.runCtx, d.group = ctx, g
-	if err := d.setUp(ctx, verbose); err != nil {
-		cancel()
-		return errors.Join(err, ignoreCanceled(g.Wait()))
-	}
-	g.Go(func() error { return d.eng.run(ctx) })
-	g.Go(func() error { return d.watch(ctx) })
-	g.Go(func() error { return d.serveMetrics(ctx) })
-	g.Go(func() error { return d.serveControl(ctx) })
-	d.log.Info("serving", "state", d.state().String(), "first_boot_role", cfg.Role, "uplink", cfg.Uplink, "tap", d.vm.Tap, "metrics", cfg.Metrics)
-	<-ctx.Done()
-	d.channelStop()
-	d.stopCopy()
-	return ignoreCanceled(g.Wait())
-}
-
 func ignoreCanceled(err error) error {
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -127,49 +98,27 @@ func ignoreCanceled(err error) error {
 	return err
 }
 
-func (d *daemon) setUp(ctx context.Context, verbose bool) error {
+// setUp takes the VM's slot in the host's data path, attaches its tap and
+// boots, follows or rejoins the VM as the arbiter says.
+func (d *daemon) setUp(ctx context.Context, h *host) error {
 	var err error
 	d.eng = newVMEngine(d)
-	// The log channel's certificates are loaded at each role change; a
-	// wrong one would otherwise only show as connections the peer refuses.
-	if _, err := lockstep.ServerTLS(d.cfg.Peer.Cert, d.cfg.Peer.Key, d.cfg.Peer.CA, d.cfg.logChannelID()); err != nil {
-		return fmt.Errorf("log channel: %w", err)
-	}
-	if d.cfg.Arbiter != "" {
-		opts, err := d.cfg.Etcd.arbiterOptions()
-		if err != nil {
-			return err
-		}
-		if d.arb, err = arbiter.OpenWith(d.cfg.Arbiter, opts); err != nil {
-			return err
-		}
-	}
-	if d.uplink, err = net.InterfaceByName(d.cfg.Uplink); err != nil {
-		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
-	}
+	d.arb, d.uplink = h.arb, h.uplink
 	if d.tap, err = ensureTap(d.vm.Tap); err != nil {
 		return err
 	}
-
-	dpCfg := datapath.DefaultConfig
-	dpCfg.HoldCapacity = d.cfg.HoldCapacity
-	dpCfg.SerializerCPU = d.cfg.SerializerCPU
-	dpCfg.LogRingBytes = d.cfg.LogRingBytes
-	if d.dp, err = datapath.Load(dpCfg, nil); err != nil {
-		if verbose {
-			return err
-		}
-		return errors.New(firstLine(err.Error()) + " (run with --verbose for the verifier log)")
+	if d.dp, err = h.dp.AddVM(d.slot); err != nil {
+		return err
 	}
 	if d.owner, err = vip.NewOwner(d.dp); err != nil {
 		return err
 	}
 	// Standby until this host knows it may serve: the VM's frames are
-	// neither delivered nor let out while the programs attach.
+	// neither delivered nor let out while its tap attaches.
 	if err := d.publish(vip.RoleStandby, 0); err != nil {
 		return err
 	}
-	if err := d.dp.Attach(d.uplink, d.tap); err != nil {
+	if err := d.dp.AttachTap(d.tap); err != nil {
 		return err
 	}
 
@@ -474,9 +423,6 @@ func (d *daemon) close() error {
 	if d.eng != nil {
 		errs = append(errs, d.eng.close())
 	}
-	if d.arb != nil {
-		errs = append(errs, d.arb.Close())
-	}
 	if d.dp != nil {
 		errs = append(errs, d.dp.Close())
 	}
@@ -570,51 +516,6 @@ func (d *daemon) status() Status {
 		s.Incarnation = fmt.Sprintf("%016x", sec.Incarnation())
 	}
 	return s
-}
-
-func (d *daemon) serveMetrics(ctx context.Context) error {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(newCollector(d))
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	ln, err := net.Listen("tcp", d.cfg.Metrics)
-	if err != nil {
-		return fmt.Errorf("serve metrics: %w", err)
-	}
-	return serveHTTP(ctx, ln, mux)
-}
-
-// controlPath is the daemon's control socket: status for `ftgw lab status`
-// and output modes for `ftgw bench`. A unix socket, so only local root can
-// switch the Output Rule off.
-func controlPath(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
-
-func (d *daemon) serveControl(ctx context.Context) error {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(d.status())
-	})
-	mux.HandleFunc("POST /output-mode", func(w http.ResponseWriter, r *http.Request) {
-		if err := d.setOutputMode(r.FormValue("mode")); err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		d.log.Info("output mode", "mode", r.FormValue("mode"))
-	})
-	d.serveSwitchover(mux)
-	path := controlPath(d.cfg.StateDir)
-	os.Remove(path)
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return fmt.Errorf("serve control: %w", err)
-	}
-	// Root only, whatever the umask: it can switch the Output Rule off.
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return fmt.Errorf("serve control: %w", err)
-	}
-	return serveHTTP(ctx, ln, mux)
 }
 
 func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {

@@ -13,11 +13,12 @@ import (
 	"github.com/ftgw/ftgw/pkg/vip"
 )
 
-// collector reads the data path's maps and the daemon's state at scrape time,
-// so the hot paths keep no Prometheus state of their own.
+// collector reads the data path's maps and the daemons' state at scrape
+// time, so the hot paths keep no Prometheus state of their own. Every
+// series but the host's own two is labelled with its VM.
 type collector struct {
-	d      *daemon
-	errors atomic.Uint64
+	daemons []*daemon
+	errors  atomic.Uint64
 
 	commitLatency, ackLatency, shipDelay, held, head, acked, logBytes, logRecords, suppressed, dropped,
 	frames, channelErrors, rtt, role, epoch, collectionErrors,
@@ -25,13 +26,13 @@ type collector struct {
 	replayLag, throttles, throttled, buildInfo *prometheus.Desc
 }
 
-func newCollector(d *daemon) *collector {
+func newCollector(daemons []*daemon) *collector {
 	vm := []string{"vm"}
 	desc := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("ftgw_"+name, help, append(vm, labels...), nil)
 	}
 	return &collector{
-		d: d,
+		daemons: daemons,
 		commitLatency: desc("output_commit_latency_seconds",
 			"Time from a guest frame's arrival on the tap to its release on the uplink; path is fast (nothing pending, sent at once) or held (waited for the secondary's ack).", "path"),
 		ackLatency: desc("log_ack_latency_seconds",
@@ -86,7 +87,16 @@ var droppedBy = map[datapath.Counter]string{
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	d, vm := c.d, c.d.vm.Name
+	for _, d := range c.daemons {
+		c.collectVM(d, ch)
+	}
+	ch <- prometheus.MustNewConstMetric(c.collectionErrors, prometheus.CounterValue, float64(c.errors.Load()))
+	version, revision := buildVersion()
+	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, version, revision, runtime.Version())
+}
+
+func (c *collector) collectVM(d *daemon, ch chan<- prometheus.Metric) {
+	vm := d.vm.Name
 	counter := func(desc *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(v), append([]string{vm}, labels...)...)
 	}
@@ -177,9 +187,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.failoverPhase, p.GoLive.Seconds(), "go_live")
 	}
 	d.mu.Unlock()
-	ch <- prometheus.MustNewConstMetric(c.collectionErrors, prometheus.CounterValue, float64(c.errors.Load()))
-	version, revision := buildVersion()
-	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, version, revision, runtime.Version())
 }
 
 // constHistogram turns a power-of-two nanosecond histogram into Prometheus

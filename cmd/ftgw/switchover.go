@@ -195,16 +195,15 @@ type switchoverReply struct {
 	Drained time.Duration `json:"drained_ns"`
 }
 
-func (d *daemon) serveSwitchover(mux *http.ServeMux) {
-	mux.HandleFunc("POST /switchover", func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
-		epoch, head, err := d.handOver(r.Context())
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusConflict)
-			return
-		}
-		json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start)})
-	})
+// serveSwitchover is POST /switchover: hand the VM over to its standby.
+func (d *daemon) serveSwitchover(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	epoch, head, err := d.handOver(r.Context())
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusConflict)
+		return
+	}
+	json.NewEncoder(w).Encode(switchoverReply{Epoch: epoch, Head: head, Drained: time.Since(start)})
 }
 
 // onHandOver is the primary's word, over the log channel, to take over.
