@@ -620,7 +620,7 @@ func (n *nemesis) runImpostor(ctx context.Context, how string, cfg Config, stay 
 		stop()
 		return ctx.Err()
 	}
-	s, err := statusAt(controlPath(cfg.StateDir))
+	s, err := statusAt(controlPath(cfg.StateDir), "")
 	switch {
 	case err != nil:
 		n.note("%s: running, no status (%v): %s", what, err, lastLine(logPath))

@@ -29,19 +29,21 @@ func newFlagSet(name, synopsis, what string) *flag.FlagSet {
 	return fs
 }
 
-// socketFlag is the --socket flag: the daemon's control socket.
-func socketFlag(fs *flag.FlagSet) *string {
-	return fs.String("socket", controlPath(defaultConfig().StateDir), "the daemon's control `socket` (state_dir/control.sock)")
+// socketFlag is the --socket flag, the daemon's control socket, and the
+// --vm flag, the VM a command is about.
+func socketFlag(fs *flag.FlagSet) (socket, vm *string) {
+	return fs.String("socket", controlPath(defaultConfig().StateDir), "the daemon's control `socket` (state_dir/control.sock)"),
+		fs.String("vm", "", "the `name` of the VM, on a host that protects several (default: the first in its config)")
 }
 
 func statusCommand(ctx context.Context, args []string) error {
-	fs := newFlagSet("status", "[--socket PATH] [--json]", "Where this host stands for its VM: state, role, epoch, log positions, the peer's link.")
-	socket := socketFlag(fs)
+	fs := newFlagSet("status", "[--socket PATH] [--vm NAME] [--json]", "Where this host stands for its VM: state, role, epoch, log positions, the peer's link.")
+	socket, vm := socketFlag(fs)
 	asJSON := fs.Bool("json", false, "print the daemon's status as JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	s, err := statusAt(*socket)
+	s, err := statusAt(*socket, *vm)
 	if err != nil {
 		return fmt.Errorf("read status from %s (is the daemon running?): %w", *socket, err)
 	}
@@ -88,8 +90,8 @@ func printStatus(w io.Writer, s Status) {
 // command: a host that serves alone rebuilds the first peer that joins it
 // (a peer whose daemon starts, or that lost the VM to this host).
 func reprotectCommand(ctx context.Context, args []string) error {
-	fs := newFlagSet("reprotect", "[--socket PATH] [--timeout D]", "Wait until this host's VM is protected again, and show how it goes.\nA host that serves alone re-protects on its own: it rebuilds its peer from a\nsnapshot as soon as the peer's daemon runs.")
-	socket := socketFlag(fs)
+	fs := newFlagSet("reprotect", "[--socket PATH] [--vm NAME] [--timeout D]", "Wait until this host's VM is protected again, and show how it goes.\nA host that serves alone re-protects on its own: it rebuilds its peer from a\nsnapshot as soon as the peer's daemon runs.")
+	socket, vm := socketFlag(fs)
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -98,7 +100,7 @@ func reprotectCommand(ctx context.Context, args []string) error {
 	var s Status
 	err := waitUntil(ctx, *timeout, "the VM to be protected", func() (bool, error) {
 		var err error
-		if s, err = statusAt(*socket); err != nil {
+		if s, err = statusAt(*socket, *vm); err != nil {
 			return false, err
 		}
 		msg := s.State

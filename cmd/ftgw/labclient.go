@@ -49,17 +49,22 @@ func controlClient(sock string) *http.Client {
 }
 
 func daemonStatus(dir, ns string) (Status, error) {
-	return statusAt(controlPath(hostDir(dir, ns)))
+	return statusAt(controlPath(hostDir(dir, ns)), "")
 }
 
-// statusAt reads the status of the daemon whose control socket is socket.
-func statusAt(socket string) (Status, error) {
+// statusAt reads the status of the VM called vm ("": the host's first)
+// from the host whose control socket is socket.
+func statusAt(socket, vm string) (Status, error) {
 	var s Status
-	resp, err := controlClient(socket).Get("http://ftgw/status")
+	resp, err := controlClient(socket).Get("http://ftgw/status?" + url.Values{"vm": {vm}}.Encode())
 	if err != nil {
 		return s, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		return s, errors.New(strings.TrimSpace(string(body)))
+	}
 	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
 

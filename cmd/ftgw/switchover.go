@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"time"
 
@@ -219,18 +220,20 @@ func (d *daemon) onHandOver(epoch, head uint64) {
 // primary, to its standby, and waits until the old primary is the new
 // standby.
 func switchoverCommand(ctx context.Context, args []string) error {
-	fs := newFlagSet("switchover", "[--socket PATH]", "Planned move of the VM from this host, its protected primary, to its standby, with no output lost.\nIt returns once this host is the new standby.")
-	socket := socketFlag(fs)
+	fs := newFlagSet("switchover", "[--socket PATH] [--vm NAME]", "Planned move of the VM from this host, its protected primary, to its standby, with no output lost.\nIt returns once this host is the new standby.")
+	socket, vm := socketFlag(fs)
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the pair to be protected again")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	return switchover(ctx, os.Stdout, *socket, *timeout)
+	return switchover(ctx, os.Stdout, *socket, *vm, *timeout)
 }
 
-func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Duration) error {
+// switchover hands the VM called vm ("": the host's first) over from the
+// host at socket to its standby.
+func switchover(ctx context.Context, w io.Writer, socket, vm string, timeout time.Duration) error {
 	start := time.Now()
-	raw, err := controlPostSocket(socket, "/switchover", nil)
+	raw, err := controlPostSocket(socket, "/switchover", url.Values{"vm": {vm}})
 	if err != nil {
 		return err
 	}
@@ -241,7 +244,7 @@ func switchover(ctx context.Context, w io.Writer, socket string, timeout time.Du
 	fmt.Fprintf(w, "switchover: handed over epoch %d at log position %d after %s of drain\n", reply.Epoch, reply.Head, reply.Drained.Round(10*time.Microsecond))
 	var s Status
 	err = waitUntil(ctx, timeout, "this host to be the new standby", func() (bool, error) {
-		s, err = statusAt(socket)
+		s, err = statusAt(socket, vm)
 		return err == nil && s.State == protect.Standby.String() && s.Epoch > reply.Epoch, nil
 	})
 	if err != nil {
@@ -266,7 +269,7 @@ func labSwitchover(ctx context.Context, dir string) error {
 	}
 	fmt.Printf("switchover from %s\n", from)
 	start := time.Now()
-	if err := switchover(ctx, os.Stdout, controlPath(hostDir(dir, from)), 30*time.Second); err != nil {
+	if err := switchover(ctx, os.Stdout, controlPath(hostDir(dir, from)), "", 30*time.Second); err != nil {
 		return err
 	}
 	to := lab.Hosts[0].NS

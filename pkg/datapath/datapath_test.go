@@ -197,8 +197,8 @@ func TestUplinkIngress(t *testing.T) {
 		})
 	}
 	// Frames shorter than an Ethernet header cannot be fed through
-	// BPF_PROG_TEST_RUN (it refuses them); the program counts them as
-	// rx_malformed and passes them to the host stack.
+	// BPF_PROG_TEST_RUN (it refuses them); the program passes them to the
+	// host stack: they are no VM's.
 }
 
 func TestUplinkIngressWithoutOwnerPassesEverything(t *testing.T) {
@@ -280,6 +280,89 @@ func TestSerializeInputLogsEveryFrameInOrder(t *testing.T) {
 		if !bytes.Equal(logged, frame) {
 			t.Errorf("size %d: logged frame differs from the input", size)
 		}
+	}
+}
+
+// Two VMs on one host: each frame is logged in its own VM's ring, at its
+// VM's next position, and counted for that VM alone.
+func TestSerializeInputKeepsVMsApart(t *testing.T) {
+	l, prog := serializer(t, datapath.DefaultConfig)
+	l.publish(t, vip.RoleActive, false)
+	other, err := l.d.Host().AddVM(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	otherOwner, err := vip.NewOwner(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.SetTap(lo); err != nil { // its input's way in: only where it goes matters here
+		t.Fatal(err)
+	}
+	otherIP := netip.MustParseAddr("192.0.2.11")
+	if err := otherOwner.Publish(vip.Record{Epoch: 1, Role: vip.RoleActive, IP: otherIP, MAC: otherMAC}); err != nil {
+		t.Fatal(err)
+	}
+	rings := map[*datapath.Datapath]*ringbuf.Reader{}
+	for _, d := range []*datapath.Datapath{l.d, other} {
+		r, err := ringbuf.NewReader(d.LogRing())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		rings[d] = r
+	}
+
+	for i, step := range []struct {
+		to    *datapath.Datapath
+		frame []byte
+	}{
+		{l.d, udpTo(vmMAC, 100)},
+		{other, udpTo(otherMAC, 200)},
+		{other, arpRequest(otherIP)},
+		{l.d, arpRequest(vmIP)},
+	} {
+		before, _ := step.to.Counters()
+		idle := l.d
+		if step.to == l.d {
+			idle = other
+		}
+		idleBefore, _ := idle.Counters()
+		headBefore := step.to.Head()
+		ret, err := prog.Run(l.runOptions(t, prog, step.frame))
+		if err != nil || ret != xdpRedirect {
+			t.Fatalf("step %d: action %d (%v), want a redirect", i, ret, err)
+		}
+		hdr, logged := readLog(t, rings[step.to])
+		if hdr.Position != headBefore+1 || !bytes.Equal(logged, step.frame) {
+			t.Errorf("step %d: logged position %d in slot %d, want %d and the frame", i, hdr.Position, step.to.Slot(), headBefore+1)
+		}
+		if n := rings[idle].AvailableBytes(); n != 0 {
+			t.Errorf("step %d: %d bytes in the other VM's ring", i, n)
+		}
+		after, _ := step.to.Counters()
+		idleAfter, _ := idle.Counters()
+		if after[datapath.CounterRxLogged].Packets != before[datapath.CounterRxLogged].Packets+1 || idleAfter != idleBefore {
+			t.Errorf("step %d: rx_logged %d -> %d on the VM, other VM's counters moved: %v", i,
+				before[datapath.CounterRxLogged].Packets, after[datapath.CounterRxLogged].Packets, idleAfter != idleBefore)
+		}
+	}
+	if l.d.Head() != 2 || other.Head() != 2 {
+		t.Errorf("heads %d and %d, want 2 each", l.d.Head(), other.Head())
+	}
+
+	// A VM that leaves the host takes its frames with it.
+	if err := other.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ret, err := prog.Run(l.runOptions(t, prog, udpTo(otherMAC, 100)))
+	if err != nil || ret != xdpDrop {
+		t.Errorf("frame for a closed VM: action %d (%v), want a drop", ret, err)
 	}
 }
 
