@@ -235,7 +235,8 @@ type linkPinger struct {
 }
 
 func newLinkPinger(ctx context.Context) (_ *linkPinger, err error) {
-	addr := net.JoinHostPort(lab.ReplSecond.Addr().String(), fmt.Sprint(lab.LogPort+1))
+	// Above every VM's log channel: VM i (from 0) has LogPort+i.
+	addr := net.JoinHostPort(lab.ReplSecond.Addr().String(), fmt.Sprint(lab.LogPort+lab.MaxVMs))
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -312,7 +313,7 @@ func printBreakdown(w io.Writer) error {
 		{"ftgw_log_ship_delay_seconds", "kernel log ring to log channel (ring wakeup)"},
 		{"ftgw_log_ack_latency_seconds", "log channel append to the secondary's ack"},
 	} {
-		metric, ok := lab.Metric(families, m.name, nil)
+		metric, ok := lab.Metric(families, m.name, map[string]string{"vm": lab.VMName})
 		if !ok {
 			return fmt.Errorf("no %s in the primary's metrics", m.name)
 		}

@@ -35,7 +35,8 @@ type Config struct {
 	Role string `yaml:"role"`
 	// Uplink is the host's interface towards the VM's clients.
 	Uplink string `yaml:"uplink"`
-	// VMs this host protects. One per host in this version.
+	// VMs this host protects, 1 to 256. The VM at index i (from 0) has
+	// its log channel on the peer's ports plus i.
 	VMs []VMConfig `yaml:"vms"`
 	// Peer is the other host's log channel.
 	Peer PeerConfig `yaml:"peer"`
@@ -264,9 +265,12 @@ func (c *Config) validate() error {
 	if c.SerializerCPU < 0 {
 		bad("serializer_cpu", "%d: must not be negative", c.SerializerCPU)
 	}
-	if len(c.VMs) != 1 {
-		bad("vms", "%d VMs: this version protects exactly one VM per host", len(c.VMs))
+	if len(c.VMs) < 1 || len(c.VMs) > 256 {
+		bad("vms", "%d VMs: want 1 to 256", len(c.VMs))
 	}
+	// Two VMs with one name, address or tap would share sockets, frames or
+	// a device.
+	seen := map[string]string{}
 	for i := range c.VMs {
 		vm := &c.VMs[i]
 		field := fmt.Sprintf("vms[%d]", i)
@@ -282,6 +286,16 @@ func (c *Config) validate() error {
 		}
 		if vm.Tap == "" {
 			bad(field+".tap", "missing")
+		}
+		mac, _ := net.ParseMAC(vm.MAC)
+		for _, k := range []struct{ key, value string }{{"name", vm.Name}, {"ip", vm.IP}, {"mac", mac.String()}, {"tap", vm.Tap}} {
+			if k.value == "" {
+				continue
+			}
+			if other, dup := seen[k.key+"="+k.value]; dup {
+				bad(field+"."+k.key, "%q: %s has it too", k.value, other)
+			}
+			seen[k.key+"="+k.value] = field
 		}
 		switch vm.Engine {
 		case "":

@@ -95,15 +95,30 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 	}
 }
 
-func TestLoadConfigRefusesSeveralVMs(t *testing.T) {
-	text := strings.Replace(goodPrimary, "peer:", `  - name: vm2
+// Several VMs load when each has a name, address, MAC and tap of its own.
+func TestLoadConfigSeveralVMsMustBeDistinct(t *testing.T) {
+	vm2 := `  - name: vm2
     ip: 192.0.2.11
     mac: "02:46:54:47:00:0b"
     tap: tap1
-peer:`, 1)
-	_, err := loadConfig(writeConfig(t, text))
-	if err == nil || !strings.Contains(err.Error(), "vms: 2 VMs") {
-		t.Errorf("error %v, want the vms field refused", err)
+peer:`
+	cfg, err := loadConfig(writeConfig(t, strings.Replace(goodPrimary, "peer:", vm2, 1)))
+	if err != nil || len(cfg.VMs) != 2 {
+		t.Fatalf("two distinct VMs: %v", err)
+	}
+	for _, tc := range []struct{ old, new, field string }{
+		{"name: vm2", "name: vm1", "vms[1].name"},
+		{"ip: 192.0.2.11", "ip: 192.0.2.10", "vms[1].ip"},
+		{`mac: "02:46:54:47:00:0b"`, `mac: "02-46-54-47-00-0A"`, "vms[1].mac"},
+		{"tap: tap1", "tap: tap0", "vms[1].tap"},
+	} {
+		text := strings.Replace(goodPrimary, "peer:", strings.Replace(vm2, tc.old, tc.new, 1), 1)
+		if _, err := loadConfig(writeConfig(t, text)); err == nil || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("%s: error %v, want %s refused", tc.new, err, tc.field)
+		}
+	}
+	if _, err := loadConfig(writeConfig(t, strings.Replace(goodPrimary, "vms:", "vms: []\nunused_vms:", 1))); err == nil {
+		t.Error("no VMs: accepted")
 	}
 }
 
