@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -68,6 +69,22 @@ func statusAt(socket string) (Status, error) {
 // order.
 func daemonVMs(dir, ns string) ([]Status, error) {
 	return vmsAt(controlPath(hostDir(dir, ns)))
+}
+
+// vmStatusAt reads the status of the VM called vm of the daemon whose
+// control socket is socket.
+func vmStatusAt(socket, vm string) (Status, error) {
+	var s Status
+	resp, err := controlClient(socket).Get("http://ftgw" + vmQuery("/status", vm))
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		return s, fmt.Errorf("/status of %s: %s: %s", vm, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
 
 // vmsAt reads GET /vms of the daemon whose control socket is socket.
@@ -217,6 +234,12 @@ func histogramQuantile(h *dto.Histogram, q float64) time.Duration {
 	for _, b := range h.GetBucket() {
 		count := float64(b.GetCumulativeCount())
 		if count >= rank {
+			if math.IsInf(b.GetUpperBound(), 1) {
+				// Beyond the last finite bound nothing says where: like
+				// Prometheus, answer that bound (interpolating towards
+				// +Inf would overflow the Duration).
+				return time.Duration(lower * 1e9)
+			}
 			frac := 0.0
 			if count > prevCount {
 				frac = (rank - prevCount) / (count - prevCount)
