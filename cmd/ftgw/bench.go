@@ -21,10 +21,10 @@ import (
 func benchCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	dir := fs.String("dir", defaultLabDir, "the lab's directory")
-	requests := fs.Int("requests", 5000, "requests per output mode for the latency comparison")
+	requests := fs.Int("requests", 5000, "requests per output mode for the latency comparison; with --scale, PUTs per VM (default 200)")
 	rounds := fs.Int("rounds", 5, "rounds alternating the output modes, against drift")
 	frames := fs.Int("frames", 200000, "frames per trial of the zero-loss rate search (at least 10000: the loss allowed is 0.01%; the hold queue's capacity should be a small part of it, or it hides a slow release)")
-	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run")
+	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run (with --scale: default 20m)")
 	rates := fs.Bool("rates", true, "also search the zero-loss throughput (false: the latency comparison only)")
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")
 	failovers := fs.Int("failover", 0, "instead: run this many random failovers under a write load, each on a fresh lab, and check no acknowledged write is lost")
@@ -35,11 +35,31 @@ func benchCommand(ctx context.Context, args []string) error {
 	guestDir := fs.String("guest-dir", "build/guest", "with --chaos --guest qemu: where `make guest` put the image")
 	out := fs.String("out", "/tmp/ftgw-chaos", "with --chaos: where the visualizations of failed histories go")
 	faultKinds := fs.String("faults", "", "with --chaos: draw only these faults (comma-separated kinds, e.g. daemon-pause,link-flap)")
+	scale := fs.String("scale", "", "instead: for each count of VMs (e.g. 1,8,64, each 1 to 64), a fresh lab of that many and one closed-loop client per VM: throughput, latency, CPU and memory; at the last count, a switchover of vm1 under load")
+	verbose := fs.Bool("v", false, "with --scale: every VM's latency at the last count, not only the 3 best and 3 worst")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *echo != "" {
 		return serveEcho(ctx, *echo)
+	}
+	if *scale != "" {
+		counts, err := parseScaleCounts(*scale)
+		if err != nil {
+			return err
+		}
+		if !flagSet(fs, "requests") {
+			*requests = 200
+		}
+		if *requests < 1 {
+			return errors.New("--scale wants --requests of at least 1 PUT per VM")
+		}
+		if !flagSet(fs, "budget") {
+			*budget = 20 * time.Minute
+		}
+		ctx, cancel := context.WithTimeout(ctx, *budget)
+		defer cancel()
+		return scaleBench(ctx, os.Stdout, os.Stderr, scaleOptions{dir: *dir, counts: counts, requests: *requests, verbose: *verbose})
 	}
 	if *chaos > 0 {
 		kinds, err := lab.ParseFaultKinds(*faultKinds)
@@ -235,7 +255,8 @@ type linkPinger struct {
 }
 
 func newLinkPinger(ctx context.Context) (_ *linkPinger, err error) {
-	addr := net.JoinHostPort(lab.ReplSecond.Addr().String(), fmt.Sprint(lab.LogPort+1))
+	// Above every VM's log channel: VM i (from 0) has LogPort+i.
+	addr := net.JoinHostPort(lab.ReplSecond.Addr().String(), fmt.Sprint(lab.LogPort+lab.MaxVMs))
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -312,7 +333,7 @@ func printBreakdown(w io.Writer) error {
 		{"ftgw_log_ship_delay_seconds", "kernel log ring to log channel (ring wakeup)"},
 		{"ftgw_log_ack_latency_seconds", "log channel append to the secondary's ack"},
 	} {
-		metric, ok := lab.Metric(families, m.name, nil)
+		metric, ok := lab.Metric(families, m.name, map[string]string{"vm": lab.VMName})
 		if !ok {
 			return fmt.Errorf("no %s in the primary's metrics", m.name)
 		}

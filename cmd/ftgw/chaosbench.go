@@ -174,7 +174,9 @@ func chaosBench(ctx context.Context, w io.Writer, o chaosOptions) error {
 			progress("lab up with failure timeout %s", s.FailureTimeout)
 			labDown(o.dir)
 			labFT = 0
-			if err := labUp(ctx, o.dir, vm, 10*time.Millisecond, s.FailureTimeout, 4096); err != nil {
+			settings := labDefaults(1)
+			settings.failureTimeout = s.FailureTimeout
+			if err := labUp(ctx, o.dir, []VMConfig{vm}, settings); err != nil {
 				return fmt.Errorf("lab up: %w", err)
 			}
 			labFT = s.FailureTimeout

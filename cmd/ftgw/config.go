@@ -285,7 +285,7 @@ func (c *Config) validate() error {
 		if value == "" {
 			return
 		}
-		key := field + "=" + strings.ToLower(value)
+		key := field + "=" + value
 		if j, dup := seen[key]; dup {
 			bad(fmt.Sprintf("vms[%d].%s", i, field), "%q: vms[%d] has it too; each VM needs its own", value, j)
 			return

@@ -72,7 +72,9 @@ func failoverBench(ctx context.Context, w io.Writer, dir string, n int, seed uin
 	rebuild := func() error {
 		labDown(dir)
 		vm, _ := labVM(engineSynthetic, "")
-		return labUp(ctx, dir, vm, 10*time.Millisecond, failureTimeout, 4096)
+		settings := labDefaults(1)
+		settings.failureTimeout = failureTimeout
+		return labUp(ctx, dir, []VMConfig{vm}, settings)
 	}
 	if err := rebuild(); err != nil {
 		return err

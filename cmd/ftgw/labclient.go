@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -68,6 +70,52 @@ func statusAt(socket, vm string) (Status, error) {
 	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
 
+// daemonVMs reads the status of every VM of a lab daemon, in its config's
+// order.
+func daemonVMs(dir, ns string) ([]Status, error) {
+	return vmsAt(controlPath(hostDir(dir, ns)))
+}
+
+// vmStatusAt reads the status of the VM called vm of the daemon whose
+// control socket is socket.
+func vmStatusAt(socket, vm string) (Status, error) {
+	var s Status
+	resp, err := controlClient(socket).Get("http://ftgw" + vmQuery("/status", vm))
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		return s, fmt.Errorf("/status of %s: %s: %s", vm, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return s, json.NewDecoder(resp.Body).Decode(&s)
+}
+
+// vmsAt reads GET /vms of the daemon whose control socket is socket.
+func vmsAt(socket string) ([]Status, error) {
+	resp, err := controlClient(socket).Get("http://ftgw/vms")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		return nil, fmt.Errorf("/vms: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	var vms []Status
+	if err := json.NewDecoder(resp.Body).Decode(&vms); err != nil {
+		return nil, fmt.Errorf("/vms: %w", err)
+	}
+	return vms, nil
+}
+
+// vmQuery addresses one VM of a daemon's control endpoint; the daemon
+// takes its first VM without it.
+func vmQuery(path, vm string) string {
+	return path + "?" + url.Values{"vm": {vm}}.Encode()
+}
+
 func setOutputMode(dir, ns, mode string) error {
 	_, err := controlPost(dir, ns, "/output-mode", url.Values{"mode": {mode}})
 	return err
@@ -100,13 +148,14 @@ func controlPostSocket(socket, path string, form url.Values) (string, error) {
 	return strings.TrimSpace(string(body)), nil
 }
 
-// labGuestState is the state of a host's copy of the VM: the synthetic
-// guest answers on its control socket; a real VM prints it on its console
-// after every request (cmd/ftgw-init), which a replaying copy reproduces.
-func labGuestState(dir, ns string) (guest.State, error) {
-	serial := replay.SerialPath(filepath.Join(hostDir(dir, ns), lab.VMName+"-qemu"))
+// labGuestState is the state of a host's copy of the VM called vm: the
+// synthetic guest answers on its control socket; a real VM prints it on its
+// console after every request (cmd/ftgw-init), which a replaying copy
+// reproduces.
+func labGuestState(dir, ns, vm string) (guest.State, error) {
+	serial := replay.SerialPath(filepath.Join(hostDir(dir, ns), vm+"-qemu"))
 	if _, err := os.Stat(serial); err != nil {
-		return guest.QueryState(guestControl(dir, ns))
+		return guest.QueryState(guestControlVM(dir, ns, vm))
 	}
 	raw, err := os.ReadFile(serial)
 	if err != nil {
@@ -123,15 +172,23 @@ func labGuestState(dir, ns string) (guest.State, error) {
 	return st, nil
 }
 
-func guestControl(dir, ns string) string {
-	return filepath.Join(hostDir(dir, ns), lab.VMName+"-guest.sock")
+// guestControl is the control socket of a host's synthetic guest of vm1.
+func guestControl(dir, ns string) string { return guestControlVM(dir, ns, lab.VMName) }
+
+// guestControlVM is the control socket of a host's synthetic guest of vm.
+func guestControlVM(dir, ns, vm string) string {
+	return filepath.Join(hostDir(dir, ns), vm+"-guest.sock")
 }
 
-// kvClient dials the VM's key-value service from the lab's client namespace.
-func kvClient(timeout time.Duration) (*guest.Client, error) {
+// kvClient dials vm1's key-value service from the lab's client namespace.
+func kvClient(timeout time.Duration) (*guest.Client, error) { return kvClientVM(lab.VMIP, timeout) }
+
+// kvClientVM dials the key-value service of the VM at ip from the lab's
+// client namespace.
+func kvClientVM(ip netip.Addr, timeout time.Duration) (*guest.Client, error) {
 	var c *guest.Client
 	err := netnsutil.Do(lab.NSClient, func() (err error) {
-		c, err = guest.Dial(net.JoinHostPort(lab.VMIP.String(), fmt.Sprint(lab.KVPort)), timeout)
+		c, err = guest.Dial(net.JoinHostPort(ip.String(), fmt.Sprint(lab.KVPort)), timeout)
 		return err
 	})
 	return c, err
@@ -182,6 +239,12 @@ func histogramQuantile(h *dto.Histogram, q float64) time.Duration {
 	for _, b := range h.GetBucket() {
 		count := float64(b.GetCumulativeCount())
 		if count >= rank {
+			if math.IsInf(b.GetUpperBound(), 1) {
+				// Beyond the last finite bound nothing says where: like
+				// Prometheus, answer that bound (interpolating towards
+				// +Inf would overflow the Duration).
+				return time.Duration(lower * 1e9)
+			}
 			frac := 0.0
 			if count > prevCount {
 				frac = (rank - prevCount) / (count - prevCount)
@@ -193,10 +256,10 @@ func histogramQuantile(h *dto.Histogram, q float64) time.Duration {
 	return time.Duration(lower * 1e9)
 }
 
-// commitLatency returns the commit-latency histogram of path ("fast" or
-// "held") from scraped metrics.
+// commitLatency returns vm1's commit-latency histogram of path ("fast" or
+// "held") from scraped metrics: the lab's single VM, or the first of many.
 func commitLatency(families map[string]*dto.MetricFamily, path string) *dto.Histogram {
-	m, ok := lab.Metric(families, "ftgw_output_commit_latency_seconds", map[string]string{"path": path})
+	m, ok := lab.Metric(families, "ftgw_output_commit_latency_seconds", map[string]string{"vm": lab.VMName, "path": path})
 	if !ok {
 		return nil
 	}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,11 +19,12 @@ import (
 // instead of the lab's replication link (no namespaces needed).
 func TestLabConfigsConnect(t *testing.T) {
 	dir := t.TempDir()
-	vm, err := labVM(engineSynthetic, "")
+	vms, err := labVMs(lab.MaxVMs, engineSynthetic, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	written, err := labConfigs(dir, vm, 10*time.Millisecond, 50*time.Millisecond, 4096)
+	vm := vms[0]
+	written, err := labConfigs(dir, vms, labDefaults(len(vms)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,6 +41,12 @@ func TestLabConfigsConnect(t *testing.T) {
 		cfg, err := loadConfig(path)
 		if err != nil {
 			t.Fatalf("the lab's config for %s is refused: %v", w.Name, err)
+		}
+		if len(cfg.VMs) != lab.MaxVMs || cfg.VMs[0].Name != lab.VMName || cfg.VMs[lab.MaxVMs-1].Tap != lab.VM(lab.MaxVMs).Tap {
+			t.Errorf("%s protects %d VMs, want vm1..vm%d", cfg.Name, len(cfg.VMs), lab.MaxVMs)
+		}
+		if cfg.LogRingBytes != 2<<20 || cfg.FailureTimeout != time.Second {
+			t.Errorf("%s: log ring %d, failure timeout %s: want the defaults of %d VMs", cfg.Name, cfg.LogRingBytes, cfg.FailureTimeout, lab.MaxVMs)
 		}
 		if cfg.Metrics != "127.0.0.1:9477" {
 			t.Errorf("%s serves metrics on %q; want loopback, where lab.Scrape reads them", cfg.Name, cfg.Metrics)
@@ -105,5 +113,35 @@ func TestLabConfigsConnect(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("no frame through the log channel; refusals: primary %v, secondary %v", p.Stats().Errors, s.Stats().Errors)
+	}
+}
+
+// The lab takes 1 to 64 VMs, a real one alone, each by lab.VM's rule.
+func TestLabVMs(t *testing.T) {
+	for _, tc := range []struct {
+		n      int
+		engine string
+		err    string
+	}{
+		{0, engineSynthetic, "1 to 64"},
+		{lab.MaxVMs + 1, engineSynthetic, "1 to 64"},
+		{2, engineQEMU, "one real VM"},
+	} {
+		if _, err := labVMs(tc.n, tc.engine, ""); err == nil || !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("--vms %d --guest %s: error %v, want %q", tc.n, tc.engine, err, tc.err)
+		}
+	}
+	vms, err := labVMs(3, engineSynthetic, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, vm := range vms {
+		want := lab.VM(i + 1)
+		if vm.Name != want.Name || vm.IP != want.IP.String() || vm.MAC != want.MAC.String() || vm.Tap != want.Tap || vm.Engine != engineSynthetic {
+			t.Errorf("VM %d: %+v, want %+v", i+1, vm, want)
+		}
+	}
+	if one, many := labDefaults(8), labDefaults(9); one.failureTimeout != 50*time.Millisecond || many.failureTimeout != time.Second || many.logRingBytes != 2<<20 {
+		t.Errorf("labDefaults: 8 VMs %+v, 9 VMs %+v", one, many)
 	}
 }

@@ -3,6 +3,7 @@ package lab
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -58,10 +59,15 @@ func StartWriter(prefix string, timeout time.Duration, maxWrites int, maxTime ti
 	return w, nil
 }
 
-func clientDial(timeout time.Duration) (*guest.Client, error) {
+// clientDial dials vm1, the lab's first VM, from the client namespace.
+func clientDial(timeout time.Duration) (*guest.Client, error) { return clientDialVM(VMIP, timeout) }
+
+// clientDialVM dials the key-value service of the lab's VM at addr from the
+// client namespace.
+func clientDialVM(addr netip.Addr, timeout time.Duration) (*guest.Client, error) {
 	var c *guest.Client
 	err := netnsutil.Do(NSClient, func() (err error) {
-		c, err = guest.Dial(net.JoinHostPort(VMIP.String(), strconv.Itoa(KVPort)), timeout)
+		c, err = guest.Dial(net.JoinHostPort(addr.String(), strconv.Itoa(KVPort)), timeout)
 		return err
 	})
 	return c, err

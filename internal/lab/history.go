@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -113,6 +114,8 @@ type LoadConfig struct {
 	Timeout       time.Duration // per request; zero means guest.DefaultTimeout
 	MaxOps        int           // operations in all, over every client
 	MaxTime       time.Duration
+	// VM is the address of the VM the load drives; default VMIP.
+	VM netip.Addr
 }
 
 func (cfg *LoadConfig) setDefaults() {
@@ -124,6 +127,9 @@ func (cfg *LoadConfig) setDefaults() {
 	}
 	if cfg.WriteFraction == 0 {
 		cfg.WriteFraction = 0.5
+	}
+	if !cfg.VM.IsValid() {
+		cfg.VM = VMIP
 	}
 }
 
@@ -141,6 +147,8 @@ func (cfg LoadConfig) validate() error {
 		return fmt.Errorf("max ops %d, want a bound of at least 1", cfg.MaxOps)
 	case cfg.MaxTime <= 0:
 		return fmt.Errorf("max time %s, want a positive bound", cfg.MaxTime)
+	case !cfg.VM.Is4():
+		return fmt.Errorf("VM %s, want an IPv4 address", cfg.VM)
 	}
 	return nil
 }
@@ -177,9 +185,9 @@ func StartLoad(cfg LoadConfig) (_ *Load, err error) {
 		}
 	}()
 	for i := range cfg.Clients {
-		c, err := clientDial(cfg.Timeout)
+		c, err := clientDialVM(cfg.VM, cfg.Timeout)
 		if err != nil {
-			return nil, fmt.Errorf("dial load client %d: %w", i, err)
+			return nil, fmt.Errorf("dial load client %d of %s: %w", i, cfg.VM, err)
 		}
 		clients = append(clients, c)
 	}
@@ -244,7 +252,7 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 			// The reply may still come, late (held output released
 			// after a failover): from a new port, it cannot be taken
 			// for the answer to a later request on the same key.
-			if fresh, derr := clientDial(cfg.Timeout); derr == nil {
+			if fresh, derr := clientDialVM(cfg.VM, cfg.Timeout); derr == nil {
 				c.Close()
 				c = fresh
 			}

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -422,6 +423,8 @@ func TestHistoryLoadConfig(t *testing.T) {
 		{"no time bound", LoadConfig{MaxOps: 10}, true},
 		{"write fraction above 1", LoadConfig{WriteFraction: 1.5, MaxOps: 10, MaxTime: time.Second}, true},
 		{"negative clients", LoadConfig{Clients: -1, MaxOps: 10, MaxTime: time.Second}, true},
+		{"another VM", LoadConfig{VM: VM(64).IP, MaxOps: 10, MaxTime: time.Second}, false},
+		{"an IPv6 VM", LoadConfig{VM: netip.MustParseAddr("2001:db8::1"), MaxOps: 10, MaxTime: time.Second}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -433,6 +436,9 @@ func TestHistoryLoadConfig(t *testing.T) {
 			}
 			if !tt.wantErr && (cfg.Clients != 4 || cfg.Keys != 5 || cfg.WriteFraction != 0.5) {
 				t.Errorf("defaults %+v, want 4 clients, 5 keys, write fraction 0.5", cfg)
+			}
+			if want := tt.cfg.VM; !tt.wantErr && (want.IsValid() && cfg.VM != want || !want.IsValid() && cfg.VM != VMIP) {
+				t.Errorf("VM %s, want %s (default %s)", cfg.VM, want, VMIP)
 			}
 		})
 	}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -49,6 +50,43 @@ var (
 	ReplPrimary = netip.MustParsePrefix("198.18.0.1/30")
 	ReplSecond  = netip.MustParsePrefix("198.18.0.2/30")
 )
+
+// MaxVMs is how many VMs the lab protects at most: VM i sits at
+// 192.0.2.(9+i), and the client's 192.0.2.100 must stay above them all.
+const MaxVMs = 64
+
+// LabVM is the address of one of the lab's VMs.
+type LabVM struct {
+	Name string
+	IP   netip.Addr
+	MAC  net.HardwareAddr
+	Tap  string
+}
+
+// VM is the lab's VM number i, from 1 to MaxVMs: vm<i> at 192.0.2.(9+i),
+// MAC 02:46:54:47:00:(9+i), on tap<i-1>. VM(1) is VMName at VMIP with VMMAC
+// on Tap, the single VM's names, so a lab of one VM is the lab it always
+// was. It panics outside 1..MaxVMs: callers check the count first.
+func VM(i int) LabVM {
+	if i < 1 || i > MaxVMs {
+		panic(fmt.Sprintf("lab.VM(%d): want 1 to %d", i, MaxVMs))
+	}
+	host := byte(VMIP.As4()[3]) + byte(i-1)
+	ip := VMIP.As4()
+	ip[3] = host
+	mac := slices.Clone(VMMAC)
+	mac[5] = host
+	return LabVM{Name: fmt.Sprintf("vm%d", i), IP: netip.AddrFrom4(ip), MAC: mac, Tap: fmt.Sprintf("tap%d", i-1)}
+}
+
+// VMs lists the lab's first n VMs, VM(1) first.
+func VMs(n int) []LabVM {
+	vms := make([]LabVM, n)
+	for i := range vms {
+		vms[i] = VM(i + 1)
+	}
+	return vms
+}
 
 // Host is one of the lab's namespaces with an uplink on the LAN.
 type Host struct {
