@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -72,19 +73,28 @@ func tryHostStatus(ns string) (map[string]any, error) {
 
 // statusAt reads the status of the daemon whose control socket is sock.
 func statusAt(sock string) (map[string]any, error) {
+	var s map[string]any
+	return s, controlGet(sock, "/status", &s)
+}
+
+// controlGet decodes the JSON reply to a GET of path on the control socket
+// sock.
+func controlGet(sock, path string, reply any) error {
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", sock)
 		},
 	}}
-	resp, err := client.Get("http://ftgw/status")
+	resp, err := client.Get("http://ftgw" + path)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
-	var s map[string]any
-	return s, json.NewDecoder(resp.Body).Decode(&s)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s %s: %s", sock, path, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(reply)
 }
 
 func waitWrites(t *testing.T, w *lab.Writer, n int) {

@@ -1,11 +1,8 @@
 package test
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -21,23 +18,8 @@ import (
 // vmsOf reads GET /vms of a lab daemon: one status per VM, in its config's
 // order.
 func vmsOf(ns string) ([]map[string]any, error) {
-	sock := filepath.Join(labDir, ns, "control.sock")
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-	}}
-	resp, err := client.Get("http://ftgw/vms")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s /vms: %s", ns, resp.Status)
-	}
 	var vms []map[string]any
-	return vms, json.NewDecoder(resp.Body).Decode(&vms)
+	return vms, controlGet(filepath.Join(labDir, ns, "control.sock"), "/vms", &vms)
 }
 
 // waitVMs waits until the daemon in ns reports n VMs, each in state with
