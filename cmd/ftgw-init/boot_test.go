@@ -179,6 +179,32 @@ func TestBoot(t *testing.T) {
 		t.Errorf("console has %d ftgw-kv lines, want %d", n, requests)
 	}
 
+	// A bulk transfer over the guest kernel's TCP: every byte the pattern's,
+	// and the console line after it; then a request the guest refuses.
+	const bulkBytes = 1 << 20
+	ip := strings.Split(guestAddr, "/")[0]
+	for i, ask := range []int64{bulkBytes, guest.MaxBulkBytes + 1} {
+		conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, fmt.Sprint(guest.BulkPort)), 5*time.Second)
+		if err != nil {
+			t.Fatalf("dial bulk: %v", err)
+		}
+		tctx, tcancel := context.WithTimeout(ctx, 30*time.Second)
+		res := guest.ReceiveBulk(tctx, conn, ask)
+		tcancel()
+		if i == 0 && !res.OK() {
+			t.Fatalf("bulk transfer of %d bytes: %+v", ask, res)
+		}
+		if i == 1 && (res.Err == nil || !strings.Contains(res.Err.Error(), "guest: ERR")) {
+			t.Fatalf("bulk transfer of %d bytes: %+v, want the guest's ERR", ask, res)
+		}
+		if i == 0 {
+			t.Logf("bulk: %d bytes in %v (%.0f Mbit/s, plain TCG)", res.Received, res.Elapsed.Round(time.Millisecond),
+				float64(res.Received)*8/res.Elapsed.Seconds()/1e6)
+		}
+	}
+	waitSerial(ctx, t, serial, regexp.MustCompile(fmt.Sprintf(`^ftgw-bulk conn=1 bytes=%d\r?$`, bulkBytes)), exited)
+	waitSerial(ctx, t, serial, regexp.MustCompile(`^ftgw-bulk conn=2 bytes=0 err=.*at most`), exited)
+
 	// ping is answered by the guest's kernel.
 	if ping, err := exec.LookPath("ping"); err == nil {
 		if out, err := exec.Command(ping, "-c", "1", "-W", "5", "192.0.2.1").CombinedOutput(); err != nil {

@@ -12,9 +12,18 @@
 // so that a test can read the state of a VM, and compare a primary's and a
 // secondary's executions, without adding a command to the protocol.
 //
+// It also serves the bulk protocol (pkg/guest, BulkPort) on TCP: a client
+// asks for a number of bytes and gets exactly that many of a pattern that
+// depends only on their offset, then the end of the stream; `ftgw bench`
+// measures the VM's transfer rate with it. After each transfer it prints
+//
+//	ftgw-bulk conn=<connections> bytes=<pattern bytes sent> [err=<why>]
+//
+
 // The VM is recorded and replayed by QEMU, so nothing here reads a clock,
 // sets a timer or draws randomness: what it does depends only on its inputs
-// (the command line and the datagrams, in order).
+// (the command line, the datagrams and the TCP streams, in the order the
+// guest kernel delivers them).
 //
 // Kernel command line:
 //
@@ -27,6 +36,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -93,8 +103,18 @@ func run() error {
 		return fmt.Errorf("listen on udp port %d: %w", guest.KVPort, err)
 	}
 	defer conn.Close()
+	// KeepAlive -1: no keep-alive timer on the bulk connections; a
+	// transfer ends when its stream does.
+	bulk, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp4", fmt.Sprintf(":%d", guest.BulkPort))
+	if err != nil {
+		return fmt.Errorf("listen on tcp port %d: %w", guest.BulkPort, err)
+	}
+	defer bulk.Close()
 	fmt.Printf("ftgw-init ready ip=%s\n", cfg.ip)
-	return serve(conn, guest.NewStore())
+	errc := make(chan error, 2)
+	go func() { errc <- serveBulk(bulk) }()
+	go func() { errc <- serve(conn, guest.NewStore()) }()
+	return <-errc
 }
 
 // mountFilesystems mounts /proc (the command line, sysctls), /sys and /dev.
@@ -263,6 +283,44 @@ func serve(conn *net.UDPConn, store *guest.Store) error {
 			// The client's loss, not the guest's: keep serving.
 			fmt.Printf("ftgw-init: send reply to %v: %v\n", from, err)
 		}
+	}
+}
+
+// maxBulkConns bounds the bulk transfers served at once. With no clock
+// there is no timeout: a client that connects and never asks, or stops
+// reading, holds its connection until the guest kernel's TCP gives up on
+// it. Beyond the bound a connection is closed at once, so such clients
+// cannot make the guest grow.
+const maxBulkConns = 4
+
+// serveBulk accepts bulk connections and serves each in a goroutine of its
+// own, and returns only if the listener fails.
+func serveBulk(ln net.Listener) error {
+	slots := make(chan struct{}, maxBulkConns)
+	var conns uint64
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("accept bulk connection: %w", err)
+		}
+		conns++
+		select {
+		case slots <- struct{}{}:
+		default:
+			fmt.Printf("ftgw-bulk conn=%d bytes=0 err=busy\n", conns)
+			c.Close()
+			continue
+		}
+		go func(conn uint64) {
+			defer func() { <-slots }()
+			sent, err := guest.ServeBulk(c)
+			c.Close()
+			if err != nil {
+				fmt.Printf("ftgw-bulk conn=%d bytes=%d err=%q\n", conn, sent, err.Error())
+				return
+			}
+			fmt.Printf("ftgw-bulk conn=%d bytes=%d\n", conn, sent)
+		}(conns)
 	}
 }
 

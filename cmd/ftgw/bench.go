@@ -16,15 +16,16 @@ import (
 
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
+	"github.com/ftgw/ftgw/pkg/guest"
 )
 
 func benchCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	dir := fs.String("dir", defaultLabDir, "the lab's directory")
-	requests := fs.Int("requests", 5000, "requests per output mode for the latency comparison; with --scale, PUTs per VM (default 200)")
+	requests := fs.Int("requests", 5000, "requests per output mode for the latency comparison (a --guest qemu lab: per case, default 1500); with --scale, PUTs per VM (default 200)")
 	rounds := fs.Int("rounds", 5, "rounds alternating the output modes, against drift")
 	frames := fs.Int("frames", 200000, "frames per trial of the zero-loss rate search (at least 10000: the loss allowed is 0.01%; the hold queue's capacity should be a small part of it, or it hides a slow release)")
-	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run (with --scale: default 20m)")
+	budget := fs.Duration("budget", 5*time.Minute, "upper bound on the whole run (with --scale: default 20m; a --guest qemu lab: 15m)")
 	rates := fs.Bool("rates", true, "also search the zero-loss throughput (false: the latency comparison only)")
 	echo := fs.String("serve-echo", "", "internal: serve the link RTT echo on this address")
 	failovers := fs.Int("failover", 0, "instead: run this many random failovers under a write load, each on a fresh lab, and check no acknowledged write is lost")
@@ -37,6 +38,9 @@ func benchCommand(ctx context.Context, args []string) error {
 	faultKinds := fs.String("faults", "", "with --chaos: draw only these faults (comma-separated kinds, e.g. daemon-pause,link-flap)")
 	scale := fs.String("scale", "", "instead: for each count of VMs (e.g. 1,8,64, each 1 to 64), a fresh lab of that many and one closed-loop client per VM: throughput, latency, CPU and memory; at the last count, a switchover of vm1 under load")
 	verbose := fs.Bool("v", false, "with --scale: every VM's latency at the last count, not only the 3 best and 3 worst")
+	bulkBytes := fs.Int64("bulk-bytes", 4<<20, "on a --guest qemu lab: bytes per bulk transfer from the VM")
+	bulkPerRound := fs.Int("bulk", 1, "on a --guest qemu lab: bulk transfers per case and round (0: none)")
+	bulkTimeout := fs.Duration("bulk-timeout", 30*time.Second, "on a --guest qemu lab: the most one bulk transfer may take; a slower one counts as failed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -79,6 +83,24 @@ func benchCommand(ctx context.Context, args []string) error {
 		ctx, cancel := context.WithTimeout(ctx, *budget)
 		defer cancel()
 		return failoverBench(ctx, os.Stdout, *dir, *failovers, *seed, *failureTimeout)
+	}
+	if vm, ok, err := labQEMUVM(*dir); err != nil {
+		return fmt.Errorf("the lab's config: %w", err)
+	} else if ok {
+		// A request to a TCG VM takes milliseconds, not tens of µs.
+		if !flagSet(fs, "requests") {
+			*requests = 1500
+		}
+		if !flagSet(fs, "budget") {
+			*budget = 15 * time.Minute
+		}
+		if *requests < *rounds || *rounds < 1 || *bulkPerRound < 0 || *bulkBytes < 1 || *bulkBytes > guest.MaxBulkBytes || *bulkTimeout <= 0 {
+			return fmt.Errorf("want --rounds >= 1, --requests >= --rounds, --bulk >= 0, --bulk-bytes from 1 to %d and a positive --bulk-timeout", guest.MaxBulkBytes)
+		}
+		ctx, cancel := context.WithTimeout(ctx, *budget)
+		defer cancel()
+		return benchQEMU(ctx, os.Stdout, *dir, vm, baselineOptions{requests: *requests, rounds: *rounds,
+			bulkBytes: *bulkBytes, bulkPerRound: *bulkPerRound, bulkTimeout: *bulkTimeout})
 	}
 	if *requests < *rounds || *rounds < 1 || *frames < 10000 {
 		return errors.New("want --rounds >= 1, --requests >= --rounds and --frames >= 10000")

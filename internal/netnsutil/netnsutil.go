@@ -22,7 +22,11 @@ func Do(name string, fn func() error) error {
 		return fmt.Errorf("open netns %s: %w", name, err)
 	}
 	defer ns.Close()
+	return doIn(ns, name, fn)
+}
 
+// doIn runs fn on a thread inside ns, called name in errors.
+func doIn(ns netns.NsHandle, name string, fn func() error) error {
 	errc := make(chan error, 1)
 	// A fresh goroutine, so a failure to switch back can retire its
 	// thread without harming the caller's.
@@ -46,6 +50,53 @@ func Do(name string, fn func() error) error {
 	}()
 	return <-errc
 }
+
+// Private is a network namespace of its own, with no name in /run/netns:
+// nothing else enters it, and it vanishes once it is closed and nothing
+// in it holds it any more (a tap's fd, a socket, a process), even if the
+// program that made it dies first.
+type Private struct{ ns netns.NsHandle }
+
+// NewPrivate creates a private network namespace; the calling thread stays
+// where it was.
+func NewPrivate() (*Private, error) {
+	type result struct {
+		ns  netns.NsHandle
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			done <- result{err: fmt.Errorf("get current netns: %w", err)}
+			return
+		}
+		defer orig.Close()
+		ns, err := netns.New() // and moves this thread into it
+		if err != nil {
+			netns.Set(orig)
+			runtime.UnlockOSThread()
+			done <- result{err: fmt.Errorf("create netns: %w", err)}
+			return
+		}
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- result{ns: ns}
+	}()
+	r := <-done
+	if r.err != nil {
+		return nil, r.err
+	}
+	return &Private{ns: r.ns}, nil
+}
+
+// Do runs fn on a thread inside the namespace, as the package's Do does.
+func (p *Private) Do(fn func() error) error { return doIn(p.ns, "private", fn) }
+
+// Close lets the namespace go once nothing in it holds it.
+func (p *Private) Close() error { return p.ns.Close() }
 
 // HTTPClient returns an HTTP client whose connections are made inside the
 // named namespace. (Its transport dials from goroutines of its own, so

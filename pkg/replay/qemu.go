@@ -28,6 +28,9 @@ const (
 	Record Mode = "record"
 	// Replay re-executes the VM from a replay log: the secondary.
 	Replay Mode = "replay"
+	// Plain runs the VM with neither: the same machine, unprotected, as
+	// a baseline (`ftgw bench`).
+	Plain Mode = "plain"
 )
 
 // IcountShift is QEMU's -icount shift: each guest instruction advances the
@@ -114,25 +117,32 @@ func (c Config) args() []string {
 	if mem == 0 {
 		mem = 256
 	}
-	rr := "rr=record,rrfile=" + logPath
-	if c.Mode == Replay {
-		rr = "rr=replay,rrfile=" + c.LogFIFO
+	icount := fmt.Sprintf("shift=%d,sleep=on", IcountShift)
+	switch c.Mode {
+	case Record:
+		icount += ",rr=record,rrfile=" + logPath
+	case Replay:
+		icount += ",rr=replay,rrfile=" + c.LogFIFO
 	}
 	args := []string{
 		"-M", "q35", "-nodefaults", "-no-user-config", "-display", "none",
 		"-m", strconv.Itoa(mem),
 		// One vCPU: record/replay refuses more.
 		"-smp", "1",
-		"-icount", fmt.Sprintf("shift=%d,sleep=on,%s", IcountShift, rr),
+		"-icount", icount,
 		"-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Cmdline,
 		"-chardev", "file,id=serial0,path=" + SerialPath(c.Dir),
 		"-serial", "chardev:serial0",
 		"-qmp", "unix:" + QMPPath(c.Dir) + ",server=on,wait=off",
 		"-drive", "if=none,id=vmstate,format=qcow2,file=" + VMStatePath(c.Dir),
 		"-netdev", fmt.Sprintf("tap,id=net0,fd=%d", tapFd),
+	}
+	if c.Mode != Plain {
 		// filter-replay puts the frames the guest receives in the log;
 		// on replay it feeds them from the log and drops everything.
-		"-object", "filter-replay,id=replay0,netdev=net0",
+		args = append(args, "-object", "filter-replay,id=replay0,netdev=net0")
+	}
+	args = append(args,
 		// tx=timer: transmits happen at timer checkpoints, which the log
 		// orders; the default bottom-half path did not replay reliably in
 		// 7.2. No option ROM: nothing boots from the network.
@@ -142,7 +152,7 @@ func (c Config) args() []string {
 		// checkpoint while it owes an instruction first: it spins there
 		// for good. Go-live announces from the host (announce-self).
 		"-device", fmt.Sprintf("virtio-net-pci,netdev=net0,mac=%s,tx=timer,romfile=,guest_announce=off", m.MAC),
-	}
+	)
 	if c.LoadVM != "" {
 		args = append(args, "-loadvm", c.LoadVM)
 	}
@@ -156,6 +166,10 @@ func (c Config) args() []string {
 	}
 	return args
 }
+
+// Args is QEMU's command line for cfg, without the binary: what a
+// baseline compares (the fds it names are Start's).
+func (c Config) Args() []string { return c.args() }
 
 // Start starts QEMU and connects to its QMP socket. A replayer only opens
 // QMP once its log has started to arrive (it reads the first event while
@@ -216,6 +230,7 @@ func Start(ctx context.Context, cfg Config) (*QEMU, error) {
 		if cfg.LogFIFO == "" {
 			return nil, errors.New("start qemu: replay mode needs the log FIFO")
 		}
+	case Plain:
 	default:
 		return nil, fmt.Errorf("start qemu: mode %q", cfg.Mode)
 	}
