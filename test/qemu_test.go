@@ -1,9 +1,12 @@
 package test
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,7 +15,9 @@ import (
 	"time"
 
 	"github.com/ftgw/ftgw/internal/lab"
+	"github.com/ftgw/ftgw/internal/netnsutil"
 	"github.com/ftgw/ftgw/internal/testutil"
+	"github.com/ftgw/ftgw/pkg/guest"
 )
 
 // The real VM (make guest) under QEMU record/replay: ftgw lab up --guest qemu.
@@ -488,4 +493,91 @@ func longestGap(acked []lab.AckedWrite, from, to time.Time) time.Duration {
 		last = w.At
 	}
 	return max(gap, to.Sub(last))
+}
+
+// The Output Rule for a TCP stream: with the secondary's acks withheld, not
+// even the handshake's answer leaves the primary; once they resume, a bulk
+// transfer from the real VM arrives whole and intact through the protected
+// pair (every byte is the pattern's at its offset), and the secondary's
+// replay of the VM served the same transfer. Then `ftgw bench` runs its
+// three cases, briefly, and reports no failure in any.
+func TestRealVMBulkStreamThroughThePair(t *testing.T) {
+	qemuPairUp(t, "--failure-timeout", "10s")
+	const size = 1 << 20
+	dial := func() net.Conn {
+		var conn net.Conn
+		inClient(t, func() (err error) {
+			conn, err = net.DialTimeout("tcp", net.JoinHostPort(lab.VMIP.String(), strconv.Itoa(guest.BulkPort)), 5*time.Second)
+			return err
+		})
+		return conn
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res := guest.ReceiveBulk(ctx, dial(), size)
+	if !res.OK() {
+		t.Fatalf("bulk transfer of %d bytes: %+v", size, res)
+	}
+	t.Logf("bulk: %d bytes intact in %s (%.1f Mbit/s, output commit on)", res.Received, res.Elapsed.Round(time.Millisecond),
+		float64(res.Received)*8/res.Elapsed.Seconds()/1e6)
+	line := fmt.Sprintf("ftgw-bulk conn=1 bytes=%d", size)
+	waitFor(t, time.Minute, "the secondary to replay the transfer", func() bool {
+		return strings.Contains(console(t, lab.NSSecondary), line)
+	})
+
+	// Withheld acks: the SYN reaches the VM (it is logged), its SYN-ACK
+	// waits for an ack that does not come, so the connection cannot open.
+	signalSecondary(t, syscall.SIGSTOP)
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			signalSecondary(t, syscall.SIGCONT)
+		}
+	})
+	type dialed struct {
+		conn net.Conn
+		err  error
+		at   time.Time
+	}
+	opened := make(chan dialed, 1)
+	go func() {
+		var d dialed
+		d.err = netnsutil.Do(lab.NSClient, func() (err error) {
+			d.conn, err = net.DialTimeout("tcp", net.JoinHostPort(lab.VMIP.String(), strconv.Itoa(guest.BulkPort)), 20*time.Second)
+			return err
+		})
+		d.at = time.Now()
+		opened <- d
+	}()
+	select {
+	case d := <-opened:
+		t.Fatalf("the connection opened (%v) while the secondary acknowledged nothing", d.err)
+	case <-time.After(time.Second):
+	}
+	released := time.Now()
+	signalSecondary(t, syscall.SIGCONT)
+	resumed = true
+	d := <-opened
+	if d.err != nil {
+		t.Fatalf("connect after the acks resumed: %v", d.err)
+	}
+	t.Logf("the handshake completed %s after the acks resumed", d.at.Sub(released).Round(time.Millisecond))
+	if res := guest.ReceiveBulk(ctx, d.conn, size); !res.OK() {
+		t.Fatalf("bulk transfer after held acks: %+v", res)
+	}
+
+	out := ftgw(t, "bench", "--dir", labDir, "--requests", "30", "--rounds", "3", "--bulk-bytes", "262144", "--budget", "3m")
+	t.Logf("ftgw bench:\n%s", out)
+	for _, row := range []string{"unprotected (plain QEMU)", "protected, output commit off", "protected, output commit on"} {
+		// Every row: 30 samples, 0 failed; every bulk row: 3 transfers,
+		// 0 failed, 3 x 262144 bytes asked and intact.
+		lat := regexp.MustCompile(regexp.QuoteMeta(row) + `\s+30\s+0\s`)
+		bulk := regexp.MustCompile(regexp.QuoteMeta(row) + `\s+3\s+0\s+786432\s+786432\s`)
+		if !lat.MatchString(out) || !bulk.MatchString(out) {
+			t.Errorf("ftgw bench: %q's rows are missing or show failures", row)
+		}
+	}
+	if !strings.Contains(out, "targets (issue 14)") {
+		t.Errorf("ftgw bench printed no targets")
+	}
 }

@@ -517,7 +517,9 @@ func startPlainVM(ctx context.Context, vm VMConfig) (_ *plainVM, err error) {
 		return nil, err
 	}
 	defer stderr.Close() // QEMU holds its own copy
-	p.q, err = replay.Start(ctx, replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr})
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	p.q, err = replay.Start(sctx, replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr})
+	cancel()
 	t.Close() // QEMU holds its own copy
 	if err != nil {
 		return nil, fmt.Errorf("%w; %s", err, tail(filepath.Join(p.dir, "qemu.log"), 5))
@@ -581,7 +583,7 @@ func printPlainDifferences(w io.Writer, vm VMConfig) {
 // sharedSettings picks from a QEMU command line the settings a reader
 // checks first: accelerator, icount, vCPUs, memory and the NIC.
 func sharedSettings(args []string) []string {
-	out := []string{"TCG (no -accel: QEMU's default without KVM)"}
+	out := []string{"TCG (no -accel, and -icount allows no other)"}
 	for _, o := range optionPairs(args) {
 		for _, flag := range []string{"-icount ", "-smp ", "-m ", "-device virtio-net"} {
 			if strings.HasPrefix(o, flag) {
