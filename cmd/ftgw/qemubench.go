@@ -52,10 +52,13 @@ var (
 // the percentiles, so a case that loses requests never looks faster.
 const requestTimeout = time.Second
 
-// quietLag is how far the secondary's replay may trail when a case starts:
-// a replayer catching up on the last case's traffic would take CPU from
-// this one.
-const quietLag = 100 * time.Millisecond
+// quietFor is how long the throttle must have left the primary's VM
+// running before a case starts: a replayer still catching up on the last
+// case's traffic would take CPU from this one, and a frozen VM answers
+// nothing. (The replay lag itself is no test: an idle pair's sits at
+// 0.3-0.7 s, since the replayer is held at safe points short of the log's
+// end.)
+const quietFor = 300 * time.Millisecond
 
 // The three cases, in the table's order.
 const (
@@ -261,18 +264,18 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 	}
 	names := procNames(procs)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
 	fmt.Fprintf(tw, "idle (every VM up, no load)\t\t\t\t\t\t%s\t\n", idle.columns(len(procs)))
 	for c := range numCases {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], len(lat[c]), failed[c],
 			micros(pct[c][0]), micros(pct[c][1]), micros(pct[c][2]), latCPU[c].columns(len(procs)))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(a failed request counts as its %s timeout; CPU in %% of all %d CPUs for the machine, of one CPU for each process)\n\n", requestTimeout, runtime.NumCPU())
+	fmt.Fprintf(w, "(a failed request counts as its %s timeout; frozen: by the lag throttle, while the secondary's replay caught up; CPU in %% of all %d CPUs for the machine, of one CPU for each process)\n\n", requestTimeout, runtime.NumCPU())
 
 	if o.bulkPerRound > 0 {
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
 		for c := range numCases {
 			s := sums[c]
 			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], s.transfers, s.failed, s.requested, s.intact,
@@ -288,7 +291,7 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		fmt.Fprintln(w)
 	}
 	if behind > 0 {
-		fmt.Fprintf(w, "note: %d times a case started with the secondary's replay more than %s behind (it was given 60s)\n\n", behind, quietLag)
+		fmt.Fprintf(w, "note: %d times a case started while the throttle still paused the primary's VM (after a minute's wait)\n\n", behind)
 	}
 
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
@@ -634,28 +637,35 @@ func optionDiff(a, b []string) (onlyA, onlyB []string) {
 }
 
 // waitPairQuiet waits until the secondary has acknowledged all the log and
-// replayed to within quietLag of the primary's VM, for up to a minute.
+// the throttle has not frozen the primary's VM for quietFor, for up to a
+// minute.
 func waitPairQuiet(ctx context.Context, dir string) error {
 	if err := waitLogDrained(ctx, dir); err != nil {
 		return err
 	}
-	var lag float64
-	err := waitUntil(ctx, time.Minute, "the secondary's replay to catch up", func() (bool, error) {
-		families, err := lab.Scrape(lab.NSPrimary)
+	return waitUntil(ctx, time.Minute, "the throttle to let the primary's VM run", func() (bool, error) {
+		before, err := throttledSeconds()
 		if err != nil {
 			return false, err
 		}
-		m, ok := lab.Metric(families, "ftgw_replay_lag_seconds", map[string]string{"vm": lab.VMName})
-		if !ok {
-			return false, errors.New("no ftgw_replay_lag_seconds in the primary's metrics")
-		}
-		lag = m.GetGauge().GetValue()
-		return lag <= quietLag.Seconds(), nil
+		time.Sleep(quietFor)
+		after, err := throttledSeconds()
+		return after == before, err
 	})
+}
+
+// throttledSeconds is how long the throttle has frozen the primary's VM
+// in all.
+func throttledSeconds() (float64, error) {
+	families, err := lab.Scrape(lab.NSPrimary)
 	if err != nil {
-		return fmt.Errorf("%w: replay lag %.3fs", err, lag)
+		return 0, err
 	}
-	return nil
+	m, ok := lab.Metric(families, "ftgw_throttled_seconds_total", map[string]string{"vm": lab.VMName})
+	if !ok {
+		return 0, errors.New("no ftgw_throttled_seconds_total in the primary's metrics")
+	}
+	return m.GetCounter().GetValue(), nil
 }
 
 // watchedProc is a process whose CPU the bench prints.
@@ -736,6 +746,8 @@ type procSample struct {
 	machine time.Duration
 	procs   []time.Duration
 	ok      []bool
+	// throttled is how long the throttle has frozen the protected VM.
+	throttled time.Duration
 }
 
 func sampleProcs(procs []watchedProc) (procSample, error) {
@@ -744,7 +756,11 @@ func sampleProcs(procs []watchedProc) (procSample, error) {
 		d, err := processCPU(p.pid)
 		s.procs[i], s.ok[i] = d, err == nil
 	}
-	var err error
+	t, err := throttledSeconds()
+	if err != nil {
+		return s, err
+	}
+	s.throttled = time.Duration(t * float64(time.Second))
 	s.machine, err = machineBusy()
 	return s, err
 }
@@ -752,8 +768,10 @@ func sampleProcs(procs []watchedProc) (procSample, error) {
 // cpuUse adds up the CPU used over the intervals of one case.
 type cpuUse struct {
 	wall, machine time.Duration
-	procs         []time.Duration
-	missing       []bool // a process that could not be read in some interval
+	// throttled is how long the throttle froze the protected VM meanwhile.
+	throttled time.Duration
+	procs     []time.Duration
+	missing   []bool // a process that could not be read in some interval
 }
 
 func (c *cpuUse) add(before, after procSample) {
@@ -762,6 +780,7 @@ func (c *cpuUse) add(before, after procSample) {
 	}
 	c.wall += after.at.Sub(before.at)
 	c.machine += after.machine - before.machine
+	c.throttled += after.throttled - before.throttled
 	for i := range c.procs {
 		if !before.ok[i] || !after.ok[i] || after.procs[i] < before.procs[i] {
 			c.missing[i] = true
@@ -771,13 +790,14 @@ func (c *cpuUse) add(before, after procSample) {
 	}
 }
 
-// columns is the machine's busy share of all CPUs and each process's share
+// columns is the time the protected VM was frozen, the machine's busy
+// share of all CPUs and each process's share
 // of one, tab-separated.
 func (c cpuUse) columns(n int) string {
 	if c.wall <= 0 {
-		return strings.Repeat("-\t", n) + "-"
+		return strings.Repeat("-\t", n+1) + "-"
 	}
-	cols := []string{fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU()))}
+	cols := []string{c.throttled.Round(time.Millisecond).String(), fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU()))}
 	for i := range n {
 		if c.missing[i] {
 			cols = append(cols, "-")
