@@ -29,7 +29,8 @@ Usage:
   ftgw version                         the version of ftgw
   ftgw guest --tap T --ip IP --mac MAC  run the synthetic deterministic guest
   ftgw lab up|down|status|...          the two-host lab on this machine
-  ftgw bench [flags]                   measure the lab: commit latency and rates
+  ftgw bench [flags]                   measure the lab: commit latency and rates; a --guest qemu
+                                       lab: latency and bulk rate, unprotected against protected
   ftgw bench --failover N              N random failovers under load, checked
   ftgw bench --chaos N [--seed S] [--guest qemu]  N random fault schedules, every history checked
 

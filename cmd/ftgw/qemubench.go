@@ -791,8 +791,7 @@ func (c *cpuUse) add(before, after procSample) {
 }
 
 // columns is the time the protected VM was frozen, the machine's busy
-// share of all CPUs and each process's share
-// of one, tab-separated.
+// share of all CPUs and each process's share of one, tab-separated.
 func (c cpuUse) columns(n int) string {
 	if c.wall <= 0 {
 		return strings.Repeat("-\t", n+1) + "-"
