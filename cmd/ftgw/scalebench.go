@@ -196,7 +196,7 @@ func scaleCount(ctx context.Context, progress io.Writer, o scaleOptions, n int, 
 	if err != nil {
 		return r, err
 	}
-	cpuBefore, err := procCPU(pids[0])
+	cpuBefore, err := processCPU(pids[0])
 	if err != nil {
 		return r, err
 	}
@@ -208,7 +208,7 @@ func scaleCount(ctx context.Context, progress io.Writer, o scaleOptions, n int, 
 	at := time.Now()
 	r.perVM = loadVMs(ctx, clients, vms, "scale-", o.requests, nil)
 	r.wall = time.Since(at)
-	cpuAfter, err := procCPU(pids[0])
+	cpuAfter, err := processCPU(pids[0])
 	if err != nil {
 		return r, err
 	}
@@ -544,40 +544,6 @@ func quantile(h *dto.Histogram, q float64) string {
 	return micros(histogramQuantile(h, q))
 }
 
-// procCPU is the time pid has run, user and system, from /proc/<pid>/stat
-// (10 ms ticks: fine over a load of seconds).
-func procCPU(pid int) (time.Duration, error) {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	return parseProcStatCPU(string(raw))
-}
-
-// parseProcStatCPU reads utime+stime from a /proc/<pid>/stat line. The
-// command name in parentheses may hold spaces and parentheses itself, so
-// the fields are counted from the last ')'.
-func parseProcStatCPU(line string) (time.Duration, error) {
-	i := strings.LastIndexByte(line, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/pid/stat: no command name in %q", line)
-	}
-	f := strings.Fields(line[i+1:])
-	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/pid/stat: %d fields after the name, want at least 13", len(f))
-	}
-	var ticks uint64
-	for _, s := range f[11:13] {
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("/proc/pid/stat: %w", err)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * clockTick, nil
-}
-
 // procRSS is pid's resident set in bytes, from /proc/<pid>/status.
 func procRSS(pid int) (int64, error) {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -642,7 +608,7 @@ func printScaleTable(w io.Writer, runs []scaleRun) {
 			mb(r.rssPrimary), mb(r.rssPrimary)/float64(r.n), mb(r.rssSecondary), mb(r.rssSecondary)/float64(r.n))
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "commit latency: ftgw-a's histograms (fast and held paths) over the load only; CPU: utime+stime of ftgw-a's daemon in % of one CPU (its guests run apart), the machine's busy time in % of all CPUs; RSS: each daemon's VmRSS after the load")
+	fmt.Fprintln(w, "commit latency: ftgw-a's histograms (fast and held paths) over the load only; CPU: the run time of ftgw-a's daemon's threads in % of one CPU (its guests run apart), the machine's busy time in % of all CPUs; RSS: each daemon's VmRSS after the load")
 }
 
 // perVMLine is one VM's figures at the last count.

@@ -128,18 +128,6 @@ func TestAddHistogram(t *testing.T) {
 	}
 }
 
-func TestParseProcStatCPU(t *testing.T) {
-	// A command name with a space and a parenthesis; utime 250, stime 50.
-	line := "4242 (ftgw (run) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 12 0 100 1000000 500 18446744073709551615"
-	got, err := parseProcStatCPU(line)
-	if err != nil || got != 3*time.Second {
-		t.Errorf("cpu %s (%v), want 3s (300 ticks)", got, err)
-	}
-	if _, err := parseProcStatCPU("4242 (ftgw) S 1"); err == nil {
-		t.Error("a short line parsed")
-	}
-}
-
 func TestParseVmRSS(t *testing.T) {
 	status := "Name:\tftgw\nVmPeak:\t  900000 kB\nVmRSS:\t   51200 kB\nThreads:\t12\n"
 	if got, err := parseVmRSS(status); err != nil || got != 50<<20 {
