@@ -443,7 +443,7 @@ func reportViolation(w io.Writer, o chaosOptions, r scheduleResult) {
 		fmt.Fprintf(w, "  %s\n", n)
 	}
 	for _, host := range lab.Hosts[:2] {
-		fmt.Fprintf(w, "    %s log:\n%s\n", host.NS, indent(tail(filepath.Join(hostDir(o.dir, host.NS), "ftgw.log"), 30)))
+		fmt.Fprintf(w, "    %s log:\n%s\n", host.NS, indent(lab.Tail(filepath.Join(hostDir(o.dir, host.NS), "ftgw.log"), 30)))
 	}
 }
 

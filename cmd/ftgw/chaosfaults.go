@@ -637,7 +637,7 @@ func (n *nemesis) runImpostor(ctx context.Context, how string, cfg Config, stay 
 }
 
 func lastLine(path string) string {
-	return strings.TrimSpace(tail(path, 1))
+	return strings.TrimSpace(lab.Tail(path, 1))
 }
 
 // heal ends every fault still on, then starts again every daemon that is

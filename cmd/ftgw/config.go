@@ -89,15 +89,24 @@ type VMConfig struct {
 	QEMU QEMUConfig `yaml:"qemu"`
 }
 
-// QEMUConfig is the real VM: a kernel and an initramfs (`make guest` builds
-// them), recorded on the primary and replayed on the secondary.
+// QEMUConfig is the real VM, recorded on the primary and replayed on the
+// secondary: a disk image, a kernel to boot directly, or both (`make guest`
+// builds a kernel, an initramfs and an empty disk).
 type QEMUConfig struct {
+	// Disk is the VM's disk image (qcow2, raw, or anything qemu-img
+	// reads), the same file on both hosts. When the VM first boots, each
+	// host copies it into its state directory, and the VM writes only
+	// that copy: the image itself is never changed. Without Kernel the
+	// VM boots from it.
+	Disk string `yaml:"disk"`
+	// Kernel boots the VM directly, with Initrd and Cmdline.
 	Kernel string `yaml:"kernel"`
 	Initrd string `yaml:"initrd"`
-	// Cmdline is the guest kernel's command line; default
-	// "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=<vm ip>/24". nohz=off keeps
-	// a periodic tick: an idle guest under record/replay only takes in
-	// packets at its next timer.
+	// Cmdline is the guest kernel's command line; default, for the
+	// guest `make guest` builds, "console=ttyS0 quiet nohz=off panic=-1
+	// ftgw.ip=<vm ip>/24" (and " ftgw.disk=/dev/vda" with a disk).
+	// nohz=off keeps a periodic tick: an idle guest under record/replay
+	// only takes in packets at its next timer.
 	Cmdline  string `yaml:"cmdline"`
 	MemoryMB int    `yaml:"memory_mb"`
 	// Preload is ftgw-rr.so (preload/); default: beside the ftgw binary.
@@ -107,6 +116,10 @@ type QEMUConfig struct {
 	// up. Failover takes at least as long as the lag.
 	MaxLag time.Duration `yaml:"max_lag"`
 }
+
+// guestDiskDevice is where the guest `make guest` builds keeps its
+// key-value log when the VM has a disk (ftgw-init's ftgw.disk).
+const guestDiskDevice = "/dev/vda"
 
 const (
 	engineSynthetic = "synthetic"
@@ -416,18 +429,30 @@ func (vm VMConfig) hwAddr() net.HardwareAddr { mac, _ := net.ParseMAC(vm.MAC); r
 // validate fills in the defaults and names the field at fault in every error.
 func (q *QEMUConfig) validate(field, ip string) []error {
 	var errs []error
+	if q.Disk == "" && q.Kernel == "" {
+		errs = append(errs, fmt.Errorf("%s: neither disk nor kernel: the VM has nothing to boot (make guest builds build/guest/disk.qcow2 and build/guest/vmlinuz)", field))
+	}
+	if q.Kernel == "" && (q.Initrd != "" || q.Cmdline != "") {
+		errs = append(errs, fmt.Errorf("%s: initrd and cmdline need a kernel: a VM that boots from its disk takes its own", field))
+	}
 	for _, f := range []struct {
 		name string
-		path *string
-	}{{"kernel", &q.Kernel}, {"initrd", &q.Initrd}} {
-		if *f.path == "" {
-			errs = append(errs, fmt.Errorf("%s.%s: missing (make guest builds build/guest/%s)", field, f.name, map[string]string{"kernel": "vmlinuz", "initrd": "initrd.img"}[f.name]))
-		} else if _, err := os.Stat(*f.path); err != nil {
+		path string
+	}{{"disk", q.Disk}, {"kernel", q.Kernel}, {"initrd", q.Initrd}} {
+		if f.path == "" {
+			continue
+		}
+		if st, err := os.Stat(f.path); err != nil {
 			errs = append(errs, fmt.Errorf("%s.%s: %v", field, f.name, err))
+		} else if !st.Mode().IsRegular() {
+			errs = append(errs, fmt.Errorf("%s.%s: %s is not a file", field, f.name, f.path))
 		}
 	}
-	if q.Cmdline == "" {
+	if q.Kernel != "" && q.Cmdline == "" {
 		q.Cmdline = "console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=" + ip + "/24"
+		if q.Disk != "" {
+			q.Cmdline += " ftgw.disk=" + guestDiskDevice
+		}
 	}
 	if q.MemoryMB == 0 {
 		q.MemoryMB = 256

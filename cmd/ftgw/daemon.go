@@ -465,6 +465,7 @@ type reprotectStatus struct {
 	// new secondary, and the size of that state.
 	PausedSeconds    float64 `json:"paused_seconds,omitempty"`
 	ImageBytes       int     `json:"image_bytes,omitempty"`
+	DiskBytes        int     `json:"disk_bytes,omitempty"`
 	Acked            uint64  `json:"acked"`
 	ReplayLagSeconds float64 `json:"replay_lag_seconds,omitempty"`
 	Error            string  `json:"error,omitempty"`

@@ -98,7 +98,7 @@ func failoverBench(ctx context.Context, w io.Writer, dir string, n int, seed uin
 		if r.err != nil || !r.check.OK() {
 			// Keep what the daemons said before the lab goes.
 			for _, host := range lab.Hosts[:2] {
-				fmt.Fprintf(w, "    %s log:\n%s\n", host.NS, indent(tail(filepath.Join(hostDir(dir, host.NS), "ftgw.log"), 25)))
+				fmt.Fprintf(w, "    %s log:\n%s\n", host.NS, indent(lab.Tail(filepath.Join(hostDir(dir, host.NS), "ftgw.log"), 25)))
 			}
 			for _, lost := range r.check.Lost {
 				fmt.Fprintf(w, "    lost: %s=%s (OK %d at %s)\n", lost.Key, lost.Value, lost.Count, lost.At.Format("15:04:05.000000"))

@@ -63,7 +63,7 @@ func labCommand(ctx context.Context, args []string) error {
 	holdCapacity := fs.Int("hold-capacity", defaults.holdCapacity, "frames the primary may hold at once, per VM (default 512 above 8 VMs)")
 	requests := fs.Int("requests", 1000, "requests `ftgw lab traffic` sends")
 	guestEngine := fs.String("guest", engineSynthetic, "the VM: synthetic (ftgw guest) or qemu (a real Linux VM under record/replay; builds build/guest with `make guest` when missing)")
-	guestDir := fs.String("guest-dir", "build/guest", "where `make guest` put vmlinuz and initrd.img (--guest qemu)")
+	guestDir := fs.String("guest-dir", "build/guest", "where `make guest` put vmlinuz, initrd.img and disk.qcow2 (--guest qemu)")
 	maxLag := fs.Duration("max-lag", time.Second, "how far the secondary's replay may trail before the primary's VM is paused (--guest qemu: the VMs' qemu.max_lag)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
@@ -180,22 +180,27 @@ func labVM(engine, guestDir string) (VMConfig, error) {
 	default:
 		return vm, fmt.Errorf("--guest %q: want %s or %s", engine, engineSynthetic, engineQEMU)
 	}
-	kernel, initrd := filepath.Join(guestDir, "vmlinuz"), filepath.Join(guestDir, "initrd.img")
-	if _, err := os.Stat(initrd); errors.Is(err, os.ErrNotExist) {
-		fmt.Fprintf(os.Stderr, "lab: %s missing: running make guest\n", initrd)
-		build := exec.Command("make", "guest")
-		build.Stdout, build.Stderr = os.Stderr, os.Stderr
-		if err := build.Run(); err != nil {
-			return vm, fmt.Errorf("make guest (run it from the repository, or pass --guest-dir): %w", err)
+	// The kernel boots the VM directly; its disk holds the key-value
+	// store's log (ftgw-init's ftgw.disk).
+	kernel, initrd, disk := filepath.Join(guestDir, "vmlinuz"), filepath.Join(guestDir, "initrd.img"), filepath.Join(guestDir, "disk.qcow2")
+	for _, p := range []string{kernel, initrd, disk} {
+		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+			fmt.Fprintf(os.Stderr, "lab: %s missing: running make guest\n", p)
+			build := exec.Command("make", "guest")
+			build.Stdout, build.Stderr = os.Stderr, os.Stderr
+			if err := build.Run(); err != nil {
+				return vm, fmt.Errorf("make guest (run it from the repository, or pass --guest-dir): %w", err)
+			}
+			break
 		}
 	}
 	var err error
-	for _, p := range []*string{&kernel, &initrd} {
+	for _, p := range []*string{&kernel, &initrd, &disk} {
 		if *p, err = filepath.Abs(*p); err != nil {
 			return vm, err
 		}
 	}
-	vm.QEMU = QEMUConfig{Kernel: kernel, Initrd: initrd}
+	vm.QEMU = QEMUConfig{Kernel: kernel, Initrd: initrd, Disk: disk}
 	return vm, nil
 }
 
@@ -348,21 +353,15 @@ func startDaemon(ctx context.Context, dir, ns string, cfg Config) error {
 		}
 		select {
 		case err := <-exited:
-			return fmt.Errorf("daemon in %s exited at start (%v); its log:\n%s", ns, err, tail(filepath.Join(hd, "ftgw.log"), 20))
+			return fmt.Errorf("daemon in %s exited at start (%v); its log:\n%s", ns, err, lab.Tail(filepath.Join(hd, "ftgw.log"), 20))
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("daemon in %s not ready after %s; its log:\n%s", ns, ready, tail(filepath.Join(hd, "ftgw.log"), 20))
+			return fmt.Errorf("daemon in %s not ready after %s; its log:\n%s", ns, ready, lab.Tail(filepath.Join(hd, "ftgw.log"), 20))
 		}
 	}
-}
-
-func tail(path string, lines int) string {
-	raw, _ := os.ReadFile(path)
-	all := strings.Split(strings.TrimRight(string(raw), "\n"), "\n")
-	return strings.Join(all[max(0, len(all)-lines):], "\n")
 }
 
 func labDown(dir string) error {

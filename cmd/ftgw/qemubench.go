@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -16,11 +15,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
-	"github.com/ftgw/ftgw/internal/tap"
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/replay"
 )
@@ -40,13 +36,6 @@ import (
 // its failure detection). So every case runs with the same processes up,
 // each case's CPU is printed beside it, and so is the CPU of all of them
 // idle.
-
-// The unprotected VM's network, in the bench's private namespace:
-// TEST-NET-3 (RFC 5737), which nothing else on the machine routes.
-var (
-	plainHostAddr = netip.MustParsePrefix("203.0.113.1/24")
-	plainVMAddr   = netip.MustParsePrefix("203.0.113.10/24")
-)
 
 // requestTimeout bounds each PUT; a PUT that fails counts as this long in
 // the percentiles, so a case that loses requests never looks faster.
@@ -136,15 +125,22 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		return err
 	}
 	progress("booting the unprotected VM")
-	plain, err := startPlainVM(ctx, vm)
+	// Its disk is a fresh copy of the image, as each protected copy's
+	// was at boot.
+	plain, err := lab.StartPlainVM(ctx, vmMachine(vm), vm.QEMU.Disk)
 	if err != nil {
 		return fmt.Errorf("the unprotected VM: %w", err)
 	}
 	defer plain.Close()
-	procs = append(procs, watchedProc{"plain VM", plain.q.Pid()})
+	procs = append(procs, watchedProc{"plain VM", plain.Pid()})
+	plainKV, err := plain.DialKV(requestTimeout)
+	if err != nil {
+		return fmt.Errorf("the unprotected VM: %w", err)
+	}
+	defer plainKV.Close()
 
 	var targets [numCases]benchTarget
-	targets[caseUnprotected] = benchTarget{kv: plain.kv, bulk: plain.dialBulk}
+	targets[caseUnprotected] = benchTarget{kv: plainKV, bulk: plain.DialBulk}
 	protected, err := kvClient(requestTimeout)
 	if err != nil {
 		return err
@@ -446,138 +442,16 @@ func baselineTargets(pct [numCases][]time.Duration, bulk [numCases]bulkSummary, 
 	return append(rows, row)
 }
 
-// plainVM is the unprotected copy of the lab's VM.
-type plainVM struct {
-	ns  *netnsutil.Private
-	q   *replay.QEMU
-	kv  *guest.Client
-	dir string
-}
-
-// plainMachine is the lab VM's machine with its address moved to the
-// unprotected VM's network: the only change to its command line.
-func plainMachine(vm VMConfig) replay.Machine {
-	q := vm.QEMU
-	var params []string
-	for _, p := range strings.Fields(q.Cmdline) {
-		if strings.HasPrefix(p, "ftgw.ip=") {
-			p = "ftgw.ip=" + plainVMAddr.String()
-		}
-		params = append(params, p)
-	}
-	return replay.Machine{Kernel: q.Kernel, Initrd: q.Initrd, Cmdline: strings.Join(params, " "), MemoryMB: q.MemoryMB, MAC: vm.hwAddr()}
-}
-
-// recorderMachine is the machine the lab's daemons run (qemuVM.machine).
-func recorderMachine(vm VMConfig) replay.Machine {
-	q := vm.QEMU
-	return replay.Machine{Kernel: q.Kernel, Initrd: q.Initrd, Cmdline: q.Cmdline, MemoryMB: q.MemoryMB, MAC: vm.hwAddr()}
-}
-
-// startPlainVM boots the lab's image unprotected, on a tap in a private
-// namespace whose host side is the client, and waits until it answers.
-func startPlainVM(ctx context.Context, vm VMConfig) (_ *plainVM, err error) {
-	p := &plainVM{}
-	defer func() {
-		if err != nil {
-			p.Close()
-		}
-	}()
-	if p.dir, err = os.MkdirTemp("", "ftgw-bench-plain-"); err != nil {
-		return nil, err
-	}
-	if p.ns, err = netnsutil.NewPrivate(); err != nil {
-		return nil, err
-	}
-	var t *tap.Tap
-	err = p.ns.Do(func() error {
-		var err error
-		if t, err = tap.Open(lab.Tap); err != nil {
-			return err
-		}
-		l, err := netlink.LinkByName(t.Name())
-		if err != nil {
-			return err
-		}
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: plainHostAddr.Addr().AsSlice(), Mask: net.CIDRMask(plainHostAddr.Bits(), 32)}}
-		if err := netlink.AddrAdd(l, addr); err != nil {
-			return fmt.Errorf("add %s to %s: %w", plainHostAddr, t.Name(), err)
-		}
-		if err := netlink.LinkSetUp(l); err != nil {
-			return fmt.Errorf("set %s up: %w", t.Name(), err)
-		}
-		return nil
-	})
-	if err != nil {
-		if t != nil {
-			t.Close()
-		}
-		return nil, err
-	}
-	stderr, err := os.Create(filepath.Join(p.dir, "qemu.log"))
-	if err != nil {
-		t.Close()
-		return nil, err
-	}
-	defer stderr.Close() // QEMU holds its own copy
-	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	p.q, err = replay.Start(sctx, replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr})
-	cancel()
-	t.Close() // QEMU holds its own copy
-	if err != nil {
-		return nil, fmt.Errorf("%w; %s", err, tail(filepath.Join(p.dir, "qemu.log"), 5))
-	}
-	bctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	if err := replay.WaitSerial(bctx, p.dir, "ftgw-init ready"); err != nil {
-		return nil, fmt.Errorf("%w; its console ends:\n%s", err, tail(replay.SerialPath(p.dir), 5))
-	}
-	err = p.ns.Do(func() (err error) {
-		p.kv, err = guest.Dial(net.JoinHostPort(plainVMAddr.Addr().String(), strconv.Itoa(guest.KVPort)), requestTimeout)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	return p, nil
-}
-
-func (p *plainVM) dialBulk(ctx context.Context) (net.Conn, error) {
-	var c net.Conn
-	err := p.ns.Do(func() (err error) {
-		var d net.Dialer
-		c, err = d.DialContext(ctx, "tcp", net.JoinHostPort(plainVMAddr.Addr().String(), strconv.Itoa(guest.BulkPort)))
-		return err
-	})
-	return c, err
-}
-
-// Close stops the VM; its tap, and then the namespace, go with it.
-func (p *plainVM) Close() {
-	if p.kv != nil {
-		p.kv.Close()
-	}
-	if p.q != nil {
-		p.q.Stop()
-	}
-	if p.ns != nil {
-		p.ns.Close()
-	}
-	if p.dir != "" {
-		os.RemoveAll(p.dir)
-	}
-}
-
 // printPlainDifferences says how the unprotected VM's QEMU differs from the
 // lab's recorder: the options of each that the other lacks (their
 // directories aside), and what is not on a command line.
 func printPlainDifferences(w io.Writer, vm VMConfig) {
 	const dir = "DIR"
-	rec := replay.Config{Machine: recorderMachine(vm), Mode: replay.Record, Dir: dir}.Args()
-	plain := replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: dir}.Args()
+	rec := replay.Config{Machine: vmMachine(vm), Mode: replay.Record, Dir: dir}.Args()
+	plain := replay.Config{Machine: lab.PlainMachine(vmMachine(vm)), Mode: replay.Plain, Dir: dir}.Args()
 	onlyRec, onlyPlain := optionDiff(optionPairs(rec), optionPairs(plain))
 	fmt.Fprintf(w, "unprotected VM: the lab's image and machine under plain QEMU (%s), at %s on a tap in a namespace of the bench's own whose host side is the client: no bridge, no XDP\n",
-		strings.Join(sharedSettings(plain), ", "), plainVMAddr.Addr())
+		strings.Join(sharedSettings(plain), ", "), lab.PlainVMAddr.Addr())
 	fmt.Fprintf(w, "  the recorder's options it has not: %s\n", strings.Join(onlyRec, "; "))
 	fmt.Fprintf(w, "  its options the recorder has not:  %s\n", strings.Join(onlyPlain, "; "))
 	fmt.Fprintf(w, "  and the recorder runs with LD_PRELOAD=%s (it flushes the replay log before each transmit)\n\n", preloadName)

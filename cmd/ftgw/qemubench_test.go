@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/pkg/guest"
 )
 
@@ -124,13 +125,13 @@ func TestOptionPairsAndDiff(t *testing.T) {
 // guest's address: what the bench prints as the difference.
 func TestPlainMachineDiffersOnlyInAddressAndReplay(t *testing.T) {
 	vm := VMConfig{Name: "vm1", IP: "192.0.2.10", MAC: "02:46:54:47:00:0a", Engine: engineQEMU,
-		QEMU: QEMUConfig{Kernel: "/k", Initrd: "/i", Cmdline: "console=ttyS0 quiet ftgw.ip=192.0.2.10/24 panic=-1", MemoryMB: 256}}
-	p, r := plainMachine(vm), recorderMachine(vm)
+		QEMU: QEMUConfig{Kernel: "/k", Initrd: "/i", Disk: "/d", Cmdline: "console=ttyS0 quiet ftgw.ip=192.0.2.10/24 panic=-1", MemoryMB: 256}}
+	p, r := lab.PlainMachine(vmMachine(vm)), vmMachine(vm)
 	if p.Cmdline != "console=ttyS0 quiet ftgw.ip=203.0.113.10/24 panic=-1" {
 		t.Errorf("plain cmdline %q", p.Cmdline)
 	}
 	p.Cmdline = r.Cmdline
-	if p.Kernel != r.Kernel || p.Initrd != r.Initrd || p.MemoryMB != r.MemoryMB || p.MAC.String() != r.MAC.String() {
+	if p.Kernel != r.Kernel || p.Initrd != r.Initrd || p.MemoryMB != r.MemoryMB || p.MAC.String() != r.MAC.String() || !p.Disk || !r.Disk {
 		t.Errorf("plain %+v, recorder %+v", p, r)
 	}
 }

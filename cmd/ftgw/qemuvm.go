@@ -67,17 +67,44 @@ func newQEMUVM(vm VMConfig, stateDir string, dp *datapath.Datapath, logs chan<- 
 	}
 }
 
-func (e *qemuVM) machine() replay.Machine {
-	return replay.Machine{
-		Kernel: e.vm.QEMU.Kernel, Initrd: e.vm.QEMU.Initrd, Cmdline: e.vm.QEMU.Cmdline,
-		MemoryMB: e.vm.QEMU.MemoryMB, MAC: e.vm.hwAddr(),
+func (e *qemuVM) machine() replay.Machine { return vmMachine(e.vm) }
+
+// vmMachine is the machine vm's copies run, recorder and replayer alike.
+func vmMachine(vm VMConfig) replay.Machine {
+	q := vm.QEMU
+	return replay.Machine{Kernel: q.Kernel, Initrd: q.Initrd, Cmdline: q.Cmdline, MemoryMB: q.MemoryMB,
+		MAC: vm.hwAddr(), Disk: q.Disk != ""}
+}
+
+// bootDisk gives this copy, which boots the VM, its own disk: a fresh copy
+// of the configured image, as the other host's copy boots from one. A disk
+// left in the VM's directory by an earlier life is kept beside it, never
+// overwritten: it may hold the only copy of what that VM wrote.
+func (e *qemuVM) bootDisk() error {
+	if e.vm.QEMU.Disk == "" {
+		return nil
 	}
+	if err := os.MkdirAll(e.dir, 0o755); err != nil {
+		return err
+	}
+	disk := replay.DiskPath(e.dir)
+	if _, err := os.Stat(disk); err == nil {
+		old := fmt.Sprintf("%s.%s", disk, time.Now().UTC().Format("20060102T150405Z"))
+		if err := os.Rename(disk, old); err != nil {
+			return err
+		}
+		e.log.Warn("the VM boots afresh from its image; the disk of its earlier life is kept", "kept", old)
+	}
+	return replay.CopyDisk(e.vm.QEMU.Disk, disk)
 }
 
 // StartRecord boots the VM as a recorder. It does not wait for the guest:
 // the boot's log must be read (and shipped) meanwhile, or QEMU blocks on its
 // full pipe.
 func (e *qemuVM) StartRecord(ctx context.Context) error {
+	if err := e.bootDisk(); err != nil {
+		return fmt.Errorf("boot: %w", err)
+	}
 	return e.startRecorder(ctx, "", 0, 0)
 }
 
@@ -119,9 +146,11 @@ func (e *qemuVM) startRecorder(ctx context.Context, loadvm string, base, icount 
 
 // recorderSnapshot is where a new secondary's replayer starts: the image
 // holding a recorder's snapshot (vmSnapshot), prepared for a replayer, the
-// recorder's start-up events, and where the snapshot stands in its log.
+// VM's disk at that snapshot (if it has one), the recorder's start-up
+// events, and where the snapshot stands in its log.
 type recorderSnapshot struct {
 	image   string
+	disk    string
 	startup []byte
 	at      replay.RecorderSnapshot
 }
@@ -138,7 +167,17 @@ func (e *qemuVM) StartReplay(ctx context.Context, from *recorderSnapshot) error 
 		if err := copyFile(from.image, replay.VMStatePath(e.dir)); err != nil {
 			return fmt.Errorf("restore %s: %w", from.image, err)
 		}
+		if e.vm.QEMU.Disk != "" {
+			if from.disk == "" {
+				return errors.New("restore: the snapshot has no disk, and the VM has one")
+			}
+			if err := copyFile(from.disk, replay.DiskPath(e.dir)); err != nil {
+				return fmt.Errorf("restore %s: %w", from.disk, err)
+			}
+		}
 		loadvm = vmSnapshot
+	} else if err := e.bootDisk(); err != nil {
+		return fmt.Errorf("boot: %w", err)
 	}
 	fifo := filepath.Join(e.dir, "replay.fifo")
 	os.Remove(fifo)
@@ -204,18 +243,18 @@ func (e *qemuVM) StartReplay(ctx context.Context, from *recorderSnapshot) error 
 // SnapshotForReplayer saves the recording VM's state for a new secondary
 // (pkg/replay/rebase.go): the VM pauses for the savevm. clocksAt gives the
 // clock values the log carried up to the snapshot. It returns the image a
-// replayer loads, where the snapshot stands in the log, and how long the VM
-// paused.
-func (e *qemuVM) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Clocks, error)) (image []byte, at replay.RecorderSnapshot, paused time.Duration, err error) {
+// replayer loads, the VM's disk as it was at the snapshot (nil without a
+// disk), where the snapshot stands in the log, and how long the VM paused.
+func (e *qemuVM) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Clocks, error)) (image, disk []byte, at replay.RecorderSnapshot, paused time.Duration, err error) {
 	e.mu.Lock()
 	q := e.qemu
 	e.mu.Unlock()
 	if q == nil {
-		return nil, at, 0, errors.New("snapshot: the VM is not running")
+		return nil, nil, at, 0, errors.New("snapshot: the VM is not running")
 	}
 	start := time.Now()
 	if err := q.SaveRecorderVM(vmSnapshot); err != nil {
-		return nil, at, 0, fmt.Errorf("snapshot: %w", err)
+		return nil, nil, at, 0, fmt.Errorf("snapshot: %w", err)
 	}
 	paused = time.Since(start)
 	// The copy is patched for a replayer; the recorder's own image is
@@ -223,13 +262,26 @@ func (e *qemuVM) SnapshotForReplayer(clocksAt func(logOffset int64) (replay.Cloc
 	copyPath := filepath.Join(e.dir, "for-replayer.qcow2")
 	defer os.Remove(copyPath)
 	if err := copyFile(replay.VMStatePath(e.dir), copyPath); err != nil {
-		return nil, at, paused, fmt.Errorf("snapshot: %w", err)
+		return nil, nil, at, paused, fmt.Errorf("snapshot: %w", err)
 	}
 	if at, err = replay.PrepareRecorderSnapshot(copyPath, vmSnapshot, clocksAt); err != nil {
-		return nil, at, paused, fmt.Errorf("snapshot: %w", err)
+		return nil, nil, at, paused, fmt.Errorf("snapshot: %w", err)
 	}
-	image, err = os.ReadFile(copyPath)
-	return image, at, paused, err
+	if image, err = os.ReadFile(copyPath); err != nil {
+		return nil, nil, at, paused, err
+	}
+	if e.vm.QEMU.Disk == "" {
+		return image, nil, at, paused, nil
+	}
+	// The VM runs on meanwhile: the export reads the disk's snapshot,
+	// which its writes do not touch.
+	diskPath := filepath.Join(e.dir, "disk-for-replayer.qcow2")
+	defer os.Remove(diskPath)
+	if err := replay.ExportDiskSnapshot(e.dir, vmSnapshot, diskPath); err != nil {
+		return nil, nil, at, paused, fmt.Errorf("snapshot: %w", err)
+	}
+	disk, err = os.ReadFile(diskPath)
+	return image, disk, at, paused, err
 }
 
 // maxReplayBacklog bounds the log a standby holds in memory that its

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"reflect"
 	"strings"
 	"testing"
@@ -90,52 +91,65 @@ func TestChunkIndexRestart(t *testing.T) {
 	}
 }
 
-// A real VM's snapshot crosses the log channel as a header and the image;
-// anything cut or inconsistent is refused before a VM starts from it.
+// A real VM's snapshot crosses the log channel as a header, the image and
+// the disk; anything cut or inconsistent is refused before a VM starts
+// from it.
 func TestRebaseSnapshotRoundTrip(t *testing.T) {
 	h := rebaseHeader{Icount: 1594166774, Startup: []byte{28, 0, 0, 0, 0, 0, 0, 0, 1, 38}, TakeoverAfter: 412}
-	blob, err := encodeRebaseSnapshot(h, []byte("qcow2 image"))
-	if err != nil {
-		t.Fatal(err)
+	for _, disk := range []string{"", "qcow2 disk"} {
+		blob, err := encodeRebaseSnapshot(h, []byte("qcow2 image"), []byte(disk))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := h
+		want.DiskBytes = len(disk)
+		got, image, gotDisk, err := decodeRebaseSnapshot(blob)
+		if err != nil || !reflect.DeepEqual(got, want) || string(image) != "qcow2 image" || string(gotDisk) != disk {
+			t.Errorf("round trip with disk %q: %+v %q %q %v", disk, got, image, gotDisk, err)
+		}
 	}
-	got, image, err := decodeRebaseSnapshot(blob)
-	if err != nil || !reflect.DeepEqual(got, h) || string(image) != "qcow2 image" {
-		t.Errorf("round trip: %+v %q %v", got, image, err)
-	}
-	noImage, _ := encodeRebaseSnapshot(h, nil)
-	noStartup, _ := encodeRebaseSnapshot(rebaseHeader{Icount: 1}, []byte("qcow2 image"))
+	blob, _ := encodeRebaseSnapshot(h, []byte("qcow2 image"), []byte("disk"))
+	noImage, _ := encodeRebaseSnapshot(h, nil, nil)
+	onlyDisk, _ := encodeRebaseSnapshot(h, nil, []byte("disk"))
+	noStartup, _ := encodeRebaseSnapshot(rebaseHeader{Icount: 1}, []byte("qcow2 image"), nil)
+	diskPastTheEnd, _ := encodeRebaseSnapshot(rebaseHeader{Icount: 1, Startup: []byte{38}, DiskBytes: 99}, []byte("qcow2 image"), nil)
+	// encode sets DiskBytes from the disk it is given: make one that lies.
+	diskPastTheEnd = bytes.Replace(diskPastTheEnd, []byte(`"icount":1`), []byte(`"icount":1,"disk_bytes":99`), 1)
+	binary.BigEndian.PutUint32(diskPastTheEnd, binary.BigEndian.Uint32(diskPastTheEnd)+uint32(len(`,"disk_bytes":99`)))
 	for name, bad := range map[string][]byte{
-		"empty":               nil,
-		"cut header":          blob[:10],
-		"length past the end": {0xff, 0, 0, 0, '{', '}'},
-		"not json":            {0, 0, 0, 2, 'x', 'y'},
-		"no image":            noImage,
-		"no start-up log":     noStartup,
+		"empty":                 nil,
+		"cut header":            blob[:10],
+		"length past the end":   {0xff, 0, 0, 0, '{', '}'},
+		"not json":              {0, 0, 0, 2, 'x', 'y'},
+		"no image":              noImage,
+		"a disk but no image":   onlyDisk,
+		"no start-up log":       noStartup,
+		"disk longer than sent": diskPastTheEnd,
 	} {
-		if _, _, err := decodeRebaseSnapshot(bad); err == nil {
+		if _, _, _, err := decodeRebaseSnapshot(bad); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
 }
 
 // A real VM's snapshot header comes from the peer: decoding never panics,
-// and what it accepts encodes back to the same header and image.
+// and what it accepts encodes back to the same header, image and disk.
 func FuzzDecodeRebaseSnapshot(f *testing.F) {
-	blob, _ := encodeRebaseSnapshot(rebaseHeader{Icount: 7, Startup: []byte{38}, TakeoverAfter: 3}, []byte("image"))
+	blob, _ := encodeRebaseSnapshot(rebaseHeader{Icount: 7, Startup: []byte{38}, TakeoverAfter: 3}, []byte("image"), []byte("disk"))
 	f.Add(blob)
 	f.Add([]byte{0, 0, 0, 1, '{'})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		h, image, err := decodeRebaseSnapshot(b)
+		h, image, disk, err := decodeRebaseSnapshot(b)
 		if err != nil {
 			return
 		}
-		again, err := encodeRebaseSnapshot(h, image)
+		again, err := encodeRebaseSnapshot(h, image, disk)
 		if err != nil {
 			t.Fatal(err)
 		}
-		h2, image2, err := decodeRebaseSnapshot(again)
-		if err != nil || !reflect.DeepEqual(h2, h) || !bytes.Equal(image2, image) {
-			t.Fatalf("%+v %q does not survive a round trip: %+v %q %v", h, image, h2, image2, err)
+		h2, image2, disk2, err := decodeRebaseSnapshot(again)
+		if err != nil || !reflect.DeepEqual(h2, h) || !bytes.Equal(image2, image) || !bytes.Equal(disk2, disk) {
+			t.Fatalf("%+v %q %q does not survive a round trip: %+v %q %q %v", h, image, disk, h2, image2, disk2, err)
 		}
 	})
 }

@@ -493,33 +493,44 @@ type rebaseHeader struct {
 	Icount        uint64 `json:"icount"`
 	Startup       []byte `json:"startup"`
 	TakeoverAfter uint64 `json:"takeover_after"`
+	// DiskBytes is the length of the VM's disk at the snapshot, which
+	// ends the record; 0 for a VM without a disk.
+	DiskBytes int `json:"disk_bytes,omitempty"`
 }
 
 // encodeRebaseSnapshot is a real VM's snapshot on the log channel: the
-// header's length (u32, big-endian), the header in JSON, then the image.
-func encodeRebaseSnapshot(h rebaseHeader, image []byte) ([]byte, error) {
+// header's length (u32, big-endian), the header in JSON, the image, then
+// the disk (h.DiskBytes of it).
+func encodeRebaseSnapshot(h rebaseHeader, image, disk []byte) ([]byte, error) {
+	h.DiskBytes = len(disk)
 	header, err := json.Marshal(h)
 	if err != nil {
 		return nil, err
 	}
-	out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(header)+len(image)), uint32(len(header)))
-	return append(append(out, header...), image...), nil
+	out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(header)+len(image)+len(disk)), uint32(len(header)))
+	return append(append(append(out, header...), image...), disk...), nil
 }
 
-func decodeRebaseSnapshot(b []byte) (rebaseHeader, []byte, error) {
-	var h rebaseHeader
+func decodeRebaseSnapshot(b []byte) (h rebaseHeader, image, disk []byte, err error) {
 	if len(b) < 4 || uint64(binary.BigEndian.Uint32(b)) > uint64(len(b)-4) {
-		return h, nil, fmt.Errorf("real VM snapshot of %d bytes: no whole header", len(b))
+		return h, nil, nil, fmt.Errorf("real VM snapshot of %d bytes: no whole header", len(b))
 	}
 	n := binary.BigEndian.Uint32(b)
 	if err := json.Unmarshal(b[4:4+n], &h); err != nil {
-		return h, nil, fmt.Errorf("real VM snapshot header: %w", err)
+		return h, nil, nil, fmt.Errorf("real VM snapshot header: %w", err)
 	}
-	image := b[4+n:]
+	rest := b[4+n:]
+	if h.DiskBytes < 0 || h.DiskBytes > len(rest) {
+		return h, nil, nil, fmt.Errorf("real VM snapshot: a disk of %d bytes in %d bytes after the header", h.DiskBytes, len(rest))
+	}
+	image, disk = rest[:len(rest)-h.DiskBytes], rest[len(rest)-h.DiskBytes:]
 	if len(image) == 0 || len(h.Startup) == 0 {
-		return h, nil, fmt.Errorf("real VM snapshot: %d bytes of image, %d of start-up log: both are needed", len(image), len(h.Startup))
+		return h, nil, nil, fmt.Errorf("real VM snapshot: %d bytes of image, %d of start-up log: both are needed", len(image), len(h.Startup))
 	}
-	return h, image, nil
+	if len(disk) == 0 {
+		disk = nil
+	}
+	return h, image, disk, nil
 }
 
 // snapshot is a real VM survivor's half of a re-protection, run
@@ -557,7 +568,7 @@ func (e *recordedVM) snapshot(ctx context.Context, p *lockstep.Primary, rebase f
 	if q == nil {
 		return fail(errors.New("no vm runs here"))
 	}
-	image, snap, paused, err := q.SnapshotForReplayer(func(off int64) (clocks replay.Clocks, err error) {
+	image, disk, snap, paused, err := q.SnapshotForReplayer(func(off int64) (clocks replay.Clocks, err error) {
 		// QEMU may not have flushed the log up to its snapshot yet.
 		err = waitUntil(ctx, 5*time.Second, "the recorder's log to reach its snapshot", func() (ok bool, err error) {
 			e.logMu.Lock()
@@ -581,7 +592,7 @@ func (e *recordedVM) snapshot(ctx context.Context, p *lockstep.Primary, rebase f
 	position := p.Head()
 	h := rebaseHeader{Icount: snap.Icount, Startup: startup,
 		TakeoverAfter: position + uint64((len(sinceSnapshot)+lockstep.MaxPayload-1)/lockstep.MaxPayload)}
-	blob, err := encodeRebaseSnapshot(h, image)
+	blob, err := encodeRebaseSnapshot(h, image, disk)
 	if err == nil {
 		err = rebase(position)
 	}
@@ -610,9 +621,9 @@ func (e *recordedVM) snapshot(ctx context.Context, p *lockstep.Primary, rebase f
 	d.shipping.Store(true)
 	d.fire(protect.PeerJoined)
 	d.mu.Lock()
-	d.reprotecting = &reprotectStatus{TakeoverAfter: h.TakeoverAfter, PausedSeconds: paused.Seconds(), ImageBytes: len(image)}
+	d.reprotecting = &reprotectStatus{TakeoverAfter: h.TakeoverAfter, PausedSeconds: paused.Seconds(), ImageBytes: len(image), DiskBytes: len(disk)}
 	d.mu.Unlock()
-	d.log.Info("re-protecting from a snapshot of the running VM", "paused", paused, "image_bytes", len(image),
+	d.log.Info("re-protecting from a snapshot of the running VM", "paused", paused, "image_bytes", len(image), "disk_bytes", len(disk),
 		"snapshot_icount", snap.Icount, "snapshot_at", snapshotAt, "released", released, "position", position,
 		"takeover_after", h.TakeoverAfter)
 	return blob, nil
@@ -623,7 +634,7 @@ func (e *recordedVM) snapshot(ctx context.Context, p *lockstep.Primary, rebase f
 // it and follows the owner's log from there, which arrives from pos+1.
 func (e *recordedVM) install(s *lockstep.Secondary, pos uint64, state []byte) error {
 	d := e.d
-	h, image, err := decodeRebaseSnapshot(state)
+	h, image, disk, err := decodeRebaseSnapshot(state)
 	if err != nil {
 		return fmt.Errorf("install snapshot: %w", err)
 	}
@@ -637,9 +648,16 @@ func (e *recordedVM) install(s *lockstep.Secondary, pos uint64, state []byte) er
 		return fmt.Errorf("install snapshot: %w", err)
 	}
 	defer os.Remove(path)
-	d.takeoverAfter.Store(h.TakeoverAfter)
 	snap := &recorderSnapshot{image: path, startup: h.Startup,
 		at: replay.RecorderSnapshot{Icount: h.Icount}}
+	if disk != nil {
+		snap.disk = filepath.Join(d.cfg.StateDir, d.vm.Name+"-restore-disk.qcow2")
+		if err := os.WriteFile(snap.disk, disk, 0o600); err != nil {
+			return fmt.Errorf("install snapshot: %w", err)
+		}
+		defer os.Remove(snap.disk)
+	}
+	d.takeoverAfter.Store(h.TakeoverAfter)
 	q := e.newCopy()
 	if err := q.StartReplay(d.runCtx, snap); err != nil {
 		q.Stop()
@@ -657,6 +675,6 @@ func (e *recordedVM) install(s *lockstep.Secondary, pos uint64, state []byte) er
 		return fmt.Errorf("install snapshot: %w", err)
 	}
 	d.log.Info("rebuilding the real VM from a snapshot of the owner's", "position", pos, "snapshot_icount", h.Icount,
-		"image_bytes", len(image), "takeover_after", h.TakeoverAfter)
+		"image_bytes", len(image), "disk_bytes", len(disk), "takeover_after", h.TakeoverAfter)
 	return nil
 }

@@ -36,3 +36,29 @@ func TestPlainArgsAreTheRecordersWithoutReplay(t *testing.T) {
 		t.Errorf("plain args carry replay options: %v", plain)
 	}
 }
+
+// A VM with a disk gets it through blkreplay in every mode, and one
+// without a kernel boots from it.
+func TestDiskArgs(t *testing.T) {
+	m := Machine{Disk: true, MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}
+	for _, mode := range []Mode{Record, Replay, Plain} {
+		args := strings.Join(Config{Machine: m, Mode: mode, Dir: "/d", LogFIFO: "/d/fifo"}.Args(), " ")
+		for _, want := range []string{
+			"-drive if=none,id=disk0-file,format=qcow2,file=/d/disk.qcow2",
+			"-drive driver=blkreplay,if=none,image=disk0-file,id=disk0",
+			"-device virtio-blk-pci,drive=disk0,bootindex=0",
+		} {
+			if !strings.Contains(args, want) {
+				t.Errorf("%s: no %q in %s", mode, want, args)
+			}
+		}
+		if strings.Contains(args, "-kernel") || strings.Index(args, "id=vmstate") > strings.Index(args, "id=disk0-file") {
+			t.Errorf("%s: a kernel, or the vm state image after the disk: %s", mode, args)
+		}
+	}
+	m.Kernel, m.Cmdline = "/k", "ftgw.disk=/dev/vda"
+	args := strings.Join(Config{Machine: m, Mode: Record, Dir: "/d"}.Args(), " ")
+	if !strings.Contains(args, "-kernel /k -append ftgw.disk=/dev/vda") || strings.Contains(args, "bootindex") || strings.Contains(args, "-initrd") {
+		t.Errorf("direct boot with a disk: %s", args)
+	}
+}

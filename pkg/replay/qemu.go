@@ -43,12 +43,19 @@ const DefaultBinary = "qemu-system-x86_64"
 // Machine is the VM: what it boots and how it is wired. The recorder and the
 // replayer must be given the same Machine, or the replay diverges.
 type Machine struct {
-	Binary   string // default DefaultBinary
+	Binary string // default DefaultBinary
+	// Kernel, Initrd and Cmdline boot the VM directly. Without Kernel the
+	// firmware boots it from its disk.
 	Kernel   string
 	Initrd   string
 	Cmdline  string
 	MemoryMB int // default 256
 	MAC      net.HardwareAddr
+	// Disk gives the VM a virtio-blk disk: the qcow2 image DiskPath(Dir),
+	// which the caller puts there. Each copy of the VM has its own; they
+	// must be identical where the copies start (boot, or a snapshot), and
+	// record/replay keeps them so (QEMU's blkreplay driver).
+	Disk bool
 }
 
 // Config starts one QEMU.
@@ -98,6 +105,9 @@ func QMPPath(dir string) string { return filepath.Join(dir, "qmp.sock") }
 // attached to no device: it only stores the state savevm writes.
 func VMStatePath(dir string) string { return filepath.Join(dir, "vmstate.qcow2") }
 
+// DiskPath is the VM's disk in dir (Machine.Disk).
+func DiskPath(dir string) string { return filepath.Join(dir, "disk.qcow2") }
+
 // logPath is the rrfile name the recorder opens; the preloaded library
 // recognises it and sends the log to the pipe instead.
 const logPath = "ftgw:replay-log"
@@ -130,12 +140,38 @@ func (c Config) args() []string {
 		// One vCPU: record/replay refuses more.
 		"-smp", "1",
 		"-icount", icount,
-		"-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Cmdline,
 		"-chardev", "file,id=serial0,path=" + SerialPath(c.Dir),
 		"-serial", "chardev:serial0",
 		"-qmp", "unix:" + QMPPath(c.Dir) + ",server=on,wait=off",
+		// Before the disk: savevm writes the VM state into the first
+		// image that can take snapshots, and a re-protection ships this
+		// one.
 		"-drive", "if=none,id=vmstate,format=qcow2,file=" + VMStatePath(c.Dir),
 		"-netdev", fmt.Sprintf("tap,id=net0,fd=%d", tapFd),
+	}
+	if m.Kernel != "" {
+		args = append(args, "-kernel", m.Kernel)
+		if m.Initrd != "" {
+			args = append(args, "-initrd", m.Initrd)
+		}
+		if m.Cmdline != "" {
+			args = append(args, "-append", m.Cmdline)
+		}
+	}
+	if m.Disk {
+		// blkreplay orders the disk's completions by the replay log: a
+		// replayer does the same writes at the same instructions, on its
+		// own copy. savevm snapshots the disk too (through the filter,
+		// into the qcow2 image), and -loadvm reverts it to that snapshot.
+		boot := ""
+		if m.Kernel == "" {
+			boot = ",bootindex=0"
+		}
+		args = append(args,
+			"-drive", "if=none,id=disk0-file,format=qcow2,file="+DiskPath(c.Dir),
+			"-drive", "driver=blkreplay,if=none,image=disk0-file,id=disk0",
+			"-device", "virtio-blk-pci,drive=disk0"+boot,
+		)
 	}
 	if c.Mode != Plain {
 		// filter-replay puts the frames the guest receives in the log;
@@ -269,9 +305,8 @@ func Start(ctx context.Context, cfg Config) (*QEMU, error) {
 
 // CreateVMStateImage makes the small qcow2 image that holds VM snapshots.
 func CreateVMStateImage(path string) error {
-	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", path, "64M").CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("create vm state image: %v: %s", err, strings.TrimSpace(string(out)))
+	if err := qemuImg("create", "-q", "-f", "qcow2", path, "64M"); err != nil {
+		return fmt.Errorf("create vm state image: %w", err)
 	}
 	return nil
 }

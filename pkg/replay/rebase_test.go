@@ -98,6 +98,11 @@ func (p *pair) rebase(rec *QEMU, dir string, log *capturedLog, done <-chan struc
 	if err := os.WriteFile(VMStatePath(newDir), image, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if p.machine.Disk {
+		if err := ExportDiskSnapshot(dir, "rebase", DiskPath(newDir)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	snap, err := PrepareRecorderSnapshot(VMStatePath(newDir), "rebase", func(off int64) (Clocks, error) {
 		// QEMU may not have flushed its log up to the snapshot yet.
 		waitFor(t, "the log to reach the snapshot", func() bool {
