@@ -2,7 +2,6 @@ package test
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -79,11 +78,10 @@ func waitFailoversRecorded(t *testing.T, ns string, n int, timeout time.Duration
 // dialVM dials a lab VM's key-value service from the client namespace.
 func dialVM(t *testing.T, vm lab.LabVM, timeout time.Duration) *guest.Client {
 	t.Helper()
-	var c *guest.Client
-	inClient(t, func() (err error) {
-		c, err = guest.Dial(net.JoinHostPort(vm.IP.String(), strconv.Itoa(lab.KVPort)), timeout)
-		return err
-	})
+	c, err := lab.DialVM(vm.IP, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return c
 }
 

@@ -104,7 +104,8 @@ type QEMUConfig struct {
 	Initrd string `yaml:"initrd"`
 	// Cmdline is the guest kernel's command line; default, for the
 	// guest `make guest` builds, "console=ttyS0 quiet nohz=off panic=-1
-	// ftgw.ip=<vm ip>/24" (and " ftgw.disk=/dev/vda" with a disk).
+	// ftgw.ip=<vm ip>/24" (and " ftgw.disk=/dev/vda2" with a disk: the
+	// log on partition 2 of the disk `make guest` builds).
 	// nohz=off keeps a periodic tick: an idle guest under record/replay
 	// only takes in packets at its next timer.
 	Cmdline  string `yaml:"cmdline"`
@@ -119,7 +120,7 @@ type QEMUConfig struct {
 
 // guestDiskDevice is where the guest `make guest` builds keeps its
 // key-value log when the VM has a disk (ftgw-init's ftgw.disk).
-const guestDiskDevice = "/dev/vda"
+const guestDiskDevice = "/dev/vda2"
 
 const (
 	engineSynthetic = "synthetic"

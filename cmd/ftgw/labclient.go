@@ -9,7 +9,6 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -21,7 +20,6 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/ftgw/ftgw/internal/lab"
-	"github.com/ftgw/ftgw/internal/netnsutil"
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/replay"
 )
@@ -181,18 +179,7 @@ func guestControlVM(dir, ns, vm string) string {
 }
 
 // kvClient dials vm1's key-value service from the lab's client namespace.
-func kvClient(timeout time.Duration) (*guest.Client, error) { return kvClientVM(lab.VMIP, timeout) }
-
-// kvClientVM dials the key-value service of the VM at ip from the lab's
-// client namespace.
-func kvClientVM(ip netip.Addr, timeout time.Duration) (*guest.Client, error) {
-	var c *guest.Client
-	err := netnsutil.Do(lab.NSClient, func() (err error) {
-		c, err = guest.Dial(net.JoinHostPort(ip.String(), fmt.Sprint(lab.KVPort)), timeout)
-		return err
-	})
-	return c, err
-}
+func kvClient(timeout time.Duration) (*guest.Client, error) { return lab.DialVM(lab.VMIP, timeout) }
 
 // kvRun sends n PUTs one after another, within budget, and returns the
 // latency of each answered one.

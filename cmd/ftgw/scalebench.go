@@ -177,7 +177,7 @@ func scaleCount(ctx context.Context, progress io.Writer, o scaleOptions, n int, 
 		}
 	}()
 	for i, vm := range vms {
-		if clients[i], err = kvClientVM(vm.IP, scaleClientTimeout); err != nil {
+		if clients[i], err = lab.DialVM(vm.IP, scaleClientTimeout); err != nil {
 			return r, fmt.Errorf("dial %s: %w", vm.Name, err)
 		}
 	}

@@ -60,11 +60,11 @@ func StartWriter(prefix string, timeout time.Duration, maxWrites int, maxTime ti
 }
 
 // clientDial dials vm1, the lab's first VM, from the client namespace.
-func clientDial(timeout time.Duration) (*guest.Client, error) { return clientDialVM(VMIP, timeout) }
+func clientDial(timeout time.Duration) (*guest.Client, error) { return DialVM(VMIP, timeout) }
 
-// clientDialVM dials the key-value service of the lab's VM at addr from the
+// DialVM dials the key-value service of the lab's VM at addr from the
 // client namespace.
-func clientDialVM(addr netip.Addr, timeout time.Duration) (*guest.Client, error) {
+func DialVM(addr netip.Addr, timeout time.Duration) (*guest.Client, error) {
 	var c *guest.Client
 	err := netnsutil.Do(NSClient, func() (err error) {
 		c, err = guest.Dial(net.JoinHostPort(addr.String(), strconv.Itoa(KVPort)), timeout)

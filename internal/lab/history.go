@@ -185,7 +185,7 @@ func StartLoad(cfg LoadConfig) (_ *Load, err error) {
 		}
 	}()
 	for i := range cfg.Clients {
-		c, err := clientDialVM(cfg.VM, cfg.Timeout)
+		c, err := DialVM(cfg.VM, cfg.Timeout)
 		if err != nil {
 			return nil, fmt.Errorf("dial load client %d of %s: %w", i, cfg.VM, err)
 		}
@@ -252,7 +252,7 @@ func (l *Load) runClient(id int, c *guest.Client, cfg LoadConfig, deadline time.
 			// The reply may still come, late (held output released
 			// after a failover): from a new port, it cannot be taken
 			// for the answer to a later request on the same key.
-			if fresh, derr := clientDialVM(cfg.VM, cfg.Timeout); derr == nil {
+			if fresh, derr := DialVM(cfg.VM, cfg.Timeout); derr == nil {
 				c.Close()
 				c = fresh
 			}
