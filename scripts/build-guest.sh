@@ -1,9 +1,11 @@
 #!/bin/sh
 # Builds the Linux guest image: Debian's cloud kernel and an initramfs whose
-# /init is cmd/ftgw-init, with the virtio-net driver and nothing else.
+# /init is cmd/ftgw-init, with the virtio-net and virtio-blk drivers and
+# nothing else, and the disk the guest keeps its key-value log on.
 #
 #	build/guest/vmlinuz      the kernel
 #	build/guest/initrd.img   newc cpio, gzip
+#	build/guest/disk.qcow2   64 MiB of zeros: an empty log for ftgw.disk=/dev/vda
 #
 # Needs Go on PATH and apt; installs what else it needs (cpio, kmod, ...).
 # Each step is skipped when its output is newer than its input, so a second
@@ -30,6 +32,7 @@ command -v go >/dev/null || { echo "guest: go is not on PATH" >&2; exit 1; }
 need cpio cpio
 need gzip gzip
 need depmod kmod
+need qemu-img qemu-utils
 command -v qemu-system-x86_64 >/dev/null ||
 	say "note: qemu-system-x86_64 is missing (apt-get install qemu-system-x86); it runs the image, not builds it"
 
@@ -65,43 +68,59 @@ else
 	[ -f "$deb" ] || { echo "guest: download of $pkg failed" >&2; exit 1; }
 fi
 
-# 2. vmlinuz and the driver modules, from the package.
-if [ ! -f $out/vmlinuz ] || [ ! -f $modules/load-order ] ||
+# 2. vmlinuz and the driver modules, from the package: virtio-net's, always
+# loaded, in load-order; virtio-blk's, loaded only for ftgw.disk, in
+# load-order-disk.
+if [ ! -f $out/vmlinuz ] || [ ! -f $modules/load-order ] || [ ! -f $modules/load-order-disk ] ||
 	[ "$deb" -nt $out/vmlinuz ] || [ "$deb" -nt $modules/load-order ] ||
 	[ scripts/build-guest.sh -nt $modules/load-order ]; then
-	say "extracting the kernel and the virtio-net modules"
+	say "extracting the kernel and the virtio-net and virtio-blk modules"
 	tmp=$(mktemp -d)
 	trap 'rm -rf "$tmp"' EXIT
 	dpkg-deb -x "$deb" "$tmp"
 	kver=$(ls "$tmp/lib/modules")
-	# The NIC driver and its PCI transport: which are modules depends on the
-	# kernel's configuration (in this one, CONFIG_VIRTIO_PCI=m and
-	# CONFIG_VIRTIO_NET=m); built-in ones need nothing.
-	for opt in CONFIG_VIRTIO_PCI CONFIG_VIRTIO_NET; do
+	# The drivers and their PCI transport: which are modules depends on the
+	# kernel's configuration (in this one, CONFIG_VIRTIO_PCI=m,
+	# CONFIG_VIRTIO_NET=m and CONFIG_VIRTIO_BLK=m); built-in ones need
+	# nothing.
+	for opt in CONFIG_VIRTIO_PCI CONFIG_VIRTIO_NET CONFIG_VIRTIO_BLK; do
 		say "  $(grep "^$opt=" "$tmp/boot/config-$kver" || echo "$opt is not set")"
 	done
 	# The package has no modules.dep (its postinst runs depmod); make one,
 	# then let modprobe list the modules in load order, dependencies first.
 	depmod -b "$tmp" "$kver"
 	rm -rf $modules && mkdir -p $modules
-	# -C /dev/null: this machine's modprobe.d has no say in the guest.
-	modprobe -C /dev/null -d "$tmp" -S "$kver" --show-depends -a virtio_pci virtio_net |
-		while read -r kind path _; do
-			[ "$kind" = insmod ] || continue # "builtin <name>": nothing to load
-			name=$(basename "$path")
-			# Compressed modules are unpacked here, so that /init can hand
-			# them to finit_module as they are.
-			case $name in
-			*.ko.xz) need xz xz-utils; xz -dc "$path" >"$modules/${name%.xz}"; name=${name%.xz} ;;
-			*.ko.zst) need zstd zstd; zstd -qdc "$path" >"$modules/${name%.zst}"; name=${name%.zst} ;;
-			*.ko.gz) gzip -dc "$path" >"$modules/${name%.gz}"; name=${name%.gz} ;;
-			*) cp "$path" "$modules/$name" ;;
-			esac
-			# A module listed twice (a shared dependency) loads once.
-			grep -qx "$name" $modules/load-order.tmp 2>/dev/null || echo "$name" >>$modules/load-order.tmp
-		done
-	mv $modules/load-order.tmp $modules/load-order
-	say "  modules: $(tr '\n' ' ' <$modules/load-order)"
+	# extract <load order file> <module>...: copies the modules and those
+	# they depend on to $modules and lists their file names, in load order,
+	# in the file. Each list is whole: the disk's repeats the virtio core
+	# the net's has, which /init then finds loaded already.
+	extract() {
+		listname=$1 list=$modules/$1
+		shift
+		# -C /dev/null: this machine's modprobe.d has no say in the guest.
+		modprobe -C /dev/null -d "$tmp" -S "$kver" --show-depends -a "$@" |
+			while read -r kind path _; do
+				[ "$kind" = insmod ] || continue # "builtin <name>": nothing to load
+				name=$(basename "$path")
+				# Compressed modules are unpacked here, so that /init can hand
+				# them to finit_module as they are.
+				case $name in
+				*.ko.xz) need xz xz-utils; xz -dc "$path" >"$modules/${name%.xz}"; name=${name%.xz} ;;
+				*.ko.zst) need zstd zstd; zstd -qdc "$path" >"$modules/${name%.zst}"; name=${name%.zst} ;;
+				*.ko.gz) gzip -dc "$path" >"$modules/${name%.gz}"; name=${name%.gz} ;;
+				*) cp "$path" "$modules/$name" ;;
+				esac
+				# A module listed twice (a shared dependency) loads once.
+				grep -qx "$name" "$list.tmp" 2>/dev/null || echo "$name" >>"$list.tmp"
+			done
+		# An empty list (every driver built in) is still a list.
+		touch "$list.tmp"
+		mv "$list.tmp" "$list"
+		say "  $listname: $(tr '\n' ' ' <"$list")"
+	}
+	extract load-order-disk virtio_pci virtio_blk
+	# Last: its time is what the check above compares.
+	extract load-order virtio_pci virtio_net
 	cp "$tmp/boot/vmlinuz-$kver" $out/vmlinuz
 	echo "$pkg $version" >$out/kernel-version
 	rm -rf "$tmp"
@@ -142,4 +161,12 @@ if [ ! -f $out/initrd.img ] || [ $out/init -nt $out/initrd.img ] ||
 	trap - EXIT
 fi
 
-say "$(cat $out/kernel-version): $out/vmlinuz $(du -k $out/vmlinuz | cut -f1) KiB, $out/initrd.img $(du -k $out/initrd.img | cut -f1) KiB"
+# 5. The disk for ftgw.disk: all zeros, which the guest reads as an empty
+# key-value log. A template: each VM gets a copy of its own.
+if [ ! -f $out/disk.qcow2 ] || [ scripts/build-guest.sh -nt $out/disk.qcow2 ]; then
+	say "creating disk.qcow2"
+	qemu-img create -q -f qcow2 $out/disk.qcow2.new 64M
+	mv $out/disk.qcow2.new $out/disk.qcow2
+fi
+
+say "$(cat $out/kernel-version): $out/vmlinuz $(du -k $out/vmlinuz | cut -f1) KiB, $out/initrd.img $(du -k $out/initrd.img | cut -f1) KiB, $out/disk.qcow2"
