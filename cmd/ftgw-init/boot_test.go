@@ -23,17 +23,20 @@ import (
 
 func TestParseCmdline(t *testing.T) {
 	ok := []struct {
-		cmdline string
-		want    string
+		cmdline  string
+		wantIP   string
+		wantDisk string
 	}{
-		{"console=ttyS0 quiet ftgw.ip=192.0.2.1/24\n", "192.0.2.1/24"},
-		{"ftgw.ip=198.18.0.10/32 panic=-1", "198.18.0.10/32"},
-		{"BOOT_IMAGE=/vmlinuz ftgw.ip=192.0.2.1/24 ftgwx=1 ftgw=2", "192.0.2.1/24"},
+		{"console=ttyS0 quiet ftgw.ip=192.0.2.1/24\n", "192.0.2.1/24", ""},
+		{"ftgw.ip=198.18.0.10/32 panic=-1", "198.18.0.10/32", ""},
+		{"BOOT_IMAGE=/vmlinuz ftgw.ip=192.0.2.1/24 ftgwx=1 ftgw=2", "192.0.2.1/24", ""},
+		{"ftgw.disk=/dev/vda ftgw.ip=192.0.2.1/24", "192.0.2.1/24", "/dev/vda"},
+		{"ftgw.ip=192.0.2.1/24 ftgw.disk=/dev/vda2\n", "192.0.2.1/24", "/dev/vda2"},
 	}
 	for _, c := range ok {
 		cfg, err := parseCmdline(c.cmdline)
-		if err != nil || cfg.ip != netip.MustParsePrefix(c.want) {
-			t.Errorf("parseCmdline(%q) = %v, %v; want %s", c.cmdline, cfg.ip, err, c.want)
+		if err != nil || cfg.ip != netip.MustParsePrefix(c.wantIP) || cfg.disk != c.wantDisk {
+			t.Errorf("parseCmdline(%q) = %v %q, %v; want %s %q", c.cmdline, cfg.ip, cfg.disk, err, c.wantIP, c.wantDisk)
 		}
 	}
 	bad := []string{
@@ -48,6 +51,12 @@ func TestParseCmdline(t *testing.T) {
 		"ftgw.ip=192.0.2.1/24 ftgw.ip=192.0.2.2/24",
 		"ftgw.ip=192.0.2.1/24 ftgw.mac=52:54:00:12:34:56", // QEMU sets the MAC
 		"ftgw.ip",
+		"ftgw.disk=/dev/vda", // no address
+		"ftgw.ip=192.0.2.1/24 ftgw.disk=",
+		"ftgw.ip=192.0.2.1/24 ftgw.disk",
+		"ftgw.ip=192.0.2.1/24 ftgw.disk=vda",
+		"ftgw.ip=192.0.2.1/24 ftgw.disk=/dev/",
+		"ftgw.ip=192.0.2.1/24 ftgw.disk=/dev/vda ftgw.disk=/dev/vdb",
 	}
 	for _, cmdline := range bad {
 		if cfg, err := parseCmdline(cmdline); err == nil {
