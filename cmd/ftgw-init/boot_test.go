@@ -78,74 +78,19 @@ var readyLine = regexp.MustCompile(`ftgw-init ready ip=(\S+)`)
 // replies and the console's state lines must be what guest.Store computes
 // for the same requests.
 func TestBoot(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a VM under TCG, which takes seconds")
-	}
-	testutil.RequireRoot(t)
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-	}
-	// Before leaving the host's namespace: the first build downloads the
-	// kernel package.
-	kernel, initrd := testutil.GuestImage(t)
-
-	testutil.InNewNetns(t)
-	if err := tap.Create("tap0"); err != nil {
-		t.Fatal(err)
-	}
-	link, err := netlink.LinkByName("tap0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, err := netlink.ParseAddr(hostAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatalf("add address to tap0: %v", err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatalf("set tap0 up: %v", err)
-	}
-
-	serial := filepath.Join(t.TempDir(), "serial.log")
-	// QEMU runs in the test's namespace: it is forked from this goroutine's
-	// thread, which InNewNetns locked there.
-	cmd := exec.Command(qemu,
-		"-M", "q35", "-nodefaults", "-m", "256", "-nographic",
-		"-serial", "file:"+serial,
-		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 nohz=off quiet panic=-1 ftgw.ip="+guestAddr,
-		"-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-		"-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,tx=timer",
-	)
-	var qemuOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &qemuOut, &qemuOut
-	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start qemu: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(exited)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			log, _ := os.ReadFile(serial)
-			t.Logf("qemu output:\n%s\nserial console:\n%s", qemuOut.Bytes(), log)
-		}
-	})
+	qemu, kernel, initrd := requireGuest(t)
+	hostTap(t)
+	vm := bootVM(t, qemu, kernel, initrd, "")
 
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 	defer cancel()
-	m := waitSerial(ctx, t, serial, readyLine, exited)
-	t.Logf("boot to ready: %v", time.Since(start).Round(time.Millisecond))
+	m := waitSerial(ctx, t, vm.serial, readyLine, vm.exited)
+	t.Logf("boot to ready: %v", time.Since(vm.started).Round(time.Millisecond))
 	if m[1] != guestAddr {
 		t.Fatalf("guest says ip=%s, want %s", m[1], guestAddr)
+	}
+	if log, _ := os.ReadFile(vm.serial); strings.Contains(string(log), "ftgw-init loaded") {
+		t.Errorf("a guest without ftgw.disk says it loaded a log")
 	}
 
 	c, err := guest.Dial(net.JoinHostPort(strings.Split(guestAddr, "/")[0], fmt.Sprint(guest.KVPort)), 5*time.Second)
@@ -182,8 +127,8 @@ func TestBoot(t *testing.T) {
 	// all; it also shows that every request was printed.
 	line := regexp.MustCompile(regexp.QuoteMeta(
 		fmt.Sprintf("ftgw-kv req=%d puts=%d digest=%s", requests, want.Puts(), want.Digest())) + `\r?$`)
-	waitSerial(ctx, t, serial, line, exited)
-	log, _ := os.ReadFile(serial)
+	waitSerial(ctx, t, vm.serial, line, vm.exited)
+	log, _ := os.ReadFile(vm.serial)
 	if n := strings.Count(string(log), "ftgw-kv req="); n != requests {
 		t.Errorf("console has %d ftgw-kv lines, want %d", n, requests)
 	}
@@ -211,8 +156,8 @@ func TestBoot(t *testing.T) {
 				float64(res.Received)*8/res.Elapsed.Seconds()/1e6)
 		}
 	}
-	waitSerial(ctx, t, serial, regexp.MustCompile(fmt.Sprintf(`^ftgw-bulk conn=1 bytes=%d\r?$`, bulkBytes)), exited)
-	waitSerial(ctx, t, serial, regexp.MustCompile(`^ftgw-bulk conn=2 bytes=0 err=.*at most`), exited)
+	waitSerial(ctx, t, vm.serial, regexp.MustCompile(fmt.Sprintf(`^ftgw-bulk conn=1 bytes=%d\r?$`, bulkBytes)), vm.exited)
+	waitSerial(ctx, t, vm.serial, regexp.MustCompile(`^ftgw-bulk conn=2 bytes=0 err=.*at most`), vm.exited)
 
 	// ping is answered by the guest's kernel.
 	if ping, err := exec.LookPath("ping"); err == nil {
@@ -222,6 +167,173 @@ func TestBoot(t *testing.T) {
 	} else {
 		t.Log("ping is not installed: not checked")
 	}
+}
+
+// TestBootDisk boots the guest with a copy of the disk `make guest` builds
+// as its ftgw.disk, PUTs, kills QEMU with SIGKILL right after the last OK,
+// and boots again from the same disk: every acknowledged PUT must be back,
+// and the PUT count must go on from where it was.
+func TestBootDisk(t *testing.T) {
+	qemu, kernel, initrd := requireGuest(t)
+	disk := filepath.Join(t.TempDir(), "disk.qcow2")
+	image, err := os.ReadFile(filepath.Join(filepath.Dir(kernel), "disk.qcow2"))
+	if err != nil {
+		t.Fatalf("read the guest's disk (make guest): %v", err)
+	}
+	if err := os.WriteFile(disk, image, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hostTap(t)
+	diskArgs := []string{
+		"-drive", "if=none,id=disk0,format=qcow2,file=" + disk,
+		"-device", "virtio-blk-pci,drive=disk0",
+	}
+	boot := func(wantPuts uint64) (*testVM, *guest.Client) {
+		t.Helper()
+		vm := bootVM(t, qemu, kernel, initrd, "ftgw.disk=/dev/vda", diskArgs...)
+		ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+		defer cancel()
+		loaded := regexp.MustCompile(fmt.Sprintf(`ftgw-init loaded %d puts from /dev/vda\r?$`, wantPuts))
+		waitSerial(ctx, t, vm.serial, loaded, vm.exited)
+		waitSerial(ctx, t, vm.serial, readyLine, vm.exited)
+		t.Logf("boot to ready with %d puts on the disk: %v", wantPuts, time.Since(vm.started).Round(time.Millisecond))
+		c, err := guest.Dial(net.JoinHostPort(strings.Split(guestAddr, "/")[0], fmt.Sprint(guest.KVPort)), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return vm, c
+	}
+
+	// The same requests to a local Store: the guest's replies must match.
+	var want guest.Store
+	do := func(c *guest.Client, req string) {
+		t.Helper()
+		got, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("%q: %v", req, err)
+		}
+		if w := want.Apply(req); got != w {
+			t.Fatalf("%q = %q, want %q", req, got, w)
+		}
+	}
+
+	vm, c := boot(0)
+	do(c, "GET color")
+	do(c, "PUT color") // refused: not logged, not counted
+	const puts = 20
+	start := time.Now()
+	for i := range puts {
+		// Keys written more than once: the last value must win after the
+		// reboot too.
+		do(c, fmt.Sprintf("PUT key%d value %d of %d", i%7, i, puts))
+	}
+	t.Logf("%d PUTs, each synced to the disk before its OK: %v per PUT (plain TCG)", puts, (time.Since(start) / puts).Round(time.Microsecond))
+	do(c, "PUT color blue green\n")
+	// No clean shutdown: the OK is all there is to go by.
+	vm.cmd.Process.Kill()
+	<-vm.exited
+
+	_, c = boot(want.Puts())
+	for key, value := range want.Keys() {
+		if v, ok, err := c.Get(key); err != nil || !ok || v != value {
+			t.Errorf("after the reboot, Get %s = %q, %v, %v; want %q", key, v, ok, err, value)
+		}
+		want.Apply("GET " + key)
+	}
+	do(c, "GET missing")
+	do(c, "PUT color red") // its count follows the last one before the kill
+	if want.Puts() != puts+2 {
+		t.Fatalf("local store has %d puts, want %d", want.Puts(), puts+2)
+	}
+}
+
+// requireGuest skips the test unless it can boot the real guest, and
+// returns QEMU and the image, built if needed.
+func requireGuest(t *testing.T) (qemu, kernel, initrd string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("boots a VM under TCG, which takes seconds")
+	}
+	testutil.RequireRoot(t)
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+	}
+	// Before leaving the host's namespace: the first build downloads the
+	// kernel package.
+	kernel, initrd = testutil.GuestImage(t)
+	return qemu, kernel, initrd
+}
+
+// hostTap moves the test into a network namespace of its own and creates
+// tap0 there, with the host's address. The tap is persistent: VMs booted
+// one after another use it in turn.
+func hostTap(t *testing.T) {
+	t.Helper()
+	testutil.InNewNetns(t)
+	if err := tap.Create("tap0"); err != nil {
+		t.Fatal(err)
+	}
+	link, err := netlink.LinkByName("tap0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, err := netlink.ParseAddr(hostAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		t.Fatalf("add address to tap0: %v", err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		t.Fatalf("set tap0 up: %v", err)
+	}
+}
+
+// testVM is a QEMU process running the guest.
+type testVM struct {
+	cmd     *exec.Cmd
+	serial  string        // the console's log
+	exited  chan struct{} // closed when QEMU has exited
+	started time.Time
+}
+
+// bootVM starts QEMU on the guest image, its NIC on tap0, with params added
+// to the kernel command line and qemuArgs to QEMU's. It is killed when the
+// test ends, and its output logged if the test failed.
+func bootVM(t *testing.T, qemu, kernel, initrd, params string, qemuArgs ...string) *testVM {
+	t.Helper()
+	vm := &testVM{serial: filepath.Join(t.TempDir(), "serial.log"), exited: make(chan struct{})}
+	// QEMU runs in the test's namespace: it is forked from this goroutine's
+	// thread, which InNewNetns locked there.
+	vm.cmd = exec.Command(qemu, append([]string{
+		"-M", "q35", "-nodefaults", "-m", "256", "-nographic",
+		"-serial", "file:" + vm.serial,
+		"-kernel", kernel, "-initrd", initrd,
+		"-append", strings.TrimSpace("console=ttyS0 nohz=off quiet panic=-1 ftgw.ip=" + guestAddr + " " + params),
+		"-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+		"-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,tx=timer",
+	}, qemuArgs...)...)
+	var qemuOut bytes.Buffer
+	vm.cmd.Stdout, vm.cmd.Stderr = &qemuOut, &qemuOut
+	vm.started = time.Now()
+	if err := vm.cmd.Start(); err != nil {
+		t.Fatalf("start qemu: %v", err)
+	}
+	go func() {
+		vm.cmd.Wait()
+		close(vm.exited)
+	}()
+	t.Cleanup(func() {
+		vm.cmd.Process.Kill()
+		<-vm.exited
+		if t.Failed() {
+			log, _ := os.ReadFile(vm.serial)
+			t.Logf("qemu %s output:\n%s\nserial console:\n%s", vm.serial, qemuOut.Bytes(), log)
+		}
+	})
+	return vm
 }
 
 // waitSerial polls the serial log until a line matches re, and returns the
