@@ -73,6 +73,8 @@ const (
 
 var readyLine = regexp.MustCompile(`ftgw-init ready ip=(\S+)`)
 
+var loadedLine = regexp.MustCompile(`ftgw-init loaded (\d+) puts from (\S+)`)
+
 // TestBoot boots the image `make guest` builds under plain QEMU (TCG, no
 // record/replay), in a network namespace of its own, and talks to it: the
 // replies and the console's state lines must be what guest.Store computes
@@ -193,8 +195,10 @@ func TestBootDisk(t *testing.T) {
 		vm := bootVM(t, qemu, kernel, initrd, "ftgw.disk=/dev/vda", diskArgs...)
 		ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 		defer cancel()
-		loaded := regexp.MustCompile(fmt.Sprintf(`ftgw-init loaded %d puts from /dev/vda\r?$`, wantPuts))
-		waitSerial(ctx, t, vm.serial, loaded, vm.exited)
+		m := waitSerial(ctx, t, vm.serial, loadedLine, vm.exited)
+		if want := fmt.Sprintf("%d /dev/vda", wantPuts); m[1]+" "+m[2] != want {
+			t.Fatalf("guest loaded %s puts from %s, want %s", m[1], m[2], want)
+		}
 		waitSerial(ctx, t, vm.serial, readyLine, vm.exited)
 		t.Logf("boot to ready with %d puts on the disk: %v", wantPuts, time.Since(vm.started).Round(time.Millisecond))
 		c, err := guest.Dial(net.JoinHostPort(strings.Split(guestAddr, "/")[0], fmt.Sprint(guest.KVPort)), 5*time.Second)
