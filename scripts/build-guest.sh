@@ -5,7 +5,9 @@
 #
 #	build/guest/vmlinuz      the kernel
 #	build/guest/initrd.img   newc cpio, gzip
-#	build/guest/disk.qcow2   64 MiB of zeros: an empty log for ftgw.disk=/dev/vda
+#	build/guest/disk.qcow2   the disk: partition 1 boots the guest from
+#	                         firmware, partition 2 is an empty key-value log
+#	                         for ftgw.disk=/dev/vda2 (see step 5)
 #
 # Needs Go on PATH and apt; installs what else it needs (cpio, kmod, ...).
 # Each step is skipped when its output is newer than its input, so a second
@@ -33,6 +35,10 @@ need cpio cpio
 need gzip gzip
 need depmod kmod
 need qemu-img qemu-utils
+need sfdisk fdisk
+need mkfs.fat dosfstools
+need mcopy mtools
+need syslinux syslinux # and syslinux-common, with the MBR's code
 command -v qemu-system-x86_64 >/dev/null ||
 	say "note: qemu-system-x86_64 is missing (apt-get install qemu-system-x86); it runs the image, not builds it"
 
@@ -161,12 +167,49 @@ if [ ! -f $out/initrd.img ] || [ $out/init -nt $out/initrd.img ] ||
 	trap - EXIT
 fi
 
-# 5. The disk for ftgw.disk: all zeros, which the guest reads as an empty
-# key-value log. A template: each VM gets a copy of its own.
-if [ ! -f $out/disk.qcow2 ] || [ scripts/build-guest.sh -nt $out/disk.qcow2 ]; then
-	say "creating disk.qcow2"
-	qemu-img create -q -f qcow2 $out/disk.qcow2.new 64M
+# 5. disk.qcow2, the guest's disk, 64 MiB, MBR-partitioned:
+#
+#	partition 1, 1-33 MiB, FAT16, bootable: syslinux, vmlinuz, initrd.img
+#	             and syslinux.cfg, so that firmware (SeaBIOS) boots the
+#	             guest without -kernel
+#	partition 2, 33-64 MiB, zeros: the key-value log, ftgw.disk=/dev/vda2
+#
+# The log is on the disk either way the guest boots: the kernel's own
+# partition scan finds /dev/vda2 after a -kernel boot too. A template: each
+# VM gets a copy of its own. Firmware boots the guest at 192.0.2.10/24.
+# vmlinuz and initrd.img go in as they are, so the disk follows them.
+if [ ! -f $out/disk.qcow2 ] || [ $out/vmlinuz -nt $out/disk.qcow2 ] ||
+	[ $out/initrd.img -nt $out/disk.qcow2 ] || [ scripts/build-guest.sh -nt $out/disk.qcow2 ]; then
+	say "building disk.qcow2"
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	# Sectors of 512 bytes.
+	boot_start=2048 boot_size=65536
+	truncate -s 64M "$tmp/disk.raw"
+	printf 'label: dos\nlabel-id: 0x66746777\nstart=%d, size=%d, type=e, bootable\nstart=%d, type=da\n' \
+		$boot_start $boot_size $((boot_start + boot_size)) | sfdisk -q "$tmp/disk.raw"
+	# The MBR's boot code (440 bytes, up to the partition table) chains to
+	# the bootable partition's boot sector, which syslinux writes.
+	dd if=/usr/lib/syslinux/mbr/mbr.bin of="$tmp/disk.raw" bs=440 count=1 conv=notrunc status=none
+	# The FAT is made apart and copied in; -h: its boot sector must know
+	# where on the disk it starts. --invariant: no random volume id.
+	mkfs.fat -C -F 16 -n FTGWBOOT -h $boot_start --invariant "$tmp/boot.fat" $((boot_size / 2)) >/dev/null
+	syslinux --install "$tmp/boot.fat"
+	cat >"$tmp/syslinux.cfg" <<-EOF
+		DEFAULT ftgw
+		PROMPT 0
+		TIMEOUT 0
+		LABEL ftgw
+		  KERNEL vmlinuz
+		  INITRD initrd.img
+		  APPEND console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.10/24 ftgw.disk=/dev/vda2
+	EOF
+	mcopy -i "$tmp/boot.fat" $out/vmlinuz $out/initrd.img "$tmp/syslinux.cfg" ::/
+	dd if="$tmp/boot.fat" of="$tmp/disk.raw" bs=512 seek=$boot_start conv=notrunc status=none
+	qemu-img convert -f raw -O qcow2 "$tmp/disk.raw" $out/disk.qcow2.new
 	mv $out/disk.qcow2.new $out/disk.qcow2
+	rm -rf "$tmp"
+	trap - EXIT
 fi
 
 say "$(cat $out/kernel-version): $out/vmlinuz $(du -k $out/vmlinuz | cut -f1) KiB, $out/initrd.img $(du -k $out/initrd.img | cut -f1) KiB, $out/disk.qcow2"
