@@ -82,7 +82,7 @@ var loadedLine = regexp.MustCompile(`ftgw-init loaded (\d+) puts from (\S+)`)
 func TestBoot(t *testing.T) {
 	qemu, kernel, initrd := requireGuest(t)
 	hostTap(t)
-	vm := bootVM(t, qemu, kernel, initrd, "")
+	vm := bootVM(t, qemu, kernelBoot(kernel, initrd, "")...)
 
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 	defer cancel()
@@ -177,36 +177,12 @@ func TestBoot(t *testing.T) {
 // and the PUT count must go on from where it was.
 func TestBootDisk(t *testing.T) {
 	qemu, kernel, initrd := requireGuest(t)
-	disk := filepath.Join(t.TempDir(), "disk.qcow2")
-	image, err := os.ReadFile(filepath.Join(filepath.Dir(kernel), "disk.qcow2"))
-	if err != nil {
-		t.Fatalf("read the guest's disk (make guest): %v", err)
-	}
-	if err := os.WriteFile(disk, image, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	disk := diskArgs(t, kernel)
 	hostTap(t)
-	diskArgs := []string{
-		"-drive", "if=none,id=disk0,format=qcow2,file=" + disk,
-		"-device", "virtio-blk-pci,drive=disk0",
-	}
 	boot := func(wantPuts uint64) (*testVM, *guest.Client) {
 		t.Helper()
-		vm := bootVM(t, qemu, kernel, initrd, "ftgw.disk=/dev/vda", diskArgs...)
-		ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
-		defer cancel()
-		m := waitSerial(ctx, t, vm.serial, loadedLine, vm.exited)
-		if want := fmt.Sprintf("%d /dev/vda", wantPuts); m[1]+" "+m[2] != want {
-			t.Fatalf("guest loaded %s puts from %s, want %s", m[1], m[2], want)
-		}
-		waitSerial(ctx, t, vm.serial, readyLine, vm.exited)
-		t.Logf("boot to ready with %d puts on the disk: %v", wantPuts, time.Since(vm.started).Round(time.Millisecond))
-		c, err := guest.Dial(net.JoinHostPort(strings.Split(guestAddr, "/")[0], fmt.Sprint(guest.KVPort)), 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return vm, c
+		vm := bootVM(t, qemu, append(kernelBoot(kernel, initrd, "ftgw.disk="+logDevice), disk...)...)
+		return vm, waitDiskGuest(t, vm, guestAddr, wantPuts)
 	}
 
 	// The same requests to a local Store: the guest's replies must match.
@@ -250,6 +226,77 @@ func TestBootDisk(t *testing.T) {
 	if want.Puts() != puts+2 {
 		t.Fatalf("local store has %d puts, want %d", want.Puts(), puts+2)
 	}
+}
+
+// TestBootFirmware boots the guest's disk the way firmware does, with no
+// -kernel (SeaBIOS, then syslinux from partition 1), PUTs, and kills it;
+// then boots the same disk with -kernel and ftgw.disk=/dev/vda2, as the lab
+// does: both boots must use the same log.
+func TestBootFirmware(t *testing.T) {
+	qemu, kernel, initrd := requireGuest(t)
+	disk := diskArgs(t, kernel)
+	hostTap(t)
+
+	// syslinux.cfg's address, not guestAddr: the host's tap serves both.
+	const firmwareAddr = "192.0.2.10/24"
+	vm := bootVM(t, qemu, append([]string{"-boot", "order=c"}, disk...)...)
+	c := waitDiskGuest(t, vm, firmwareAddr, 0)
+	if n, err := c.Put("booted", "by firmware"); err != nil || n != 1 {
+		t.Fatalf("Put booted = %d, %v; want 1", n, err)
+	}
+	vm.cmd.Process.Kill()
+	<-vm.exited
+
+	vm = bootVM(t, qemu, append(kernelBoot(kernel, initrd, "ftgw.disk="+logDevice), disk...)...)
+	c = waitDiskGuest(t, vm, guestAddr, 1)
+	if v, ok, err := c.Get("booted"); err != nil || !ok || v != "by firmware" {
+		t.Fatalf("Get booted = %q, %v, %v; want the firmware boot's value", v, ok, err)
+	}
+}
+
+// logDevice is the key-value log's partition on the disk `make guest`
+// builds.
+const logDevice = "/dev/vda2"
+
+// diskArgs copies the disk `make guest` builds for the test and returns
+// the QEMU arguments that make it the VM's virtio-blk disk.
+func diskArgs(t *testing.T, kernel string) []string {
+	t.Helper()
+	disk := filepath.Join(t.TempDir(), "disk.qcow2")
+	image, err := os.ReadFile(filepath.Join(filepath.Dir(kernel), "disk.qcow2"))
+	if err != nil {
+		t.Fatalf("read the guest's disk (make guest): %v", err)
+	}
+	if err := os.WriteFile(disk, image, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return []string{
+		"-drive", "if=none,id=disk0,format=qcow2,file=" + disk,
+		"-device", "virtio-blk-pci,drive=disk0",
+	}
+}
+
+// waitDiskGuest waits until vm's guest has loaded wantPuts PUTs from
+// logDevice and is ready at addr, and returns a client of it.
+func waitDiskGuest(t *testing.T, vm *testVM, addr string, wantPuts uint64) *guest.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	m := waitSerial(ctx, t, vm.serial, loadedLine, vm.exited)
+	if want := fmt.Sprintf("%d %s", wantPuts, logDevice); m[1]+" "+m[2] != want {
+		t.Fatalf("guest loaded %s puts from %s, want %s", m[1], m[2], want)
+	}
+	m = waitSerial(ctx, t, vm.serial, readyLine, vm.exited)
+	if m[1] != addr {
+		t.Fatalf("guest says ip=%s, want %s", m[1], addr)
+	}
+	t.Logf("boot to ready with %d puts on the disk: %v", wantPuts, time.Since(vm.started).Round(time.Millisecond))
+	c, err := guest.Dial(net.JoinHostPort(strings.Split(addr, "/")[0], fmt.Sprint(guest.KVPort)), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // requireGuest skips the test unless it can boot the real guest, and
@@ -303,10 +350,19 @@ type testVM struct {
 	started time.Time
 }
 
-// bootVM starts QEMU on the guest image, its NIC on tap0, with params added
-// to the kernel command line and qemuArgs to QEMU's. It is killed when the
-// test ends, and its output logged if the test failed.
-func bootVM(t *testing.T, qemu, kernel, initrd, params string, qemuArgs ...string) *testVM {
+// kernelBoot is the QEMU arguments of a direct kernel boot of the guest
+// image at guestAddr, with params added to the kernel command line.
+func kernelBoot(kernel, initrd, params string) []string {
+	return []string{
+		"-kernel", kernel, "-initrd", initrd,
+		"-append", strings.TrimSpace("console=ttyS0 nohz=off quiet panic=-1 ftgw.ip=" + guestAddr + " " + params),
+	}
+}
+
+// bootVM starts QEMU with the guest's NIC on tap0 and qemuArgs, which say
+// what it boots. It is killed when the test ends, and its output logged if
+// the test failed.
+func bootVM(t *testing.T, qemu string, qemuArgs ...string) *testVM {
 	t.Helper()
 	vm := &testVM{serial: filepath.Join(t.TempDir(), "serial.log"), exited: make(chan struct{})}
 	// QEMU runs in the test's namespace: it is forked from this goroutine's
@@ -314,8 +370,6 @@ func bootVM(t *testing.T, qemu, kernel, initrd, params string, qemuArgs ...strin
 	vm.cmd = exec.Command(qemu, append([]string{
 		"-M", "q35", "-nodefaults", "-m", "256", "-nographic",
 		"-serial", "file:" + vm.serial,
-		"-kernel", kernel, "-initrd", initrd,
-		"-append", strings.TrimSpace("console=ttyS0 nohz=off quiet panic=-1 ftgw.ip=" + guestAddr + " " + params),
 		"-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
 		"-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,tx=timer",
 	}, qemuArgs...)...)
