@@ -177,7 +177,8 @@ fi
 # The log is on the disk either way the guest boots: the kernel's own
 # partition scan finds /dev/vda2 after a -kernel boot too. A template: each
 # VM gets a copy of its own. Firmware boots the guest at 192.0.2.10/24.
-# vmlinuz and initrd.img go in as they are, so the disk follows them.
+# vmlinuz and initrd.img go in as they are, so the disk follows them; like
+# them it is the same, byte for byte, from the same inputs.
 if [ ! -f $out/disk.qcow2 ] || [ $out/vmlinuz -nt $out/disk.qcow2 ] ||
 	[ $out/initrd.img -nt $out/disk.qcow2 ] || [ scripts/build-guest.sh -nt $out/disk.qcow2 ]; then
 	say "building disk.qcow2"
@@ -194,6 +195,9 @@ if [ ! -f $out/disk.qcow2 ] || [ $out/vmlinuz -nt $out/disk.qcow2 ] ||
 	# The FAT is made apart and copied in; -h: its boot sector must know
 	# where on the disk it starts. --invariant: no random volume id.
 	mkfs.fat -C -F 16 -n FTGWBOOT -h $boot_start --invariant "$tmp/boot.fat" $((boot_size / 2)) >/dev/null
+	# mtools (under syslinux too) dates files from SOURCE_DATE_EPOCH: FAT's
+	# first day, so that the same inputs give the same disk.
+	export SOURCE_DATE_EPOCH=315532800
 	syslinux --install "$tmp/boot.fat"
 	cat >"$tmp/syslinux.cfg" <<-EOF
 		DEFAULT ftgw
@@ -205,6 +209,7 @@ if [ ! -f $out/disk.qcow2 ] || [ $out/vmlinuz -nt $out/disk.qcow2 ] ||
 		  APPEND console=ttyS0 quiet nohz=off panic=-1 ftgw.ip=192.0.2.10/24 ftgw.disk=/dev/vda2
 	EOF
 	mcopy -i "$tmp/boot.fat" $out/vmlinuz $out/initrd.img "$tmp/syslinux.cfg" ::/
+	unset SOURCE_DATE_EPOCH
 	dd if="$tmp/boot.fat" of="$tmp/disk.raw" bs=512 seek=$boot_start conv=notrunc status=none
 	qemu-img convert -f raw -O qcow2 "$tmp/disk.raw" $out/disk.qcow2.new
 	mv $out/disk.qcow2.new $out/disk.qcow2
