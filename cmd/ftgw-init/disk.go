@@ -80,7 +80,7 @@ func waitForBlockDevice(path string, timeout time.Duration) error {
 		case err == nil:
 			return fmt.Errorf("disk %s is not a block device (%v)", path, info.Mode())
 		case !errors.Is(err, fs.ErrNotExist):
-			return fmt.Errorf("disk: %w", err)
+			return fmt.Errorf("stat disk: %w", err)
 		case time.Now().After(deadline):
 			return fmt.Errorf("disk %s did not appear within %v (is the VM's disk virtio-blk?)", path, timeout)
 		}

@@ -111,7 +111,8 @@ func run() error {
 	if err := loadModules(modulesDir, loadOrderFile); err != nil {
 		return err
 	}
-	store, log := guest.NewStore(), (*guest.DiskLog)(nil)
+	store := guest.NewStore()
+	var log *guest.DiskLog // nil: the store lives in memory only
 	if cfg.disk != "" {
 		if store, log, err = openDiskStore(cfg.disk); err != nil {
 			return err
