@@ -214,7 +214,7 @@ func TestBootDisk(t *testing.T) {
 	vm.cmd.Process.Kill()
 	<-vm.exited
 
-	_, c = boot(want.Puts())
+	vm, c = boot(want.Puts())
 	for key, value := range want.Keys() {
 		if v, ok, err := c.Get(key); err != nil || !ok || v != value {
 			t.Errorf("after the reboot, Get %s = %q, %v, %v; want %q", key, v, ok, err, value)
@@ -226,6 +226,13 @@ func TestBootDisk(t *testing.T) {
 	if want.Puts() != puts+2 {
 		t.Fatalf("local store has %d puts, want %d", want.Puts(), puts+2)
 	}
+	// The digest covers every key: nothing came back that was not PUT.
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	requests := len(want.Keys()) + 2
+	line := regexp.MustCompile(regexp.QuoteMeta(
+		fmt.Sprintf("ftgw-kv req=%d puts=%d digest=%s", requests, want.Puts(), want.Digest())) + `\r?$`)
+	waitSerial(ctx, t, vm.serial, line, vm.exited)
 }
 
 // TestBootFirmware boots the guest's disk the way firmware does, with no
