@@ -1,6 +1,7 @@
 // Command ftgw-init is /init, PID 1, of the Linux guest that `make guest`
 // builds (scripts/build-guest.sh): Debian's cloud kernel, an initramfs with
-// this static binary and the virtio-net driver, no disk.
+// this static binary and the virtio-net and virtio-blk drivers, and
+// optionally a disk.
 //
 // It brings up the network from the kernel command line and serves the same
 // UDP key-value protocol as the synthetic guest (pkg/guest), with the same
@@ -12,6 +13,18 @@
 // so that a test can read the state of a VM, and compare a primary's and a
 // secondary's executions, without adding a command to the protocol.
 //
+// With ftgw.disk, the store outlives the VM: every PUT that succeeds is
+// appended to a log on that block device (guest.DiskLog) and synced before
+// it is applied and answered, and at boot the log is replayed into the
+// store, which prints
+//
+//	ftgw-init loaded <PUTs> puts from <device>
+//
+// before the ready line. A PUT the disk has no room for is answered
+// "ERR disk full" and not applied. A failed write or sync of the disk is
+// fatal (below): the guest cannot tell what the disk holds after one.
+// Without ftgw.disk, no disk driver is loaded and nothing changes.
+//
 // It also serves the bulk protocol (pkg/guest, BulkPort) on TCP: a client
 // asks for a number of bytes and gets exactly that many of a pattern that
 // depends only on their offset, then the end of the stream; `ftgw bench`
@@ -19,15 +32,18 @@
 //
 //	ftgw-bulk conn=<connections> bytes=<pattern bytes sent> [err=<why>]
 //
-
 // The VM is recorded and replayed by QEMU, so nothing here reads a clock,
-// sets a timer or draws randomness: what it does depends only on its inputs
-// (the command line, the datagrams and the TCP streams, in the order the
-// guest kernel delivers them).
+// sets a timer or draws randomness (but for the wait for a disk that is
+// late, see waitForBlockDevice): what it does depends only on its inputs
+// (the command line, the disk's log, the datagrams and the TCP streams, in
+// the order the guest kernel delivers them).
 //
 // Kernel command line:
 //
 //	ftgw.ip=<IPv4>/<prefix>   the address of eth0 (required)
+//	ftgw.disk=/dev/<name>     the virtio-blk device (or partition) that
+//	                          holds the key-value log, from its first byte
+//	                          on; all zeros is an empty log (optional)
 //
 // On any failure it prints "ftgw-init: fatal: ..." and powers the VM off:
 // PID 1 must never exit (the kernel panics), and a VM that stops is noticed
@@ -92,8 +108,16 @@ func run() error {
 	if err := disableIPv6(); err != nil {
 		return err
 	}
-	if err := loadModules(modulesDir); err != nil {
+	if err := loadModules(modulesDir, loadOrderFile); err != nil {
 		return err
+	}
+	store := guest.NewStore()
+	var log *guest.DiskLog // nil: the store lives in memory only
+	if cfg.disk != "" {
+		if store, log, err = openDiskStore(cfg.disk); err != nil {
+			return err
+		}
+		fmt.Printf("ftgw-init loaded %d puts from %s\n", store.Puts(), cfg.disk)
 	}
 	if err := configureNetwork(cfg); err != nil {
 		return err
@@ -113,7 +137,7 @@ func run() error {
 	fmt.Printf("ftgw-init ready ip=%s\n", cfg.ip)
 	errc := make(chan error, 2)
 	go func() { errc <- serveBulk(bulk) }()
-	go func() { errc <- serve(conn, guest.NewStore()) }()
+	go func() { errc <- serve(conn, store, log) }()
 	return <-errc
 }
 
@@ -150,7 +174,8 @@ func mount(fstype, target string) error {
 
 // config is what the kernel command line tells the init.
 type config struct {
-	ip netip.Prefix // eth0's address and subnet
+	ip   netip.Prefix // eth0's address and subnet
+	disk string       // the key-value log's block device; "": none
 }
 
 // parseCmdline reads the ftgw.* parameters from the kernel command line.
@@ -176,6 +201,14 @@ func parseCmdline(cmdline string) (config, error) {
 				return config{}, fmt.Errorf("kernel command line: ftgw.ip=%q: want an IPv4 address with a prefix length, like 192.0.2.1/24", value)
 			}
 			cfg.ip = p
+		case "ftgw.disk":
+			if cfg.disk != "" {
+				return config{}, errors.New("kernel command line: ftgw.disk given twice")
+			}
+			if !strings.HasPrefix(value, "/dev/") || len(value) == len("/dev/") {
+				return config{}, fmt.Errorf("kernel command line: ftgw.disk=%q: want a block device, like /dev/vda", value)
+			}
+			cfg.disk = value
 		default:
 			return config{}, fmt.Errorf("kernel command line: unknown parameter %q", key)
 		}
@@ -202,10 +235,10 @@ func disableIPv6() error {
 	return nil
 }
 
-// loadModules loads the modules listed in dir's load order, in that order:
-// each only after those it depends on.
-func loadModules(dir string) error {
-	order, err := os.ReadFile(filepath.Join(dir, loadOrderFile))
+// loadModules loads the modules listed in dir's file orderFile, in that
+// order: each only after those it depends on.
+func loadModules(dir, orderFile string) error {
+	order, err := os.ReadFile(filepath.Join(dir, orderFile))
 	if err != nil {
 		return fmt.Errorf("read module load order: %w", err)
 	}
@@ -223,8 +256,8 @@ func loadModule(path string) error {
 		return fmt.Errorf("load module: %w", err)
 	}
 	defer f.Close()
-	// The virtio-net device's probe runs inside this call: when the last
-	// module is in, eth0 exists.
+	// The virtio device's probe runs inside this call: when the last
+	// module is in, eth0 (or the disk) exists.
 	err = unix.FinitModule(int(f.Fd()), "", 0)
 	if err != nil && !errors.Is(err, unix.EEXIST) { // EEXIST: loaded already
 		return fmt.Errorf("load module %s: %w", path, err)
@@ -260,8 +293,9 @@ func configureNetwork(cfg config) error {
 }
 
 // serve answers requests one at a time, in the order the kernel queued
-// them, and returns only if the socket fails.
-func serve(conn *net.UDPConn, store *guest.Store) error {
+// them, logging the PUTs to log if there is one, and returns only if the
+// socket or the log fails.
+func serve(conn *net.UDPConn, store *guest.Store, log *guest.DiskLog) error {
 	buf := make([]byte, 1<<16)
 	var requests uint64
 	for {
@@ -274,7 +308,10 @@ func serve(conn *net.UDPConn, store *guest.Store) error {
 		if from.Port() == 0 {
 			continue
 		}
-		reply := store.Apply(string(buf[:n]))
+		reply, err := applyLogged(store, log, string(buf[:n]))
+		if err != nil {
+			return err
+		}
 		requests++
 		// Printed before the reply is sent, so that a client holding the
 		// reply knows the line is on its way to the console.
