@@ -21,8 +21,10 @@ const (
 	Version    = 2     // protocol version carried in Hello
 	MaxVMName  = 255   // longest VM name in a Hello
 	// MaxSnapshot bounds the VM state a secondary takes in before its log
-	// (SnapshotChunk records): it is held in memory until it is whole.
-	MaxSnapshot = 256 << 20
+	// (SnapshotChunk records): it is held in memory until it is whole. A
+	// real VM's is its saved RAM (about 190 MB for the lab's 256 MiB
+	// guest) and its disk's allocated clusters (16 MB for the lab's).
+	MaxSnapshot = 512 << 20
 	// SnapshotWait is how long a secondary that asked for a snapshot waits
 	// for it to begin: the primary takes it first.
 	SnapshotWait = 30 * time.Second
