@@ -42,9 +42,12 @@ func TestRealVMDiskKeepsEveryAcknowledgedWrite(t *testing.T) {
 
 	// The survivor's disk, alone: its host dies (its QEMU with its
 	// daemon), and the VM boots from a copy of that disk.
-	machine, _ := labQEMU(t, lab.NSSecondary)
+	machine, pid := labQEMU(t, lab.NSSecondary)
 	disk := filepath.Join(labDir, lab.NSSecondary, lab.VMName+"-qemu", "disk.qcow2")
 	crashHost(t, lab.NSSecondary)
+	// QEMU dies with its daemon (SIGKILL on the parent's death), a moment
+	// after it.
+	waitFor(t, 10*time.Second, "the survivor's QEMU to die", func() bool { return syscall.Kill(pid, 0) != nil })
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
