@@ -119,8 +119,8 @@ func checkAccepted(t *testing.T, cfg Config) {
 	case engineSynthetic:
 	case engineQEMU:
 		q := vm.QEMU
-		if q.Kernel == "" || q.Initrd == "" || q.Preload == "" || q.Cmdline == "" ||
-			q.MemoryMB < 64 || q.MaxLag < 10*time.Millisecond {
+		if q.Kernel == "" && q.Disk == "" || q.Kernel == "" && (q.Initrd != "" || q.Cmdline != "") ||
+			q.Kernel != "" && q.Cmdline == "" || q.Preload == "" || q.MemoryMB < 64 || q.MaxLag < 10*time.Millisecond {
 			t.Fatalf("accepted QEMU config %+v", q)
 		}
 	default:

@@ -82,6 +82,10 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {username: ftgw, password_file: /nonexistent}", "etcd.password_file:"},
 		{"heartbeat: 5ms", "arbiter: etcd:https://10.0.0.5:2379\netcd: {password: x}", "field password not found"},
 		{"vms:", "vms: []\nunused:", "field unused not found"},
+		{"tap: tap0", "tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem}", "vms[0].qemu: neither disk nor kernel"},
+		{"tap: tap0", "tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem, disk: /nonexistent.qcow2}", "vms[0].qemu.disk:"},
+		{"tap: tap0", "tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem, disk: PKI}", "vms[0].qemu.disk: "}, // a directory
+		{"tap: tap0", "tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem, disk: PKI/ca.pem, initrd: PKI/ca.pem}", "initrd and cmdline need a kernel"},
 	} {
 		t.Run(tc.field, func(t *testing.T) {
 			text := strings.Replace(goodPrimary, tc.old, tc.new, 1)
@@ -93,6 +97,28 @@ func TestLoadConfigNamesTheBadField(t *testing.T) {
 				t.Errorf("error %v, want one naming %q", err, tc.field)
 			}
 		})
+	}
+}
+
+// A real VM with only a disk boots from it: no kernel, and no command line
+// made up for one.
+func TestLoadConfigQEMUDiskAlone(t *testing.T) {
+	cfg, err := loadConfig(writeConfig(t, strings.Replace(goodPrimary, "tap: tap0",
+		"tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem, disk: PKI/ca.pem}", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := cfg.VMs[0].QEMU
+	if q.Kernel != "" || q.Cmdline != "" || !strings.HasSuffix(q.Disk, "ca.pem") || !vmMachine(cfg.VMs[0]).Disk {
+		t.Errorf("disk-only VM: %+v", q)
+	}
+	cfg, err = loadConfig(writeConfig(t, strings.Replace(goodPrimary, "tap: tap0",
+		"tap: tap0\n    engine: qemu\n    qemu: {preload: PKI/ca.pem, disk: PKI/ca.pem, kernel: PKI/ca.pem}", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := cfg.VMs[0].QEMU; !strings.Contains(q.Cmdline, "ftgw.ip=192.0.2.10/24 ftgw.disk=/dev/vda2") {
+		t.Errorf("the lab guest's default command line with a disk: %q", q.Cmdline)
 	}
 }
 

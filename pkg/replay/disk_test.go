@@ -1,10 +1,16 @@
 package replay
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/ftgw/ftgw/internal/testutil"
+	"github.com/ftgw/ftgw/pkg/guest"
 )
 
 // TestDiskCopiesStayIdentical runs the guest with a disk it writes (its
@@ -79,4 +85,63 @@ func TestDiskCopiesStayIdentical(t *testing.T) {
 	p.puts(11, 20)
 	p.rebase(c, dirB, logC, doneC, dirD, 21, 30)
 	sameDisks("a replayer from a recorder's snapshot", dirB, dirD)
+}
+
+// TestFirmwareBootFromDiskReplays records a VM that boots from its disk
+// (make guest's: SeaBIOS, syslinux, then the guest, whose store is on the
+// disk's partition 2) with no -kernel, and replays it from boot on its own
+// copy: the replay reproduces the recorder's console and its disk.
+func TestFirmwareBootFromDiskReplays(t *testing.T) {
+	p := newPair(t)
+	kernel, _ := testutil.GuestImage(t)
+	image := filepath.Join(filepath.Dir(kernel), "disk.qcow2")
+	// The disk's own command line (syslinux.cfg) puts the guest here.
+	const guestAddr = "192.0.2.10:7000"
+	p.machine = Machine{MAC: pairMAC, Disk: true}
+	base := t.TempDir()
+	dirA, dirB := filepath.Join(base, "a"), filepath.Join(base, "b")
+	for _, dir := range []string{dirA, dirB} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := CopyDisk(image, DiskPath(dir)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a, logA, doneA := p.record(dirA, "", newLogState(t))
+	b, relayB := p.replay(dirB, "", streamRelay, func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(5, 6))) })
+	start := time.Now()
+	if err := WaitSerial(p.ctx, dirA, "ftgw-init ready"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the recorder booted from its disk in %s", time.Since(start).Round(time.Millisecond))
+	client, err := guest.Dial(guestAddr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 10; i++ {
+		if n, err := client.Put(fmt.Sprintf("k%d", i), "v"); err != nil || n != uint64(i) {
+			t.Fatalf("put %d: %d, %v", i, n, err)
+		}
+	}
+	client.Close()
+	a.Stop()
+	<-doneA
+	p.replayAll(b, relayB, logA, nil)
+	b.Stop()
+	recSerial, repSerial := readFile(t, SerialPath(dirA)), readFile(t, SerialPath(dirB))
+	if last := "ftgw-kv req=10 puts=10 "; !strings.Contains(repSerial, last) || !strings.HasPrefix(recSerial, repSerial) {
+		t.Fatalf("the replay's console is not the recording's up to %q:\nrecorder:\n%s\nreplayer:\n%s", last, tailLines(recSerial, 5), tailLines(repSerial, 5))
+	}
+	da, err := DiskDigest(DiskPath(dirA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := DiskDigest(DiskPath(dirB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if da != db {
+		t.Errorf("the replayer's disk differs from the recorder's")
+	}
 }
