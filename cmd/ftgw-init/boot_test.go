@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/ftgw/ftgw/internal/tap"
 	"github.com/ftgw/ftgw/internal/testutil"
 	"github.com/ftgw/ftgw/pkg/guest"
@@ -333,20 +331,7 @@ func hostTap(t *testing.T) {
 	if err := tap.Create("tap0"); err != nil {
 		t.Fatal(err)
 	}
-	link, err := netlink.LinkByName("tap0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, err := netlink.ParseAddr(hostAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatalf("add address to tap0: %v", err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatalf("set tap0 up: %v", err)
-	}
+	testutil.LinkUp(t, "tap0", hostAddr)
 }
 
 // testVM is a QEMU process running the guest.

@@ -70,3 +70,25 @@ func WaitLinksUp(tb testing.TB, names ...string) {
 		}
 	}
 }
+
+// LinkUp gives the link name the address addr (a prefix like
+// "192.0.2.1/24"; none if empty) and sets it up: the host's end of a tap.
+func LinkUp(tb testing.TB, name, addr string) {
+	tb.Helper()
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if addr != "" {
+		a, err := netlink.ParseAddr(addr)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := netlink.AddrAdd(link, a); err != nil {
+			tb.Fatalf("add %s to %s: %v", addr, name, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		tb.Fatalf("set %s up: %v", name, err)
+	}
+}

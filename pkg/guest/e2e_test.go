@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"github.com/ftgw/ftgw/internal/testutil"
 	"log/slog"
 	"maps"
 	"net"
@@ -15,10 +14,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/ftgw/ftgw/internal/tap"
+	"github.com/ftgw/ftgw/internal/testutil"
 )
 
 func TestEndToEnd(t *testing.T) {
@@ -53,20 +52,7 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	// The host side of the tap.
-	link, err := netlink.LinkByName("tap0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, err := netlink.ParseAddr(hostIP.String() + "/24")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatalf("add address: %v", err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatalf("set link up: %v", err)
-	}
+	testutil.LinkUp(t, "tap0", hostIP.String()+"/24")
 
 	// The control socket comes up after the tap is attached.
 	waitState(t, cfg.Control, runErr)

@@ -63,24 +63,13 @@ func TestDiskCopiesStayIdentical(t *testing.T) {
 		}
 	}
 
-	// A boots and serves 10 writes; B replays them from boot.
-	a, logA, doneA := p.record(dirA, "", newLogState(t))
-	b, relayB := p.replay(dirB, "", streamRelay, func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(1, 2))) })
-	if err := WaitSerial(p.ctx, dirA, "ftgw-init ready"); err != nil {
-		t.Fatal(err)
-	}
-	p.puts(1, 10)
-	a.Stop()
-	<-doneA
-	p.replayAll(b, relayB, logA, nil)
+	// A boots and serves 10 writes; B replays them from boot and goes
+	// live.
+	p.promote(dirA, dirB)
 	sameDisks("a replayer from boot", dirA, dirB)
 
-	// B goes live; C records from its snapshot, on its disk, and is
-	// re-based on D while it writes.
-	if err := b.SaveVM("golive"); err != nil {
-		t.Fatal(err)
-	}
-	b.Stop()
+	// C records from B's go-live snapshot, on B's disk, and is re-based on
+	// D while it writes.
 	c, logC, doneC := p.record(dirB, "golive", newLogState(t))
 	p.puts(11, 20)
 	p.rebase(c, dirB, logC, doneC, dirD, 21, 30)

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/ftgw/ftgw/internal/tap"
@@ -331,22 +330,7 @@ func openTap(t *testing.T, name, addr string) *tap.Tap {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { tp.Close() })
-	link, err := netlink.LinkByName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if addr != "" {
-		a, err := netlink.ParseAddr(addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.AddrAdd(link, a); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatal(err)
-	}
+	testutil.LinkUp(t, name, addr)
 	return tp
 }
 

@@ -24,20 +24,7 @@ func TestReplayerFromARecorderSnapshotFollowsTheRecorder(t *testing.T) {
 	base := t.TempDir()
 	dirA, dirB := filepath.Join(base, "a"), filepath.Join(base, "b")
 
-	// A boots and serves 10 writes; B replays them and goes live.
-	a, logA, doneA := p.record(dirA, "", newLogState(t))
-	b, relayB := p.replay(dirB, "", streamRelay, func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(1, 2))) })
-	if err := WaitSerial(p.ctx, dirA, "ftgw-init ready"); err != nil {
-		t.Fatal(err)
-	}
-	p.puts(1, 10)
-	a.Stop()
-	<-doneA
-	p.replayAll(b, relayB, logA, nil)
-	if err := b.SaveVM("golive"); err != nil {
-		t.Fatal(err)
-	}
-	b.Stop()
+	p.promote(dirA, dirB)
 
 	// C records from the go-live snapshot, serves 10 writes, and is
 	// re-based while it serves 10 more.
@@ -57,6 +44,27 @@ func TestReplayerFromABootRecorderSnapshotFollowsTheRecorder(t *testing.T) {
 	}
 	p.puts(1, 10)
 	p.rebase(a, dirA, logA, doneA, filepath.Join(base, "d"), 11, 20)
+}
+
+// promote is a secondary's life up to its go-live: A boots in dirA and
+// serves writes 1 to 10, B replays them in dirB from A's streamed log, A
+// stops, and B replays to the end and saves its state as "golive".
+func (p *pair) promote(dirA, dirB string) {
+	t := p.t
+	t.Helper()
+	a, logA, doneA := p.record(dirA, "", newLogState(t))
+	b, relayB := p.replay(dirB, "", streamRelay, func(r *Relay) { logA.feed(r, rand.New(rand.NewPCG(1, 2))) })
+	if err := WaitSerial(p.ctx, dirA, "ftgw-init ready"); err != nil {
+		t.Fatal(err)
+	}
+	p.puts(1, 10)
+	a.Stop()
+	<-doneA
+	p.replayAll(b, relayB, logA, nil)
+	if err := b.SaveVM("golive"); err != nil {
+		t.Fatal(err)
+	}
+	b.Stop()
 }
 
 // puts writes keys from to to through the recorder's tap.

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/ftgw/ftgw/internal/tap"
 	"github.com/ftgw/ftgw/internal/testutil"
 	"github.com/ftgw/ftgw/pkg/guest"
@@ -692,20 +690,7 @@ func TestReplayNetwork(t *testing.T) {
 	// No IPv6 on the host end: its router solicitations and MLD reports
 	// would be logged too, harmlessly but noisily.
 	os.WriteFile("/proc/sys/net/ipv6/conf/tap0/disable_ipv6", []byte("1"), 0)
-	link, err := netlink.LinkByName("tap0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, err := netlink.ParseAddr("192.0.2.2/24")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatalf("add address to tap0: %v", err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatalf("set tap0 up: %v", err)
-	}
+	testutil.LinkUp(t, "tap0", "192.0.2.2/24")
 	// Dialled here, on the thread InNewNetns holds in the namespace.
 	client, err := guest.Dial(fmt.Sprintf("192.0.2.1:%d", guest.KVPort), 5*time.Second)
 	if err != nil {
