@@ -21,6 +21,7 @@ import (
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
 	"github.com/ftgw/ftgw/internal/tap"
+	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/replay"
 )
@@ -199,7 +200,11 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		bulkCPU  [numCases]cpuUse
 		behind   int
 		perRound = o.requests / o.rounds
+		parts    [numCases]*breakdown
 	)
+	for c := range parts {
+		parts[c] = &breakdown{}
+	}
 	for r := 0; r < o.rounds && ctx.Err() == nil; r++ {
 		for _, c := range roundOrder(r) {
 			progress("round %d of %d: %s", r+1, o.rounds, caseNames[c])
@@ -216,7 +221,15 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 			if err != nil {
 				return err
 			}
-			l, f := kvRun(ctx, targets[c].kv, perRound, "base-", 5*time.Minute)
+			sinceNs := datapath.MonotonicNs()
+			l, f, reqs := kvRunTimed(ctx, targets[c].kv, perRound, "base-", 5*time.Minute)
+			var trace requestTrace
+			if c == caseUnprotected {
+				trace.TapWrites = plain.trace.Writes(sinceNs)
+			} else if trace, err = fetchTrace(dir, sinceNs); err != nil {
+				return err
+			}
+			parts[c].add(reqs, trace)
 			lat[c] = append(lat[c], l...)
 			for range f {
 				lat[c] = append(lat[c], requestTimeout)
@@ -290,6 +303,8 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		}
 		fmt.Fprintln(w)
 	}
+	printBreakdownTable(w, parts)
+	fmt.Fprintln(w)
 	if behind > 0 {
 		fmt.Fprintf(w, "note: %d times a case started while the throttle still paused the primary's VM (after a minute's wait)\n\n", behind)
 	}
@@ -448,10 +463,11 @@ func baselineTargets(pct [numCases][]time.Duration, bulk [numCases]bulkSummary, 
 
 // plainVM is the unprotected copy of the lab's VM.
 type plainVM struct {
-	ns  *netnsutil.Private
-	q   *replay.QEMU
-	kv  *guest.Client
-	dir string
+	ns    *netnsutil.Private
+	q     *replay.QEMU
+	kv    *guest.Client
+	dir   string
+	trace *rrTrace // its tap timestamps
 }
 
 // plainMachine is the lab VM's machine with its address moved to the
@@ -521,7 +537,14 @@ func startPlainVM(ctx context.Context, vm VMConfig) (_ *plainVM, err error) {
 	}
 	defer stderr.Close() // QEMU holds its own copy
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	p.q, err = replay.Start(sctx, replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr})
+	if p.trace, err = newRRTrace(); err != nil {
+		t.Close()
+		return nil, err
+	}
+	// The preloaded library only takes timestamps here: there is no
+	// replay log to flush.
+	p.q, err = replay.Start(sctx, replay.Config{Machine: plainMachine(vm), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr,
+		Preload: vm.QEMU.Preload, Trace: p.trace.File()})
 	cancel()
 	t.Close() // QEMU holds its own copy
 	if err != nil {
@@ -566,6 +589,9 @@ func (p *plainVM) Close() {
 	if p.dir != "" {
 		os.RemoveAll(p.dir)
 	}
+	if p.trace != nil {
+		p.trace.Close()
+	}
 }
 
 // printPlainDifferences says how the unprotected VM's QEMU differs from the
@@ -580,7 +606,7 @@ func printPlainDifferences(w io.Writer, vm VMConfig) {
 		strings.Join(sharedSettings(plain), ", "), plainVMAddr.Addr())
 	fmt.Fprintf(w, "  the recorder's options it has not: %s\n", strings.Join(onlyRec, "; "))
 	fmt.Fprintf(w, "  its options the recorder has not:  %s\n", strings.Join(onlyPlain, "; "))
-	fmt.Fprintf(w, "  and the recorder runs with LD_PRELOAD=%s (it flushes the replay log before each transmit)\n\n", preloadName)
+	fmt.Fprintf(w, "  and the recorder runs with LD_PRELOAD=%s (it flushes the replay log before each transmit); the unprotected VM runs it for its tap timestamps only\n\n", preloadName)
 }
 
 // sharedSettings picks from a QEMU command line the settings a reader
