@@ -83,6 +83,7 @@ type baselineOptions struct {
 	bulkBytes        int64
 	bulkPerRound     int
 	bulkTimeout      time.Duration
+	traceOut         string // a CSV of every PUT's segments, if set
 }
 
 // benchTarget is one way of reaching a VM: its key-value client and how to
@@ -303,8 +304,21 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		}
 		fmt.Fprintln(w)
 	}
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "waited runnable for a CPU, ms per PUT\t%s\t\n", strings.Join(names, "\t"))
+	for c := range numCases {
+		fmt.Fprintf(tw, "%s\t%s\t\n", caseNames[c], latCPU[c].waitColumns(len(lat[c])))
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "(the sum over each process's threads: one PUT can wait on several at once; schedstat)")
+	fmt.Fprintln(w)
 	printBreakdownTable(w, parts)
 	fmt.Fprintln(w)
+	if o.traceOut != "" {
+		if err := writeBreakdownCSV(o.traceOut, parts); err != nil {
+			return err
+		}
+	}
 	if behind > 0 {
 		fmt.Fprintf(w, "note: %d times a case started while the throttle still paused the primary's VM (after a minute's wait)\n\n", behind)
 	}
@@ -771,16 +785,17 @@ type procSample struct {
 	at      time.Time
 	machine time.Duration
 	procs   []time.Duration
+	waits   []time.Duration // runnable, waiting for a CPU
 	ok      []bool
 	// throttled is how long the throttle has frozen the protected VM.
 	throttled time.Duration
 }
 
 func sampleProcs(procs []watchedProc) (procSample, error) {
-	s := procSample{at: time.Now(), procs: make([]time.Duration, len(procs)), ok: make([]bool, len(procs))}
+	s := procSample{at: time.Now(), procs: make([]time.Duration, len(procs)), waits: make([]time.Duration, len(procs)), ok: make([]bool, len(procs))}
 	for i, p := range procs {
-		d, err := processCPU(p.pid)
-		s.procs[i], s.ok[i] = d, err == nil
+		run, wait, err := processSchedstat(p.pid)
+		s.procs[i], s.waits[i], s.ok[i] = run, wait, err == nil
 	}
 	t, err := throttledSeconds()
 	if err != nil {
@@ -797,12 +812,13 @@ type cpuUse struct {
 	// throttled is how long the throttle froze the protected VM meanwhile.
 	throttled time.Duration
 	procs     []time.Duration
-	missing   []bool // a process that could not be read in some interval
+	waits     []time.Duration // runnable, waiting for a CPU
+	missing   []bool          // a process that could not be read in some interval
 }
 
 func (c *cpuUse) add(before, after procSample) {
 	if c.procs == nil {
-		c.procs, c.missing = make([]time.Duration, len(before.procs)), make([]bool, len(before.procs))
+		c.procs, c.waits, c.missing = make([]time.Duration, len(before.procs)), make([]time.Duration, len(before.procs)), make([]bool, len(before.procs))
 	}
 	c.wall += after.at.Sub(before.at)
 	c.machine += after.machine - before.machine
@@ -813,6 +829,7 @@ func (c *cpuUse) add(before, after procSample) {
 			continue
 		}
 		c.procs[i] += after.procs[i] - before.procs[i]
+		c.waits[i] += after.waits[i] - before.waits[i]
 	}
 }
 
@@ -829,6 +846,20 @@ func (c cpuUse) columns(n int) string {
 			continue
 		}
 		cols = append(cols, fmt.Sprintf("%.0f%%", 100*c.procs[i].Seconds()/c.wall.Seconds()))
+	}
+	return strings.Join(cols, "\t")
+}
+
+// waitColumns is each process's time runnable but waiting for a CPU,
+// per request of n, tab-separated.
+func (c cpuUse) waitColumns(n int) string {
+	var cols []string
+	for i := range c.waits {
+		if c.missing[i] || n == 0 {
+			cols = append(cols, "-")
+			continue
+		}
+		cols = append(cols, fmt.Sprintf("%.2f", c.waits[i].Seconds()*1e3/float64(n)))
 	}
 	return strings.Join(cols, "\t")
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -95,6 +96,9 @@ var segNames = [numSegs]string{
 type breakdown struct {
 	requests, matched, held int
 	segs                    [numSegs][]time.Duration
+	// rows are the joined requests' segments, in order; a segment a
+	// request did not pass (not held) is -1.
+	rows [][numSegs]time.Duration
 }
 
 // add joins one round's requests with the trace taken meanwhile. A
@@ -117,28 +121,38 @@ func (b *breakdown) add(reqs []timedRequest, t requestTrace) {
 		}
 		w := writes[i]
 		b.matched++
+		row := [numSegs]time.Duration{}
+		for s := range row {
+			row[s] = -1
+		}
 		d := func(from, to uint64) time.Duration { return time.Duration(int64(to - from)) }
-		b.segs[segTotal] = append(b.segs[segTotal], d(r.sendNs, r.recvNs))
-		b.segs[segIn] = append(b.segs[segIn], d(r.sendNs, w.InputNs))
-		b.segs[segGuest] = append(b.segs[segGuest], d(w.InputNs, w.FlushStartNs))
-		b.segs[segFlush] = append(b.segs[segFlush], d(w.FlushStartNs, w.FlushEndNs))
+		// Each segment goes into its column and the request's row.
+		put := func(s int, v time.Duration) {
+			b.segs[s] = append(b.segs[s], v)
+			row[s] = v
+		}
+		put(segTotal, d(r.sendNs, r.recvNs))
+		put(segIn, d(r.sendNs, w.InputNs))
+		put(segGuest, d(w.InputNs, w.FlushStartNs))
+		put(segFlush, d(w.FlushStartNs, w.FlushEndNs))
 		leaves := w.FlushEndNs
 		j := slices.IndexFunc(t.Released, func(f releasedFrame) bool { return f.ArrivalNs >= w.FlushEndNs })
 		if j >= 0 && t.Released[j].ReleaseNs <= r.recvNs {
 			f := t.Released[j]
 			b.held++
 			leaves = f.ReleaseNs
-			b.segs[segHeld] = append(b.segs[segHeld], d(f.ArrivalNs, f.ReleaseNs))
+			put(segHeld, d(f.ArrivalNs, f.ReleaseNs))
 			k := slices.IndexFunc(t.Chunks, func(c chunkTime) bool { return c.End >= f.Stamp })
 			if k >= 0 && t.Chunks[k].AckNs != 0 {
 				c := t.Chunks[k]
-				b.segs[segLogRead] = append(b.segs[segLogRead], d(w.FlushEndNs, c.ReadNs))
-				b.segs[segShip] = append(b.segs[segShip], d(c.ReadNs, c.ShippedNs))
-				b.segs[segAck] = append(b.segs[segAck], d(c.ShippedNs, c.AckNs))
-				b.segs[segRelease] = append(b.segs[segRelease], d(max(c.AckNs, f.ArrivalNs), f.ReleaseNs))
+				put(segLogRead, d(w.FlushEndNs, c.ReadNs))
+				put(segShip, d(c.ReadNs, c.ShippedNs))
+				put(segAck, d(c.ShippedNs, c.AckNs))
+				put(segRelease, d(max(c.AckNs, f.ArrivalNs), f.ReleaseNs))
 			}
 		}
-		b.segs[segOut] = append(b.segs[segOut], d(leaves, r.recvNs))
+		put(segOut, d(leaves, r.recvNs))
+		b.rows = append(b.rows, row)
 	}
 }
 
@@ -173,3 +187,29 @@ func printBreakdownTable(w io.Writer, b [numCases]*breakdown) {
 }
 
 func millis(d time.Duration) string { return fmt.Sprintf("%.2f", d.Seconds()*1e3) }
+
+// writeBreakdownCSV writes every joined PUT's segments, in µs, one row
+// per request: its case, its index among the case's joined requests, then
+// one column per segment (empty where it did not pass it).
+func writeBreakdownCSV(path string, b [numCases]*breakdown) error {
+	var sb strings.Builder
+	sb.WriteString("case,request")
+	for s := range numSegs {
+		fmt.Fprintf(&sb, ",%q", strings.TrimSpace(segNames[s]))
+	}
+	sb.WriteString("\n")
+	for c := range numCases {
+		for i, row := range b[c].rows {
+			fmt.Fprintf(&sb, "%q,%d", caseNames[c], i)
+			for _, v := range row {
+				if v == -1 {
+					sb.WriteString(",")
+					continue
+				}
+				fmt.Fprintf(&sb, ",%.1f", float64(v)/1e3)
+			}
+			sb.WriteString("\n")
+		}
+	}
+	return os.WriteFile(path, []byte(sb.String()), 0o644)
+}
