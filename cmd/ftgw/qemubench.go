@@ -278,18 +278,18 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 	}
 	names := procNames(procs)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tVM ftgw-a frozen\tmachine busy\tothers\t%s\t\n", strings.Join(names, "\t"))
 	fmt.Fprintf(tw, "idle (every VM up, no load)\t\t\t\t\t\t%s\t\n", idle.columns(len(procs)))
 	for c := range numCases {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], len(lat[c]), failed[c],
 			micros(pct[c][0]), micros(pct[c][1]), micros(pct[c][2]), latCPU[c].columns(len(procs)))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(a failed request counts as its %s timeout; frozen: by the lag throttle, while the secondary's replay caught up; CPU in %% of all %d CPUs for the machine, of one CPU for each process)\n\n", requestTimeout, runtime.NumCPU())
+	fmt.Fprintf(w, "(a failed request counts as its %s timeout; frozen: by the lag throttle, while the secondary's replay caught up; CPU in %% of all %d CPUs for the machine, of one CPU for each process and for the others: what the machine ran besides them)\n\n", requestTimeout, runtime.NumCPU())
 
 	if o.bulkPerRound > 0 {
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tVM ftgw-a frozen\tmachine busy\tothers\t%s\t\n", strings.Join(names, "\t"))
 		for c := range numCases {
 			s := sums[c]
 			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], s.transfers, s.failed, s.requested, s.intact,
@@ -837,9 +837,16 @@ func (c *cpuUse) add(before, after procSample) {
 // share of all CPUs and each process's share of one, tab-separated.
 func (c cpuUse) columns(n int) string {
 	if c.wall <= 0 {
-		return strings.Repeat("-\t", n+1) + "-"
+		return strings.Repeat("-\t", n+2) + "-"
 	}
-	cols := []string{c.throttled.Round(time.Millisecond).String(), fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU()))}
+	// Others: what the machine ran besides the watched processes (another
+	// user's jobs disturb every figure here), in % of one CPU.
+	others := c.machine
+	for _, p := range c.procs {
+		others -= p
+	}
+	cols := []string{c.throttled.Round(time.Millisecond).String(), fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU())),
+		fmt.Sprintf("%.0f%%", 100*max(others, 0).Seconds()/c.wall.Seconds())}
 	for i := range n {
 		if c.missing[i] {
 			cols = append(cols, "-")
