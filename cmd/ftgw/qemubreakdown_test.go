@@ -13,7 +13,7 @@ func TestBreakdownJoinsARequestWithItsReplyAndLogChunk(t *testing.T) {
 	us := func(n uint64) uint64 { return 1_000_000 + n*1000 }
 	trace := requestTrace{
 		TapWrites: []tapWrite{
-			{InputNs: us(10), FlushStartNs: us(2000), FlushEndNs: us(2050), Head: 700},  // request 1's reply
+			{InputNs: us(10), FlushStartNs: us(2000), FlushEndNs: us(2050), Head: 700},   // request 1's reply
 			{InputNs: us(5000), FlushStartNs: us(6000), FlushEndNs: us(6010), Head: 800}, // request 2's reply
 		},
 		Chunks: []chunkTime{
