@@ -99,7 +99,16 @@ type breakdown struct {
 	// rows are the joined requests' segments, in order; a segment a
 	// request did not pass (not held) is -1.
 	rows [][numSegs]time.Duration
+	// byIdle are the segGuest times of the requests that followed
+	// another of the same round, by how long the VM had been quiet
+	// before QEMU read them: from the previous reply's tap write
+	// (idleBuckets).
+	byIdle    [len(idleBuckets) + 1][]time.Duration
+	lastWrite uint64 // the previous joined request's reply, in this round
 }
+
+// idleBuckets bound the classes of byIdle; the last class is beyond them.
+var idleBuckets = [...]time.Duration{200 * time.Microsecond, 400 * time.Microsecond, time.Millisecond}
 
 // add joins one round's requests with the trace taken meanwhile. A
 // request joins the last tap write whose flush ended inside its round trip
@@ -109,14 +118,17 @@ type breakdown struct {
 // request whose reply cannot be found is counted, not measured.
 func (b *breakdown) add(reqs []timedRequest, t requestTrace) {
 	writes := t.TapWrites
+	b.lastWrite = 0
 	for _, r := range reqs {
 		b.requests++
 		if !r.ok {
+			b.lastWrite = 0
 			continue
 		}
 		// The last write whose flush ended by the receive.
 		i := sort.Search(len(writes), func(i int) bool { return writes[i].FlushEndNs > r.recvNs }) - 1
 		if i < 0 || writes[i].FlushEndNs < r.sendNs || writes[i].InputNs < r.sendNs {
+			b.lastWrite = 0
 			continue
 		}
 		w := writes[i]
@@ -134,6 +146,12 @@ func (b *breakdown) add(reqs []timedRequest, t requestTrace) {
 		put(segTotal, d(r.sendNs, r.recvNs))
 		put(segIn, d(r.sendNs, w.InputNs))
 		put(segGuest, d(w.InputNs, w.FlushStartNs))
+		if b.lastWrite != 0 {
+			quiet := d(b.lastWrite, w.InputNs)
+			k, _ := slices.BinarySearch(idleBuckets[:], quiet)
+			b.byIdle[k] = append(b.byIdle[k], d(w.InputNs, w.FlushStartNs))
+		}
+		b.lastWrite = w.FlushEndNs
 		put(segFlush, d(w.FlushStartNs, w.FlushEndNs))
 		leaves := w.FlushEndNs
 		j := slices.IndexFunc(t.Released, func(f releasedFrame) bool { return f.ArrivalNs >= w.FlushEndNs })
@@ -182,8 +200,30 @@ func printBreakdownTable(w io.Writer, b [numCases]*breakdown) {
 		}
 		fmt.Fprintln(tw)
 	}
+	fmt.Fprint(tw, "QEMU read -> flush, by the time since the last reply's tap write:\t\t\t\t\n")
+	for k := range len(idleBuckets) + 1 {
+		name := ""
+		switch {
+		case k == 0:
+			name = "under " + idleBuckets[0].String()
+		case k == len(idleBuckets):
+			name = "over " + idleBuckets[k-1].String()
+		default:
+			name = idleBuckets[k-1].String() + " to " + idleBuckets[k].String()
+		}
+		fmt.Fprintf(tw, "  %s: requests, p50\t", name)
+		for c := range numCases {
+			v := b[c].byIdle[k]
+			if len(v) == 0 {
+				fmt.Fprint(tw, "0\t")
+				continue
+			}
+			fmt.Fprintf(tw, "%d, %s\t", len(v), millis(percentiles(slices.Clone(v), 50)[0]))
+		}
+		fmt.Fprintln(tw)
+	}
 	tw.Flush()
-	fmt.Fprintln(w, "(ms; each segment's own percentiles, so they do not add up exactly; the unprotected VM's QEMU runs the preloaded library for its timestamps only, with no log to flush)")
+	fmt.Fprintln(w, "(ms; each segment's own percentiles, so they do not add up exactly; the unprotected VM's QEMU runs the preloaded library for its timestamps only, with no log to flush; the last rows: a recorder whose guest has gone idle takes a request in only at its next timer)")
 }
 
 func millis(d time.Duration) string { return fmt.Sprintf("%.2f", d.Seconds()*1e3) }

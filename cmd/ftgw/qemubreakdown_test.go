@@ -58,6 +58,10 @@ func TestBreakdownJoinsARequestWithItsReplyAndLogChunk(t *testing.T) {
 			}
 		}
 	}
+	// Request 2 was read 2950 µs after request 1's reply was written.
+	if n := len(b.byIdle[len(idleBuckets)]); n != 1 || b.byIdle[len(idleBuckets)][0] != 1000*time.Microsecond {
+		t.Errorf("by idle time: %v, want request 2's 1000µs over the last bound", b.byIdle)
+	}
 	if len(b.rows) != 2 || b.rows[1][segHeld] != -1 || b.rows[0][segHeld] != 398*time.Microsecond {
 		t.Errorf("rows: %v, want two, the second not held", b.rows)
 	}
