@@ -20,7 +20,16 @@
  * starting at FTGW_LOG_BASE (default 0) so that a VM restarted from a
  * snapshot continues its host's positions.
  *
- * Without FTGW_LOG_PATH in the environment the library does nothing.
+ * Without FTGW_LOG_PATH in the environment the library does nothing, unless
+ * FTGW_TRACE_FD is set (below).
+ *
+ * FTGW_TRACE_FD (optional, with FTGW_TAP_FD): a shared memory file (struct
+ * rr_trace, below) where the library notes, for each frame written to the
+ * tap, when QEMU last read a frame from the tap before it and when the
+ * flush started and ended. `ftgw bench` joins these with the client's and
+ * the daemon's timestamps to break a request's time down. It is also set
+ * for the bench's unprotected QEMU, which has no replay log: there the
+ * library only takes the timestamps.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -42,6 +51,29 @@ static int tap_fd = -1;
 static struct log_state *state;
 
 static FILE *replay_log;
+
+/* The trace shared with the daemon (FTGW_TRACE_FD). Layout, all fields
+ * native-endian u64 (cmd/ftgw/reqtrace.go reads it):
+ *   magic, count of entries ever written, then RR_TRACE_LEN entries.
+ * An entry's seq (its index + 1) is stored last, with release order: a
+ * reader that sees seq before and after reading the fields, unchanged,
+ * has a whole entry. */
+#define RR_TRACE_MAGIC 0x66746777727274ull /* "ftgwrrt" */
+#define RR_TRACE_LEN 8192
+struct rr_trace_entry {
+	uint64_t seq;
+	uint64_t input_ns;       /* the last tap read before this write */
+	uint64_t flush_start_ns; /* the flush before the write (0 ns long without a log) */
+	uint64_t flush_end_ns;
+	uint64_t head;           /* the log head after the flush */
+};
+struct rr_trace {
+	uint64_t magic;
+	uint64_t count;
+	struct rr_trace_entry e[RR_TRACE_LEN];
+};
+static struct rr_trace *trace;
+static uint64_t last_input_ns; /* written by the thread that reads the tap */
 /* The stream as QEMU sees it: a file whose event data starts where its first
  * seek put it. Bytes written at the end of the data are sent; a rewrite of
  * earlier bytes (the header, at exit) is dropped. */
@@ -51,6 +83,7 @@ static uint64_t sent;           /* event bytes in the pipe */
 static uint64_t base;           /* FTGW_LOG_BASE */
 
 static ssize_t (*real_write)(int, const void *, size_t);
+static ssize_t (*real_read)(int, void *, size_t);
 static ssize_t (*real_writev)(int, const struct iovec *, int);
 static FILE *(*real_fopen64)(const char *, const char *);
 static FILE *(*real_fopen)(const char *, const char *);
@@ -75,6 +108,7 @@ static void resolve(void)
 	if (real_write)
 		return;
 	real_writev = dlsym(RTLD_NEXT, "writev");
+	real_read = dlsym(RTLD_NEXT, "read");
 	real_fopen64 = dlsym(RTLD_NEXT, "fopen64");
 	real_fopen = dlsym(RTLD_NEXT, "fopen");
 	__atomic_store_n(&real_write, dlsym(RTLD_NEXT, "write"), __ATOMIC_RELEASE);
@@ -83,6 +117,15 @@ static void resolve(void)
 __attribute__((constructor)) static void init(void)
 {
 	resolve();
+	int trace_fd = env_fd("FTGW_TRACE_FD");
+	if (trace_fd >= 0) {
+		trace = mmap(NULL, sizeof(*trace), PROT_READ | PROT_WRITE, MAP_SHARED, trace_fd, 0);
+		if (trace == MAP_FAILED)
+			die("mmap the request trace");
+		close(trace_fd);
+		tap_fd = env_fd("FTGW_TAP_FD");
+		trace->magic = RR_TRACE_MAGIC;
+	}
 	log_path = getenv("FTGW_LOG_PATH");
 	if (!log_path)
 		return;
@@ -205,19 +248,44 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* note_tap_write adds one entry to the trace. Tap writes come from one
+ * thread at a time (QEMU's lock). */
+static void note_tap_write(uint64_t flush_start, uint64_t flush_end)
+{
+	uint64_t n = trace->count;
+	struct rr_trace_entry *e = &trace->e[n % RR_TRACE_LEN];
+	__atomic_store_n(&e->seq, 0, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	e->input_ns = __atomic_load_n(&last_input_ns, __ATOMIC_RELAXED);
+	e->flush_start_ns = flush_start;
+	e->flush_end_ns = flush_end;
+	e->head = state ? __atomic_load_n(&state->head, __ATOMIC_ACQUIRE) : 0;
+	__atomic_store_n(&e->seq, n + 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&trace->count, n + 1, __ATOMIC_RELEASE);
+}
+
 /* Everything recorded so far reaches the pipe (and the head) before the
  * frame reaches the tap. fflush takes the stream's lock, so a vCPU thread
  * appending events meanwhile is not torn. */
 static void flush_before_tap(int fd)
 {
-	if (fd != tap_fd || !replay_log)
+	if (fd != tap_fd || tap_fd < 0)
 		return;
+	if (!replay_log) {
+		if (trace) {
+			uint64_t t = now_ns();
+			note_tap_write(t, t);
+		}
+		return;
+	}
 	uint64_t before = sent, start = now_ns();
 	if (fflush(replay_log) != 0)
 		die("flush the replay log");
 	/* Tap writes come from one thread at a time (QEMU's lock), so
 	 * plain counters do. */
-	uint64_t took = now_ns() - start;
+	uint64_t end = now_ns(), took = end - start;
+	if (trace)
+		note_tap_write(start, end);
 	flush_ns += took;
 	flush_log2[took ? 63 - __builtin_clzll(took) : 0]++;
 	flushes++;
@@ -259,4 +327,14 @@ ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
 	resolve();
 	flush_before_tap(fd);
 	return real_writev(fd, iov, iovcnt);
+}
+
+/* QEMU's tap backend reads each frame with read(2) (net/tap-linux.c). */
+ssize_t read(int fd, void *buf, size_t n)
+{
+	resolve();
+	ssize_t r = real_read(fd, buf, n);
+	if (trace && fd == tap_fd && r > 0)
+		__atomic_store_n(&last_input_ns, now_ns(), __ATOMIC_RELAXED);
+	return r;
 }

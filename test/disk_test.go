@@ -51,7 +51,7 @@ func TestRealVMDiskKeepsEveryAcknowledgedWrite(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
-	vm, err := lab.StartPlainVM(ctx, machine, disk)
+	vm, err := lab.StartPlainVM(ctx, lab.PlainVMConfig{Machine: machine, Disk: disk})
 	if err != nil {
 		t.Fatal(err)
 	}

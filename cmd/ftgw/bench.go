@@ -41,6 +41,7 @@ func benchCommand(ctx context.Context, args []string) error {
 	bulkBytes := fs.Int64("bulk-bytes", 4<<20, "on a --guest qemu lab: bytes per bulk transfer from the VM")
 	bulkPerRound := fs.Int("bulk", 1, "on a --guest qemu lab: bulk transfers per case and round (0: none)")
 	bulkTimeout := fs.Duration("bulk-timeout", 30*time.Second, "on a --guest qemu lab: the most one bulk transfer may take; a slower one counts as failed")
+	traceOut := fs.String("trace-out", "", "on a --guest qemu lab: also write each PUT's segments (the breakdown's, in µs) to this CSV file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -100,7 +101,7 @@ func benchCommand(ctx context.Context, args []string) error {
 		ctx, cancel := context.WithTimeout(ctx, *budget)
 		defer cancel()
 		return benchQEMU(ctx, os.Stdout, *dir, vm, baselineOptions{requests: *requests, rounds: *rounds,
-			bulkBytes: *bulkBytes, bulkPerRound: *bulkPerRound, bulkTimeout: *bulkTimeout})
+			bulkBytes: *bulkBytes, bulkPerRound: *bulkPerRound, bulkTimeout: *bulkTimeout, traceOut: *traceOut})
 	}
 	if *requests < *rounds || *rounds < 1 || *frames < 10000 {
 		return errors.New("want --rounds >= 1, --requests >= --rounds and --frames >= 10000")

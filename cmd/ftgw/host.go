@@ -214,6 +214,7 @@ func (h *host) serveControl(ctx context.Context) error {
 		d.log.Info("output mode", "mode", r.FormValue("mode"))
 	}))
 	mux.HandleFunc("POST /switchover", perVM((*daemon).serveSwitchover))
+	mux.HandleFunc("GET /trace", perVM((*daemon).serveTrace))
 	path := controlPath(h.cfg.StateDir)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)

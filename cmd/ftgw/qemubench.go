@@ -17,6 +17,7 @@ import (
 
 	"github.com/ftgw/ftgw/internal/lab"
 	"github.com/ftgw/ftgw/internal/netnsutil"
+	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/guest"
 	"github.com/ftgw/ftgw/pkg/replay"
 )
@@ -71,6 +72,7 @@ type baselineOptions struct {
 	bulkBytes        int64
 	bulkPerRound     int
 	bulkTimeout      time.Duration
+	traceOut         string // a CSV of every PUT's segments, if set
 }
 
 // benchTarget is one way of reaching a VM: its key-value client and how to
@@ -125,9 +127,16 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		return err
 	}
 	progress("booting the unprotected VM")
+	plainTrace, err := newRRTrace()
+	if err != nil {
+		return err
+	}
+	defer plainTrace.Close()
 	// Its disk is a fresh copy of the image, as each protected copy's
-	// was at boot.
-	plain, err := lab.StartPlainVM(ctx, vmMachine(vm), vm.QEMU.Disk)
+	// was at boot. The preloaded library only takes timestamps there:
+	// there is no replay log to flush.
+	plain, err := lab.StartPlainVM(ctx, lab.PlainVMConfig{Machine: vmMachine(vm), Disk: vm.QEMU.Disk,
+		Preload: vm.QEMU.Preload, Trace: plainTrace.File()})
 	if err != nil {
 		return fmt.Errorf("the unprotected VM: %w", err)
 	}
@@ -195,7 +204,11 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 		bulkCPU  [numCases]cpuUse
 		behind   int
 		perRound = o.requests / o.rounds
+		parts    [numCases]*breakdown
 	)
+	for c := range parts {
+		parts[c] = &breakdown{}
+	}
 	for r := 0; r < o.rounds && ctx.Err() == nil; r++ {
 		for _, c := range roundOrder(r) {
 			progress("round %d of %d: %s", r+1, o.rounds, caseNames[c])
@@ -212,7 +225,15 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 			if err != nil {
 				return err
 			}
-			l, f := kvRun(ctx, targets[c].kv, perRound, "base-", 5*time.Minute)
+			sinceNs := datapath.MonotonicNs()
+			l, f, reqs := kvRunTimed(ctx, targets[c].kv, perRound, "base-", 5*time.Minute)
+			var trace requestTrace
+			if c == caseUnprotected {
+				trace.TapWrites = plainTrace.Writes(sinceNs)
+			} else if trace, err = fetchTrace(dir, sinceNs); err != nil {
+				return err
+			}
+			parts[c].add(reqs, trace)
 			lat[c] = append(lat[c], l...)
 			for range f {
 				lat[c] = append(lat[c], requestTimeout)
@@ -260,18 +281,18 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 	}
 	names := procNames(procs)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+	fmt.Fprintf(tw, "request/response (PUT over UDP)\tsamples\tfailed\tp50\tp99\tp99.9\tVM ftgw-a frozen\tmachine busy\tothers\t%s\t\n", strings.Join(names, "\t"))
 	fmt.Fprintf(tw, "idle (every VM up, no load)\t\t\t\t\t\t%s\t\n", idle.columns(len(procs)))
 	for c := range numCases {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], len(lat[c]), failed[c],
 			micros(pct[c][0]), micros(pct[c][1]), micros(pct[c][2]), latCPU[c].columns(len(procs)))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(a failed request counts as its %s timeout; frozen: by the lag throttle, while the secondary's replay caught up; CPU in %% of all %d CPUs for the machine, of one CPU for each process)\n\n", requestTimeout, runtime.NumCPU())
+	fmt.Fprintf(w, "(a failed request counts as its %s timeout; frozen: by the lag throttle, while the secondary's replay caught up; CPU in %% of all %d CPUs for the machine, of one CPU for each process and for the others: what the machine ran besides them)\n\n", requestTimeout, runtime.NumCPU())
 
 	if o.bulkPerRound > 0 {
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tVM ftgw-a frozen\tmachine busy\t%s\t\n", strings.Join(names, "\t"))
+		fmt.Fprintf(tw, "bulk TCP from the VM\ttransfers\tfailed\trequested\treceived intact\trate Mbit/s\tfastest\tslowest\tVM ftgw-a frozen\tmachine busy\tothers\t%s\t\n", strings.Join(names, "\t"))
 		for c := range numCases {
 			s := sums[c]
 			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t\n", caseNames[c], s.transfers, s.failed, s.requested, s.intact,
@@ -285,6 +306,21 @@ func qemuBaseline(ctx context.Context, w io.Writer, dir string, vm VMConfig, o b
 			}
 		}
 		fmt.Fprintln(w)
+	}
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "waited runnable for a CPU, ms per PUT\t%s\t\n", strings.Join(names, "\t"))
+	for c := range numCases {
+		fmt.Fprintf(tw, "%s\t%s\t\n", caseNames[c], latCPU[c].waitColumns(len(lat[c])))
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "(the sum over each process's threads: one PUT can wait on several at once; schedstat)")
+	fmt.Fprintln(w)
+	printBreakdownTable(w, parts)
+	fmt.Fprintln(w)
+	if o.traceOut != "" {
+		if err := writeBreakdownCSV(o.traceOut, parts); err != nil {
+			return err
+		}
 	}
 	if behind > 0 {
 		fmt.Fprintf(w, "note: %d times a case started while the throttle still paused the primary's VM (after a minute's wait)\n\n", behind)
@@ -454,7 +490,7 @@ func printPlainDifferences(w io.Writer, vm VMConfig) {
 		strings.Join(sharedSettings(plain), ", "), lab.PlainVMAddr.Addr())
 	fmt.Fprintf(w, "  the recorder's options it has not: %s\n", strings.Join(onlyRec, "; "))
 	fmt.Fprintf(w, "  its options the recorder has not:  %s\n", strings.Join(onlyPlain, "; "))
-	fmt.Fprintf(w, "  and the recorder runs with LD_PRELOAD=%s (it flushes the replay log before each transmit)\n\n", preloadName)
+	fmt.Fprintf(w, "  and the recorder runs with LD_PRELOAD=%s (it flushes the replay log before each transmit); the unprotected VM runs it for its tap timestamps only\n\n", preloadName)
 }
 
 // sharedSettings picks from a QEMU command line the settings a reader
@@ -619,16 +655,17 @@ type procSample struct {
 	at      time.Time
 	machine time.Duration
 	procs   []time.Duration
+	waits   []time.Duration // runnable, waiting for a CPU
 	ok      []bool
 	// throttled is how long the throttle has frozen the protected VM.
 	throttled time.Duration
 }
 
 func sampleProcs(procs []watchedProc) (procSample, error) {
-	s := procSample{at: time.Now(), procs: make([]time.Duration, len(procs)), ok: make([]bool, len(procs))}
+	s := procSample{at: time.Now(), procs: make([]time.Duration, len(procs)), waits: make([]time.Duration, len(procs)), ok: make([]bool, len(procs))}
 	for i, p := range procs {
-		d, err := processCPU(p.pid)
-		s.procs[i], s.ok[i] = d, err == nil
+		run, wait, err := processSchedstat(p.pid)
+		s.procs[i], s.waits[i], s.ok[i] = run, wait, err == nil
 	}
 	t, err := throttledSeconds()
 	if err != nil {
@@ -645,12 +682,13 @@ type cpuUse struct {
 	// throttled is how long the throttle froze the protected VM meanwhile.
 	throttled time.Duration
 	procs     []time.Duration
-	missing   []bool // a process that could not be read in some interval
+	waits     []time.Duration // runnable, waiting for a CPU
+	missing   []bool          // a process that could not be read in some interval
 }
 
 func (c *cpuUse) add(before, after procSample) {
 	if c.procs == nil {
-		c.procs, c.missing = make([]time.Duration, len(before.procs)), make([]bool, len(before.procs))
+		c.procs, c.waits, c.missing = make([]time.Duration, len(before.procs)), make([]time.Duration, len(before.procs)), make([]bool, len(before.procs))
 	}
 	c.wall += after.at.Sub(before.at)
 	c.machine += after.machine - before.machine
@@ -661,6 +699,7 @@ func (c *cpuUse) add(before, after procSample) {
 			continue
 		}
 		c.procs[i] += after.procs[i] - before.procs[i]
+		c.waits[i] += after.waits[i] - before.waits[i]
 	}
 }
 
@@ -668,15 +707,36 @@ func (c *cpuUse) add(before, after procSample) {
 // share of all CPUs and each process's share of one, tab-separated.
 func (c cpuUse) columns(n int) string {
 	if c.wall <= 0 {
-		return strings.Repeat("-\t", n+1) + "-"
+		return strings.Repeat("-\t", n+2) + "-"
 	}
-	cols := []string{c.throttled.Round(time.Millisecond).String(), fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU()))}
+	// Others: what the machine ran besides the watched processes (another
+	// user's jobs disturb every figure here), in % of one CPU.
+	others := c.machine
+	for _, p := range c.procs {
+		others -= p
+	}
+	cols := []string{c.throttled.Round(time.Millisecond).String(), fmt.Sprintf("%.0f%%", 100*c.machine.Seconds()/c.wall.Seconds()/float64(runtime.NumCPU())),
+		fmt.Sprintf("%.0f%%", 100*max(others, 0).Seconds()/c.wall.Seconds())}
 	for i := range n {
 		if c.missing[i] {
 			cols = append(cols, "-")
 			continue
 		}
 		cols = append(cols, fmt.Sprintf("%.0f%%", 100*c.procs[i].Seconds()/c.wall.Seconds()))
+	}
+	return strings.Join(cols, "\t")
+}
+
+// waitColumns is each process's time runnable but waiting for a CPU,
+// per request of n, tab-separated.
+func (c cpuUse) waitColumns(n int) string {
+	var cols []string
+	for i := range c.waits {
+		if c.missing[i] || n == 0 {
+			cols = append(cols, "-")
+			continue
+		}
+		cols = append(cols, fmt.Sprintf("%.2f", c.waits[i].Seconds()*1e3/float64(n)))
 	}
 	return strings.Join(cols, "\t")
 }

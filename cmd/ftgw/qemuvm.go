@@ -58,6 +58,9 @@ type qemuVM struct {
 	err            error
 	end            sync.Once
 	stopping       atomic.Bool
+	// trace is where a recorder notes its tap timestamps (the engine's,
+	// reqtrace.go); nil: nowhere.
+	trace atomic.Pointer[rrTrace]
 }
 
 func newQEMUVM(vm VMConfig, stateDir string, dp *datapath.Datapath, logs chan<- recorderLog, log *slog.Logger) *qemuVM {
@@ -131,10 +134,14 @@ func (e *qemuVM) startRecorder(ctx context.Context, loadvm string, base, icount 
 		return err
 	}
 	defer state.Close()
-	q, err := replay.Start(ctx, replay.Config{
+	cfg := replay.Config{
 		Machine: e.machine(), Mode: replay.Record, Dir: e.dir, Tap: t.File(),
 		Preload: e.vm.QEMU.Preload, State: state, LogBase: base, LoadVM: loadvm,
-	})
+	}
+	if tr := e.trace.Load(); tr != nil {
+		cfg.Trace = tr.File()
+	}
+	q, err := replay.Start(ctx, cfg)
 	if err != nil {
 		return err
 	}

@@ -306,27 +306,39 @@ const clockTick = 10 * time.Millisecond
 // too coarse for a trial of a fraction of a second). Threads that exited
 // meanwhile are not counted.
 func processCPU(pid int) (time.Duration, error) {
+	run, _, err := processSchedstat(pid)
+	return run, err
+}
+
+// processSchedstat is the CPU time a process's live threads have used so
+// far, and how long they have waited runnable for a CPU
+// (/proc/<pid>/task/*/schedstat).
+func processSchedstat(pid int) (run, wait time.Duration, err error) {
 	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
 	if err != nil || len(tasks) == 0 {
-		return 0, fmt.Errorf("threads of pid %d: none found (%v)", pid, err)
+		return 0, 0, fmt.Errorf("threads of pid %d: none found (%v)", pid, err)
 	}
-	var total time.Duration
 	for _, path := range tasks {
 		raw, err := os.ReadFile(path)
 		if err != nil {
 			continue // the thread exited
 		}
 		f := strings.Fields(string(raw))
-		if len(f) < 1 {
-			return 0, fmt.Errorf("%s: empty", path)
+		if len(f) < 2 {
+			return 0, 0, fmt.Errorf("%s: %d fields, want 3", path, len(f))
 		}
 		ns, err := strconv.ParseInt(f[0], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("%s: %w", path, err)
+			return 0, 0, fmt.Errorf("%s: %w", path, err)
 		}
-		total += time.Duration(ns)
+		waited, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s: %w", path, err)
+		}
+		run += time.Duration(ns)
+		wait += time.Duration(waited)
 	}
-	return total, nil
+	return run, wait, nil
 }
 
 // machineBusy is the time all CPUs have spent not idle (nor waiting on I/O).

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/ftgw/ftgw/pkg/datapath"
 	"github.com/ftgw/ftgw/pkg/lockstep"
 	"github.com/ftgw/ftgw/pkg/protect"
 	"github.com/ftgw/ftgw/pkg/replay"
@@ -59,10 +60,21 @@ type recordedVM struct {
 	throttles       atomic.Uint64
 	// frozen: a switchover froze the VM; the throttle keeps off.
 	frozen atomic.Bool
+
+	// For `ftgw bench`'s breakdown of a request (reqtrace.go): the
+	// recorders' tap timestamps (nil if it could not be made) and the
+	// shipped chunks' times.
+	trace      *rrTrace
+	chunkTimes chunkTimes
 }
 
 func newRecordedVM(d *daemon) *recordedVM {
-	return &recordedVM{d: d, logs: make(chan recorderLog, 2), lagClock: newLagClock()}
+	e := &recordedVM{d: d, logs: make(chan recorderLog, 2), lagClock: newLagClock()}
+	var err error
+	if e.trace, err = newRRTrace(); err != nil {
+		d.log.Warn("no request trace", "err", err)
+	}
+	return e
 }
 
 // copy is the QEMU running the VM on this host, or nil.
@@ -72,7 +84,9 @@ func (e *recordedVM) copy() *qemuVM {
 }
 
 func (e *recordedVM) newCopy() *qemuVM {
-	return newQEMUVM(e.d.vm, e.d.cfg.StateDir, e.d.dp, e.logs, e.d.log)
+	q := newQEMUVM(e.d.vm, e.d.cfg.StateDir, e.d.dp, e.logs, e.d.log)
+	q.trace.Store(e.trace)
+	return q
 }
 
 // run reads the log, and, whichever role the host has, reports a
@@ -175,7 +189,10 @@ func (e *recordedVM) newChannel() uint64 {
 }
 
 // ackedStamp: the byte offset the acknowledged chunk ends at.
-func (e *recordedVM) ackedStamp(pos uint64) uint64 { return e.chunks.acked(pos) }
+func (e *recordedVM) ackedStamp(pos uint64) uint64 {
+	e.chunkTimes.ack(pos)
+	return e.chunks.acked(pos)
+}
 
 func (e *recordedVM) peerProgress(replayed uint64) {
 	e.peerReplayed.Store(replayed)
@@ -241,7 +258,7 @@ func (e *recordedVM) readLog(ctx context.Context) error {
 		for {
 			n, err := stream.r.Read(buf)
 			if n > 0 {
-				e.lagClock.logged(stream.icount + e.shipChunk(buf[:n]))
+				e.lagClock.logged(stream.icount + e.shipChunk(buf[:n], datapath.MonotonicNs()))
 			}
 			if err != nil {
 				// EOF or a closed pipe: that QEMU is gone; the engine
@@ -257,8 +274,8 @@ func (e *recordedVM) readLog(ctx context.Context) error {
 
 // shipChunk ships the next chunk of the VM's log if there is a secondary,
 // and keeps it in the recent log. It returns the icount the log has
-// reached since its recorder started.
-func (e *recordedVM) shipChunk(chunk []byte) (icount uint64) {
+// reached since its recorder started. readNs is when it was read.
+func (e *recordedVM) shipChunk(chunk []byte, readNs uint64) (icount uint64) {
 	d := e.d
 	e.logMu.Lock()
 	defer e.logMu.Unlock()
@@ -275,6 +292,7 @@ func (e *recordedVM) shipChunk(chunk []byte) (icount uint64) {
 			d.logCannotCarry(pos, err)
 		} else {
 			d.primary().Flush()
+			e.chunkTimes.shipped(pos, end, readNs)
 		}
 	}
 	// After the send: a reply held for this chunk does not wait for the

@@ -53,10 +53,23 @@ func PlainMachine(m replay.Machine) replay.Machine {
 	return m
 }
 
-// StartPlainVM boots PlainMachine(m) and waits until its guest is ready.
-// With m.Disk, disk is the image it boots with, copied first: the plain VM
-// never writes the caller's file.
-func StartPlainVM(ctx context.Context, m replay.Machine, disk string) (_ *PlainVM, err error) {
+// PlainVMConfig is what a plain VM runs.
+type PlainVMConfig struct {
+	// Machine is the VM, with its address as the protected copies have it
+	// (StartPlainVM moves it, PlainMachine).
+	Machine replay.Machine
+	// Disk is the image a VM with Machine.Disk boots with. It is copied
+	// first: the plain VM never writes the caller's file.
+	Disk string
+	// Trace, if set, is where the preloaded library (Preload) notes the
+	// tap's timestamps (replay.Config.Trace): `ftgw bench`'s breakdown.
+	Preload string
+	Trace   *os.File
+}
+
+// StartPlainVM boots cfg's machine and waits until its guest is ready.
+func StartPlainVM(ctx context.Context, cfg PlainVMConfig) (_ *PlainVM, err error) {
+	m := cfg.Machine
 	p := &PlainVM{}
 	defer func() {
 		if err != nil {
@@ -67,7 +80,7 @@ func StartPlainVM(ctx context.Context, m replay.Machine, disk string) (_ *PlainV
 		return nil, err
 	}
 	if m.Disk {
-		if err := replay.CopyDisk(disk, replay.DiskPath(p.dir)); err != nil {
+		if err := replay.CopyDisk(cfg.Disk, replay.DiskPath(p.dir)); err != nil {
 			return nil, err
 		}
 	}
@@ -106,7 +119,8 @@ func StartPlainVM(ctx context.Context, m replay.Machine, disk string) (_ *PlainV
 	}
 	defer stderr.Close() // QEMU holds its own copy
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	p.q, err = replay.Start(sctx, replay.Config{Machine: PlainMachine(m), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr})
+	p.q, err = replay.Start(sctx, replay.Config{Machine: PlainMachine(m), Mode: replay.Plain, Dir: p.dir, Tap: t.File(), Stderr: stderr,
+		Preload: cfg.Preload, Trace: cfg.Trace})
 	cancel()
 	t.Close() // QEMU holds its own copy
 	if err != nil {

@@ -64,6 +64,23 @@ type HoldQueue struct {
 	xskLost     uint64 // rx_dropped + rx_ring_full last seen
 	released    uint64
 	discarded   uint64 // held frames of a copy that stopped serving (Discard)
+	// recent are the last frames released, for a benchmark's breakdown of
+	// where a held reply's time went (Recent); recentN counts them all.
+	recent  [recentReleased]ReleasedFrame
+	recentN uint64
+}
+
+// recentReleased is how many released frames Recent remembers: more than
+// one round of a benchmark's requests, few enough to copy at each call.
+const recentReleased = 4096
+
+// ReleasedFrame is one held frame's way through the queue, in
+// MonotonicNs: its arrival from the tap (the data path's timestamp) and
+// the end of the send that released it; and its stamp.
+type ReleasedFrame struct {
+	Stamp     uint64 `json:"stamp"`
+	ArrivalNs uint64 `json:"arrival_ns"`
+	ReleaseNs uint64 `json:"release_ns"`
 }
 
 // ringSize is the smallest power of two of at least n.
@@ -332,6 +349,8 @@ func (q *HoldQueue) transmit(frames []heldFrame) int {
 			now := monotonicNs()
 			for _, f := range frames[done : done+n] {
 				q.latency.Observe(now - f.arrivalNs)
+				q.recent[q.recentN%recentReleased] = ReleasedFrame{Stamp: f.stamp, ArrivalNs: f.arrivalNs, ReleaseNs: now}
+				q.recentN++
 			}
 		}
 		done += n
@@ -408,6 +427,20 @@ func (q *HoldQueue) Stats() Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return Stats{Held: len(q.held), Acked: q.acked.Load(), Released: q.released, Lost: q.lostInQueue, Discarded: q.discarded, Latency: q.latency}
+}
+
+// Recent returns the last frames released (up to recentReleased) that
+// arrived at or after sinceNs, oldest first.
+func (q *HoldQueue) Recent(sinceNs uint64) []ReleasedFrame {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out []ReleasedFrame
+	for i := q.recentN - min(q.recentN, recentReleased); i < q.recentN; i++ {
+		if f := q.recent[i%recentReleased]; f.ArrivalNs >= sinceNs {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 func monotonicNs() uint64 { return datapath.MonotonicNs() }

@@ -80,6 +80,12 @@ type Config struct {
 	// Replay mode: the replay log, a FIFO fed by a Relay.
 	LogFIFO string
 
+	// Trace (optional, Record and Plain): a shared memory file where the
+	// preloaded library notes the time of each tap read and write and of
+	// the flush before it (preload/ftgw-rr.c, struct rr_trace). In Plain
+	// mode the library is loaded for this alone (Preload must be set).
+	Trace *os.File
+
 	Stderr io.Writer // QEMU's own messages; default os.Stderr
 }
 
@@ -262,11 +268,28 @@ func Start(ctx context.Context, cfg Config) (*QEMU, error) {
 			fmt.Sprintf("FTGW_STATE_FD=%d", stateFd),
 			fmt.Sprintf("FTGW_LOG_BASE=%d", cfg.LogBase),
 		)
+		if cfg.Trace != nil {
+			q.cmd.Env = append(q.cmd.Env, fmt.Sprintf("FTGW_TRACE_FD=%d", 3+len(q.cmd.ExtraFiles)))
+			q.cmd.ExtraFiles = append(q.cmd.ExtraFiles, cfg.Trace)
+		}
 	case Replay:
 		if cfg.LogFIFO == "" {
 			return nil, errors.New("start qemu: replay mode needs the log FIFO")
 		}
 	case Plain:
+		if cfg.Trace != nil {
+			if cfg.Preload == "" {
+				return nil, errors.New("start qemu: a trace needs the preload library")
+			}
+			// Timestamps only: without FTGW_LOG_PATH the library
+			// flushes nothing.
+			q.cmd.Env = append(os.Environ(),
+				"LD_PRELOAD="+cfg.Preload,
+				fmt.Sprintf("FTGW_TAP_FD=%d", tapFd),
+				fmt.Sprintf("FTGW_TRACE_FD=%d", 3+len(q.cmd.ExtraFiles)),
+			)
+			q.cmd.ExtraFiles = append(q.cmd.ExtraFiles, cfg.Trace)
+		}
 	default:
 		return nil, fmt.Errorf("start qemu: mode %q", cfg.Mode)
 	}
