@@ -81,16 +81,7 @@ func TestRealVMReprotectionCopiesTheDisk(t *testing.T) {
 	qemuPairUp(t)
 	l := startLoad(t)
 	waitAcked(t, l, 50)
-	crashed := crashHost(t, lab.NSSecondary)
-	waitFor(t, time.Minute, "the primary to go on alone", func() bool {
-		s, err := tryHostStatus(lab.NSPrimary)
-		return err == nil && s["state"] == "unprotected"
-	})
-	waitAcked(t, l, l.Acked()+50)
-	reprotectQEMU(t, lab.NSPrimary)
-	if a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary); a["state"] != "protected" || b["state"] != "standby" {
-		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
-	}
+	crashed := loseTheSecondaryThenReprotect(t, func() { waitAcked(t, l, l.Acked()+50) })
 	waitAcked(t, l, l.Acked()+50)
 	h := l.Stop()
 	finalReads(t, h, kvClient(t), loadKeys(h), "the primary")

@@ -400,16 +400,7 @@ func TestRealVMReprotectionFromBootAfterTheSecondaryIsLost(t *testing.T) {
 	qemuPairUp(t)
 	w := startWriter(t, 500*time.Millisecond)
 	waitWrites(t, w, 30)
-	crashHost(t, lab.NSSecondary)
-	waitFor(t, time.Minute, "the primary to go on alone", func() bool {
-		s, err := tryHostStatus(lab.NSPrimary)
-		return err == nil && s["state"] == "unprotected"
-	})
-	waitWrites(t, w, w.Acked()+30)
-	reprotectQEMU(t, lab.NSPrimary)
-	if a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary); a["state"] != "protected" || b["state"] != "standby" {
-		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
-	}
+	loseTheSecondaryThenReprotect(t, func() { waitWrites(t, w, w.Acked()+30) })
 	waitWrites(t, w, w.Acked()+30)
 	puts, _ := strconv.Atoi(field(lastState(console(t, lab.NSPrimary)), "puts"))
 	waitFor(t, time.Minute, fmt.Sprintf("the new secondary to replay %d PUTs", puts), func() bool {
@@ -425,6 +416,25 @@ func TestRealVMReprotectionFromBootAfterTheSecondaryIsLost(t *testing.T) {
 	waitLive(t, lab.NSSecondary)
 	waitWrites(t, w, w.Acked()+30)
 	check(t, w.Stop(), killed)
+}
+
+// loseTheSecondaryThenReprotect crashes the secondary's host, waits until
+// the primary serves alone, lets meanwhile (a load going on) run, then
+// re-protects the VM and checks that the pair is protected again. It
+// returns when the secondary's host crashed.
+func loseTheSecondaryThenReprotect(t *testing.T, meanwhile func()) time.Time {
+	t.Helper()
+	crashed := crashHost(t, lab.NSSecondary)
+	waitFor(t, time.Minute, "the primary to go on alone", func() bool {
+		s, err := tryHostStatus(lab.NSPrimary)
+		return err == nil && s["state"] == "unprotected"
+	})
+	meanwhile()
+	reprotectQEMU(t, lab.NSPrimary)
+	if a, b := hostStatus(t, lab.NSPrimary), hostStatus(t, lab.NSSecondary); a["state"] != "protected" || b["state"] != "standby" {
+		t.Fatalf("after re-protection: %s %v, %s %v", lab.NSPrimary, a["state"], lab.NSSecondary, b["state"])
+	}
+	return crashed
 }
 
 // reprotectQEMU runs `ftgw lab reprotect` for the real VM served alone in
