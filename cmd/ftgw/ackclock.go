@@ -31,11 +31,19 @@ func (c *ackClock) ack(pos uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	window := uint64(len(c.appended))
-	from := max(c.lastAcked+1, c.head-min(c.head, window-1))
-	for p := from; p <= pos && p <= c.head; p++ {
+	from, to := newlyAcked(c.lastAcked, c.head, pos, window)
+	for p := from; p <= to; p++ {
 		c.latency.Observe(now - c.appended[p%window])
 	}
 	c.lastAcked = max(c.lastAcked, pos)
+}
+
+// newlyAcked is the range of positions, from to to, that an ack of pos
+// newly covers in a ring of the last window positions up to head, where
+// the previous ack covered lastAcked: those after it, still in the ring,
+// up to pos. from > to when there are none.
+func newlyAcked(lastAcked, head, pos, window uint64) (from, to uint64) {
+	return max(lastAcked+1, head-min(head, window-1)), min(pos, head)
 }
 
 func (c *ackClock) histogram() datapath.LatencyHistogram {

@@ -142,7 +142,8 @@ func (c *chunkTimes) ack(pos uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := uint64(len(c.ring))
-	for p := max(c.acked+1, c.last-min(c.last, n-1)); p <= pos && p <= c.last; p++ {
+	from, to := newlyAcked(c.acked, c.last, pos, n)
+	for p := from; p <= to; p++ {
 		if t := &c.ring[p%n]; t.Pos == p && t.AckNs == 0 {
 			t.AckNs = now
 		}
