@@ -55,9 +55,10 @@ vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed" >&2; exit 1; }
 
 # Every test: unit, BPF (prog.Run) and end-to-end across namespaces. The
-# end-to-end tests share the lab's fixed names, so packages run one at a time.
+# end-to-end tests share the lab's fixed names, so packages run one at a time;
+# test/ alone runs longer than go test's default bound of 10 minutes.
 test: setup check-generated vet guest
-	$(GO) test -p 1 -count=1 ./...
+	$(GO) test -p 1 -count=1 -timeout 60m ./...
 
 # The two-host lab with traffic, then its commit latency and state.
 demo: setup build

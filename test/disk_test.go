@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -28,7 +29,7 @@ import (
 // acknowledged write is still there. Both are judged by porcupine on the
 // whole history, final reads included.
 func TestRealVMDiskKeepsEveryAcknowledgedWrite(t *testing.T) {
-	qemuPairUp(t)
+	qemuPairUp(t, "--disk")
 	l := startLoad(t)
 	waitAcked(t, l, 100)
 	crashed := crashHost(t, lab.NSPrimary)
@@ -78,13 +79,24 @@ func TestRealVMDiskKeepsEveryAcknowledgedWrite(t *testing.T) {
 // the snapshot of the running VM, and the writes after it are replayed
 // onto it. With the VM paused, the two hosts' disks hold the same bytes.
 func TestRealVMReprotectionCopiesTheDisk(t *testing.T) {
-	qemuPairUp(t)
+	qemuPairUp(t, "--disk")
 	l := startLoad(t)
 	waitAcked(t, l, 50)
-	crashed := loseTheSecondaryThenReprotect(t, func() { waitAcked(t, l, l.Acked()+50) })
-	waitAcked(t, l, l.Acked()+50)
-	h := l.Stop()
-	finalReads(t, h, kvClient(t), loadKeys(h), "the primary")
+	// The load stops before the snapshot: a disk write in flight when the
+	// recorder saves its state is a known race (docs/ARCHITECTURE.md,
+	// "Disks").
+	var h *lab.History
+	crashed := loseTheSecondaryThenReprotect(t, func() {
+		waitAcked(t, l, l.Acked()+50)
+		h = l.Stop()
+	})
+	c := kvClient(t)
+	for i := range 20 {
+		if _, err := c.Put(fmt.Sprintf("after%d", i), "v"); err != nil {
+			t.Fatalf("PUT after re-protection: %v", err)
+		}
+	}
+	finalReads(t, h, c, loadKeys(h), "the primary")
 	checkHistory(t, h, crashed)
 
 	// The load has stopped: once the new secondary has replayed the last

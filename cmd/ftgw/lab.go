@@ -24,11 +24,11 @@ import (
 
 const labUsage = `Usage:
   ftgw lab up [--dir DIR] [--vms N] [--heartbeat D] [--failure-timeout D] [--hold-capacity N]
-              [--guest synthetic|qemu] [--guest-dir DIR] [--max-lag D] [--disk=false]
+              [--guest synthetic|qemu] [--guest-dir DIR] [--max-lag D] [--disk]
       build the lab (namespaces ftgw-a, ftgw-b, ftgw-c, ftgw-lan) and start
       a primary daemon in ftgw-a and a secondary in ftgw-b; --guest qemu runs
-      a real Linux VM (make guest) under QEMU record/replay, with its disk
-      (--disk=false: without); --vms N (1 to 64,
+      a real Linux VM (make guest) under QEMU record/replay (--disk: with its
+      disk, the key-value store on it); --vms N (1 to 64,
       synthetic guests only beyond 1) protects vm1..vmN at 192.0.2.10..9+N,
       and above 8 VMs defaults to a 100ms heartbeat, a 1s failure timeout,
       a hold capacity of 512 and a 2 MiB log ring per VM
@@ -66,7 +66,7 @@ func labCommand(ctx context.Context, args []string) error {
 	guestEngine := fs.String("guest", engineSynthetic, "the VM: synthetic (ftgw guest) or qemu (a real Linux VM under record/replay; builds build/guest with `make guest` when missing)")
 	guestDir := fs.String("guest-dir", "build/guest", "where `make guest` put vmlinuz, initrd.img and disk.qcow2 (--guest qemu)")
 	maxLag := fs.Duration("max-lag", time.Second, "how far the secondary's replay may trail before the primary's VM is paused (--guest qemu: the VMs' qemu.max_lag)")
-	disk := fs.Bool("disk", true, "--guest qemu: the VM has its disk and keeps its key-value store there, fsynced before each reply; false: no disk, the store in memory")
+	disk := fs.Bool("disk", false, "--guest qemu: the VM has its disk and keeps its key-value store there, fsynced before each reply (default: no disk, the store in memory)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
